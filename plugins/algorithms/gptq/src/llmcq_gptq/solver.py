@@ -1,0 +1,380 @@
+"""GPTQ's maths: Frantar et al. 2022 (arXiv:2210.17323), Algorithm 1, and OWQ's weak columns
+(Lee et al. 2023, arXiv:2306.02272, Eq. 5). Tensors in, tensors out; no modules.
+
+Notation of the paper. A linear layer ``W`` (``[d_row, d_col]``) sees inputs ``X``; the
+layer-wise objective ``||W X - Q X||^2`` has the Hessian ``H = 2 X X^T / n`` (``[d_col,
+d_col]``). Columns are quantized one at a time in a fixed order ``F``. With ``H^-1 = U^T U``
+(``U`` the upper Cholesky factor of the inverse, restricted to the columns not yet
+quantized, row ``j`` of ``U`` is what the OBS update needs), quantizing column ``j`` gives
+
+    E_j = (W_:j - Q_:j) / U_jj,        W_:k <- W_:k - E_j U_jk    for every later k,
+
+and the layer error grows by ``E_j^2 / 2`` (Eq. 2-3). Lazy batches (Section 3, Step 2): the
+update of columns beyond the current block of ``B`` columns is applied once per block as one
+matrix product ``W_:,>B <- W_:,>B - E_B U_B,>B``.
+
+Damping (Step 3): ``H + lambda I`` with ``lambda = percdamp * mean(diag H)``. When the
+Cholesky factorization still fails, it is retried with 10x the damping, a bounded number of
+times; after that the layer is quantized with ``U = I`` (round-to-nearest, never NaN).
+
+Dead inputs (``H_jj = 0``: the column never sees a non-zero input) get ``H_jj = 1`` and
+``W_:j = 0``, as in the reference code.
+
+Grids are llmcq's (:mod:`llmcq.quant.qparams`): a group's scale/zero are fitted when the
+sweep reaches its first column, on the weights as updated so far (min-max or the ``mse``
+clip search). ``static_groups`` fits every group on the original weights instead; with
+act-order and no static groups, groups are consecutive columns *of the sweep order* and the
+result carries ``g_idx``. Lazy blocks are cut at group boundaries so that a group's grid is
+always fitted on fully updated weights (the reference code reads stale columns when the
+group size is smaller than the block size).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from llmcq.quant.qparams import fake_quantize_weight, fit_weight_qparams, n_groups
+from llmcq.quant.spec import PerChannel, PerGroup, PerTensor, WeightQuantSpec
+
+__all__ = ["accumulate_hessian", "inverse_cholesky", "owq_weak_columns", "owq_count",
+           "gptq_quantize", "GPTQResult"]
+
+
+@torch.no_grad()
+def accumulate_hessian(H: torch.Tensor, n: int, x: torch.Tensor, *, chunks: int = 1) -> int:
+    """Fold a batch of inputs ``x`` (``[..., d_col]``) into the running mean ``H = 2/n sum
+    x x^T`` over rows, in place; returns the new row count. One matrix product per chunk
+    (``addmm_`` into the float32 buffer; 16-bit CUDA inputs use a float32-output product)."""
+    x = x.reshape(-1, x.shape[-1])
+    t = int(x.shape[0])
+    if t == 0:
+        return n
+    total = n + t
+    beta, alpha = n / total, 2.0 / total
+    for part in (x.chunk(chunks, dim=0) if chunks > 1 else (x,)):
+        if part.is_cuda and part.dtype in (torch.float16, torch.bfloat16):
+            # 16-bit activations: tensor-core product with float32 accumulation and output
+            # (as exact as upcasting first, at 16-bit speed); plain path if unsupported
+            try:
+                prod = torch.mm(part.T, part, out_dtype=H.dtype)
+            except (RuntimeError, TypeError, NotImplementedError):
+                prod = None
+            if prod is not None:
+                H.mul_(beta).add_(prod, alpha=alpha)
+                beta = 1.0
+                continue
+        part = part.to(H.dtype)
+        H.addmm_(part.T, part, beta=beta, alpha=alpha)
+        beta = 1.0
+    return total
+
+
+@torch.no_grad()
+def inverse_cholesky(H: torch.Tensor, percdamp: float, retries: int
+                     ) -> tuple[torch.Tensor | None, int]:
+    """``U`` with ``U^T U = (H + lambda I)^-1``, upper triangular, and the number of retries.
+
+    ``lambda = percdamp * mean(diag H)``; each retry multiplies it by 10 (starting from
+    ``max(percdamp, 1e-3)`` so that ``percdamp: 0`` can still recover). ``None`` when every
+    attempt failed. Two host synchronizations per attempt (never per column).
+    """
+    mean_diag = H.diagonal().mean()
+    for attempt in range(retries + 1):
+        frac = percdamp if attempt == 0 else max(percdamp, 1e-3) * 10.0**attempt
+        Hd = H.clone()
+        Hd.diagonal().add_(frac * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if bool(info != 0):
+            continue
+        try:
+            Hinv = torch.cholesky_inverse(L)
+        except RuntimeError:  # a zero pivot (CPU raises; CUDA returns inf, caught below)
+            continue
+        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        if not bool((info != 0) | ~torch.isfinite(U).all()):
+            return U, attempt
+    return None, retries
+
+
+@torch.no_grad()
+def owq_weak_columns(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, n_out: int, *,
+                     metric: str = "sensitivity") -> torch.Tensor:
+    """Indices of the ``n_out`` weakest input columns (OWQ Eq. 5), most sensitive first.
+
+    ``sensitivity_j = H_jj * ||W_:j - RTN(W)_:j||^2`` (the paper, on the run's grid);
+    ``metric="hessian"`` ranks by ``H_jj`` alone (llmc).
+    """
+    score = H.diagonal().float().clone()
+    if metric == "sensitivity":
+        Wf = W.float()
+        err = (Wf - fake_quantize_weight(Wf, spec)).square().sum(dim=0)
+        score = score * err
+    elif metric != "hessian":
+        raise ValueError(f"metric {metric!r}: allowed sensitivity, hessian")
+    return torch.topk(score, n_out, sorted=True).indices
+
+
+@dataclass
+class GPTQResult:
+    """Codes and grid of one quantized weight, in the original column order.
+
+    ``q``: integer codes ``[d_row, d_col]`` (float dtype); ``scale``/``zero``: ``[d_row, G]``
+    (``[1, 1]`` per tensor; ``zero`` None if symmetric); ``g_idx``: group of every column
+    (int32) or None when it is ``j // group_size``; ``float_columns``: ``(indices, values
+    [d_row, k])`` kept in float (OWQ); ``loss``: ``sum E^2 / 2`` (0-dim, on the device);
+    ``retries``: Cholesky retries; ``fallback``: every factorization failed, round-to-nearest
+    was used; ``w_hat``: the dequantized weight the sweep used (only if asked).
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    g_idx: torch.Tensor | None
+    float_columns: tuple[torch.Tensor, torch.Tensor] | None
+    loss: torch.Tensor
+    retries: int
+    fallback: bool
+    w_hat: torch.Tensor | None = None
+
+
+def _fit_columns(Wcols: torch.Tensor, spec: WeightQuantSpec
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One grid per row over the given columns (``[d_row, k]``) -> scale, zero ``[d_row]``."""
+    qp = fit_weight_qparams(Wcols, spec)
+    return qp.scale[:, 0], None if qp.zero is None else qp.zero[:, 0]
+
+
+def _quantize_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, q: torch.Tensor,
+                     d: torch.Tensor, qmin: int, qmax: int) -> None:
+    """Codes of one column into ``q`` and ``w - Q(w)`` into ``d`` (llmcq's grid formulas)."""
+    if z is None:
+        torch.div(w, s, out=q)
+        q.round_().clamp_(qmin, qmax)
+        torch.mul(q, s, out=d)
+    else:
+        torch.addcdiv(z, w, s, out=q)
+        q.round_().clamp_(qmin, qmax)
+        torch.sub(q, z, out=d).mul_(s)
+    torch.sub(w, d, out=d)
+
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
+                  blocksize: int = 128, percdamp: float = 0.01, actorder: bool = False,
+                  static_groups: bool = False, weak: torch.Tensor | None = None,
+                  float_dtype: torch.dtype | None = None, retries: int = 4,
+                  return_dequant: bool = False, fused: bool | None = None) -> GPTQResult:
+    """Quantize ``W`` (``[d_row, d_col]``) column by column, compensating with ``H``.
+
+    ``weak``: OWQ columns kept in float; they are swept last, so they absorb the error of
+    every quantized column, and are returned in ``float_columns`` (cast to ``float_dtype``).
+    The computation runs in float32 (float64 if ``W`` is float64) on ``W``'s device.
+    ``fused`` (default: on GPUs) quantizes each column with one fake-quantization kernel
+    instead of four elementwise ones (same values; float32 and integral zero points only)
+    and updates the whole lazy block per column instead of slicing it: fewer kernel launches,
+    which is what bounds the column loop on a GPU.
+    """
+    dt = torch.float64 if W.dtype == torch.float64 else torch.float32
+    dev = W.device
+    R, C = W.shape
+    gran = spec.granularity
+    W = W.to(dt).clone()
+    H = H.to(device=dev, dtype=dt).clone()
+    diag0 = H.diagonal().clone()
+
+    dead = diag0 == 0
+    H.diagonal()[dead] = 1.0
+    W[:, dead] = 0.0
+
+    # ---- sweep order F: the quantized columns (act-order or natural), then the weak ones
+    cols = torch.arange(C, device=dev)
+    if weak is not None and weak.numel():
+        weak = weak.to(dev).long()
+        keep_mask = torch.ones(C, dtype=torch.bool, device=dev)
+        keep_mask[weak] = False
+        keep = cols[keep_mask]
+    else:
+        weak = cols[:0]
+        keep_mask = None
+        keep = cols
+    if actorder:
+        keep = keep[torch.argsort(diag0[keep], descending=True, stable=True)]
+    perm = torch.cat([keep, weak])
+    n_q, k = int(keep.numel()), int(weak.numel())
+    if n_q == 0:
+        raise ValueError("every column is a float column; nothing to quantize")
+
+    # ---- groups: which columns share a grid, and when each grid is fitted
+    col_spec = replace(spec, granularity=PerChannel())
+    dynamic = isinstance(gran, PerGroup) and not static_groups
+    if isinstance(gran, PerGroup):
+        g = gran.size
+        G = n_groups(C, gran)
+    else:
+        g, G = C, 1
+    runs: list[tuple[int, int, int]] = []  # (start, end, group) in sweep positions
+    if isinstance(gran, PerTensor):
+        qp = fit_weight_qparams(W if keep_mask is None else W[:, keep_mask], spec)
+        scale_tab, zero_tab = qp.scale, qp.zero  # [1, 1]
+        group_of = torch.zeros(C, dtype=torch.long, device=dev)
+    elif not isinstance(gran, PerGroup):
+        s, z = _fit_columns(W if keep_mask is None else W[:, keep_mask], col_spec)
+        scale_tab, zero_tab = s[:, None], None if z is None else z[:, None]
+        group_of = torch.zeros(C, dtype=torch.long, device=dev)
+    else:
+        scale_tab = torch.ones(R, G, dtype=dt, device=dev)
+        zero_tab = None if spec.symmetric else torch.zeros(R, G, dtype=dt, device=dev)
+        group_of = cols // g
+        if not dynamic:  # static groups, on the original column order
+            if keep_mask is None:
+                qp = fit_weight_qparams(W, spec)
+                scale_tab = qp.scale.to(dt)
+                zero_tab = None if qp.zero is None else qp.zero.to(dt)
+            else:
+                kept = keep_mask.tolist()
+                for gi in range(G):
+                    members = [j for j in range(gi * g, min(C, (gi + 1) * g)) if kept[j]]
+                    if members:
+                        s, z = _fit_columns(W[:, members], col_spec)
+                        scale_tab[:, gi] = s
+                        if z is not None:
+                            zero_tab[:, gi] = z  # type: ignore[index]
+        elif actorder:  # groups of consecutive sweep positions
+            group_of = torch.empty(C, dtype=torch.long, device=dev)
+            group_of[keep] = torch.arange(n_q, device=dev) // g
+            if k:
+                group_of[weak] = (n_q - 1) // g
+            runs = [(p, min(p + g, n_q), p // g) for p in range(0, n_q, g)]
+        else:  # natural order: group gi is its kept columns, contiguous in the sweep
+            if k:
+                counts = torch.bincount(keep // g, minlength=G).tolist()
+            else:
+                counts = [min(g, C - gi * g) for gi in range(G)]
+            p = 0
+            for gi, cnt in enumerate(counts):
+                if cnt:
+                    runs.append((p, p + cnt, gi))
+                    p += cnt
+
+    # ---- per-sweep-column grids S, Z ([n_q, d_row]: the grid of every weight)
+    if dynamic:
+        S = torch.ones(n_q, R, dtype=dt, device=dev)
+        Z = None if spec.symmetric else torch.zeros(n_q, R, dtype=dt, device=dev)
+    else:
+        gsel = group_of[keep]
+        S = scale_tab.to(dt)[:, gsel].T.expand(n_q, R).contiguous()
+        Z = None if zero_tab is None else zero_tab.to(dt)[:, gsel].T.expand(n_q, R).contiguous()
+
+    # ---- lazy blocks, cut at group boundaries when grids are fitted during the sweep
+    blocks: list[tuple[int, int, dict[int, tuple[int, int]]]] = []
+    if dynamic:
+        cur: list[tuple[int, int, int]] = []
+        for run in runs:
+            if cur and run[1] - cur[0][0] > blocksize:
+                blocks.append((cur[0][0], cur[-1][1], {r[0] - cur[0][0]: (r[1] - r[0], r[2])
+                                                        for r in cur}))
+                cur = []
+            cur.append(run)
+        if cur:
+            blocks.append((cur[0][0], cur[-1][1], {r[0] - cur[0][0]: (r[1] - r[0], r[2])
+                                                    for r in cur}))
+    else:
+        blocks = [(b0, min(b0 + blocksize, n_q), {}) for b0 in range(0, n_q, blocksize)]
+
+    # ---- H^-1 = U^T U on the sweep order; U / diag(U) row-wise folds 1/U_jj into the update
+    Hp = H[perm][:, perm]
+    U, used = inverse_cholesky(Hp, percdamp, retries)
+    fallback = U is None
+    if U is None:
+        U = torch.eye(C, dtype=dt, device=dev)
+    del Hp, H
+    dU = U.diagonal().clone()
+    Ubar = U / dU[:, None]
+
+    WT = W.T[perm].contiguous()  # [d_col, d_row]: column j of W is row j here
+    del W
+    Qc = torch.empty(n_q, R, dtype=dt, device=dev)
+    loss = torch.zeros((), dtype=dt, device=dev)
+    gpu_style = dev.type != "cpu" if fused is None else fused
+    fused = gpu_style and dt == torch.float32 and (spec.symmetric or spec.round_zp)
+    zero_row = torch.zeros(R, dtype=dt, device=dev) if Z is None else None
+    qlo, qhi = spec.qmin, spec.qmax
+
+    for b0, b1, starts in blocks:
+        n = b1 - b0
+        W1 = WT[b0:b1]             # a view: updated in place
+        D1 = torch.empty_like(W1)  # W_:j - Q_:j of each column of the block
+        U1 = Ubar[b0:b1, b0:b1]
+        rows_w, rows_d = W1.unbind(0), D1.unbind(0)
+        rows_s = S[b0:b1].unbind(0)
+        rows_z = Z[b0:b1].unbind(0) if Z is not None else None
+        # on a GPU, one update of the whole block with a strictly upper row of U (zeros up to
+        # the diagonal) costs fewer launches than slicing; on a CPU slicing costs less work
+        rows_u = U1.triu(1).unbind(0) if gpu_style else None
+        deq: list[torch.Tensor] = []
+        for i in range(n):
+            if i in starts:  # a group begins: fit its grid on the updated weights
+                length, gi = starts[i]
+                s_new, z_new = _fit_columns(W1[i:i + length].T, col_spec)
+                S[b0 + i:b0 + i + length] = s_new
+                scale_tab[:, gi] = s_new
+                if z_new is not None:
+                    Z[b0 + i:b0 + i + length] = z_new  # type: ignore[index]
+                    zero_tab[:, gi] = z_new  # type: ignore[index]
+            w, d = rows_w[i], rows_d[i]
+            if fused:  # Q_:j in one kernel: (clamp(round(w / s + z)) - z) * s
+                q = torch.fake_quantize_per_channel_affine(
+                    w, rows_s[i], zero_row if rows_z is None else rows_z[i], 0, qlo, qhi)
+                deq.append(q)
+                torch.sub(w, q, out=d)
+            else:
+                _quantize_column(w, rows_s[i], None if rows_z is None else rows_z[i],
+                                 Qc[b0 + i], d, qlo, qhi)
+            if rows_u is not None:
+                W1.addr_(rows_u[i], d, alpha=-1.0)
+            elif i + 1 < n:
+                W1[i + 1:].addr_(U1[i, i + 1:], d, alpha=-1.0)
+        if fused:  # the codes behind the dequantized values, recovered in bulk
+            t = torch.stack(deq) / S[b0:b1]
+            if Z is not None:
+                t += Z[b0:b1]
+            torch.clamp(t.round_(), qlo, qhi, out=Qc[b0:b1])
+        if b1 < C:
+            WT[b1:].addmm_(Ubar[b0:b1, b1:].T, D1, alpha=-1.0)
+        loss += (D1 / dU[b0:b1, None]).square().sum() / 2
+
+    # ---- back to the original column order
+    q_full = torch.empty(R, C, dtype=dt, device=dev)
+    q_full[:, keep] = Qc.T
+    float_columns = None
+    w_hat = None
+    if return_dequant:
+        deq = Qc * S if Z is None else (Qc - Z) * S
+        w_hat = torch.empty(R, C, dtype=dt, device=dev)
+        w_hat[:, keep] = deq.T
+    if k:
+        values = WT[n_q:].T
+        if float_dtype is not None:
+            values = values.to(float_dtype)
+        s_w = scale_tab[:, group_of[weak]]
+        t = values.to(dt) / s_w
+        if zero_tab is not None:
+            t = t + zero_tab[:, group_of[weak]]
+        q_full[:, weak] = t.round().clamp(qlo, qhi)
+        float_columns = (weak.clone(), values.contiguous())
+        if w_hat is not None:
+            w_hat[:, weak] = values.to(dt)
+    g_idx = None
+    if dynamic and actorder:
+        g_idx = group_of.to(torch.int32)
+    return GPTQResult(q=q_full, scale=scale_tab, zero=zero_tab, g_idx=g_idx,
+                      float_columns=float_columns, loss=loss, retries=used, fallback=fallback,
+                      w_hat=w_hat)
+
+
+def owq_count(in_features: int, ratio: float) -> int:
+    """Float columns for ``ratio`` of ``in_features`` (at least one quantized column left)."""
+    return max(0, min(in_features - 1, int(math.floor(ratio * in_features + 0.5))))

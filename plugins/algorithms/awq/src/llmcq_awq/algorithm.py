@@ -1,0 +1,325 @@
+"""AWQ's plumbing: per block, search and fold the scales group by group, then search and
+apply the weight clipping; the maths is in :mod:`llmcq_awq.solver`.
+
+Lifecycle per block (``transform``; AWQ has no ``quantize``: core's round-to-nearest, or the
+next quantizing step of the recipe such as GPTQ, quantizes the weights AWQ prepared):
+
+1. for each linear group with a producer (``prev_op``), in layout order:
+   collect the group's input ``X`` (one copy, freed after the group), ``s_X`` (and ``s_W``
+   for v1), the float outputs of the group's inspect module, then the grid search: each
+   candidate fake-quantizes ``W diag(s)`` from the saved exact weights and runs the inspect
+   module on ``X / s``; the best scale (over all batches) is folded into the producer and
+   the linears with :func:`llmcq.transforms.scaling.fold_scale`. ``v_proj -> o_proj`` under
+   grouped-query attention is searched per kv channel (``do_gqa_trans``);
+2. with ``weight_clip``: for each group, the inputs again (after every fold of the block),
+   a per-group clip range per linear except q/k (:func:`llmcq.quant.clip.search_clip`), and
+   the ranges applied once all are searched (``clip_version: v1``);
+3. scales and clips go to ``run.scratch(block)["awq"]`` for later steps of the recipe, and
+   after the last block to ``scale_path``/``clip_path`` when asked.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmcq.algorithm import Algorithm
+from llmcq.errors import DataError, OutputExistsError, PluginError
+from llmcq.model.adapter import ResolvedGroup
+from llmcq.pipeline.blockwise import Block, BlockInputs
+from llmcq.quant.clip import apply_clip, search_clip
+from llmcq.quant.qparams import fake_quantize_act, fake_quantize_weight, n_groups
+from llmcq.quant.spec import ActQuantSpec, PerGroup, WeightQuantSpec
+from llmcq.transforms.scaling import consumer_width, expand_kv_scale, fold_scale, reduce_to_kv
+from llmcq_awq import CLIPS_FILE, SCALES_FILE, AwqSpecial
+from llmcq_awq.solver import ChannelAbsMean, ScaleSearch, search_scale, weight_salience
+from llmcq_awq.store import read_clips, read_scales, write_atomic
+
+__all__ = ["Awq", "search_group_scale", "clip_skipped"]
+
+_SKIP = "skip"
+#: llmc and the reference skip clipping these (their error passes through softmax)
+_QK_MARKS = ("query", "key", "wqkv")
+
+
+def clip_skipped(name: str) -> bool:
+    """Whether llmc/AWQ leave this linear unclipped (query and key projections)."""
+    last = name.rsplit(".", 1)[-1].lower()
+    return last.startswith(("q_", "k_")) or any(m in last for m in _QK_MARKS)
+
+
+@torch.no_grad()
+def search_group_scale(group: ResolvedGroup, xs: list[torch.Tensor],
+                       kwargs: list[dict[str, Any]], weight: WeightQuantSpec,
+                       act: ActQuantSpec | None, *, n_grid: int = 20, version: str = "v2",
+                       heads: tuple[int, int] | None = None) -> ScaleSearch:
+    """Eq. 4 for one group on its collected inputs ``xs`` (one tensor per batch).
+
+    ``heads=(n_heads, n_kv_heads)`` when the producer has fewer channels than the consumers
+    read (GQA ``v_proj -> o_proj``): the scale is over the producer's channels and repeated
+    over query heads. The group's weights are exactly restored before returning.
+    """
+    stat = ChannelAbsMean()
+    for x in xs:
+        stat.update(x)
+    s_x = stat.mean()
+    s_w = None
+    if version == "v1":
+        s_w = weight_salience([lin.weight for lin in group.linears.values()],
+                              weight.granularity)
+    if heads is not None:
+        s_x = reduce_to_kv(s_x, *heads)
+        s_w = None if s_w is None else reduce_to_kv(s_w, *heads)
+    refs = [group.run_inspect(x, kw) for x, kw in zip(xs, kwargs, strict=True)]
+    n_el = sum(r.numel() for r in refs)
+    exact = {n: lin.weight.data.clone() for n, lin in group.linears.items()}
+
+    def loss(s: torch.Tensor) -> torch.Tensor:
+        sc = expand_kv_scale(s, *heads) if heads is not None else s
+        for n, lin in group.linears.items():
+            lin.weight.data.copy_(fake_quantize_weight(exact[n].float() * sc, weight))
+        err = torch.zeros((), device=s.device, dtype=torch.float32)
+        for x, kw, ref in zip(xs, kwargs, refs, strict=True):
+            xq = (x.float() / sc).to(x.dtype)
+            if act is not None:
+                xq = fake_quantize_act(xq, act)
+            err = err + (group.run_inspect(xq, kw).float() - ref.float()).pow(2).sum()
+        return err / n_el  # the mean over every batch, compared only after all of them
+
+    try:
+        return search_scale(s_x, loss, n_grid=n_grid, version=version, s_w=s_w)
+    finally:
+        for n, lin in group.linears.items():
+            lin.weight.data.copy_(exact[n])
+
+
+class Awq(Algorithm):
+    """AWQ scale search and weight clipping (``quant.method: awq``; llmc ``Awq``).
+
+    ``quant.special`` keys: see :class:`llmcq_awq.AwqSpecial`. Weight-only, or
+    weight-activation (the search then fake-quantizes the scaled inputs dynamically).
+    """
+
+    special: AwqSpecial
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        sp = self.special
+        assert self.weight is not None
+        self.clip_sym = self.weight.symmetric if sp.clip_sym is None else sp.clip_sym
+        # static activation scales are fixed by core after the transform: search with a
+        # dynamic per-tensor proxy of the same grid
+        self.search_act = None if self.act is None else replace(self.act, static=False)
+        self.loaded_scales = self._load(sp.load_scale, sp.scale_path, SCALES_FILE, read_scales)
+        self.loaded_clips = self._load(sp.load_clip, sp.clip_path, CLIPS_FILE, read_clips)
+        for save, where, fname in ((sp.save_scale, sp.scale_path, SCALES_FILE),
+                                   (sp.save_clip, sp.clip_path, CLIPS_FILE)):
+            target = Path(where or ".").expanduser() / fname
+            if save and target.exists() and not self.run.resolved.overwrite:
+                raise OutputExistsError(f"{target} already exists; choose another path or "
+                                        "pass --overwrite (save.overwrite: true)")
+        self.saved_scales: dict[str, torch.Tensor] = {}
+        self.saved_clips: dict[str, dict[str, torch.Tensor]] = {}
+        self.alphas: list[float] = []
+        self.counts: Counter[str] = Counter()
+        self.written: dict[str, str] = {}
+
+    @staticmethod
+    def _load(on: bool, where: str | None, fname: str, reader: Any) -> Any:
+        return reader(Path(where or ".").expanduser() / fname) if on else None
+
+    # ------------------------------------------------------------------ stages
+
+    @torch.no_grad()
+    def transform(self, block: Block, inputs: BlockInputs | None) -> None:
+        sp = self.special
+        scales: dict[str, torch.Tensor] = {}
+        clips: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if sp.trans:
+            for group in block.groups:
+                scales.update(self._scale_group(block, group, inputs))
+        if sp.weight_clip:
+            for group in block.groups:
+                clips.update(self._clip_group(block, group, inputs))
+            if sp.clip_version == "v1":
+                linears = block.linears()
+                for name, (lo, hi) in clips.items():
+                    w = linears[name].weight
+                    w.data.copy_(apply_clip(w.data, lo.to(w.device), hi.to(w.device),
+                                            self.weight))
+        self.run.scratch(block.index)["awq"] = {"scales": scales, "clips": clips}
+        if sp.save_scale:
+            for name, s in scales.items():
+                self.saved_scales[block.full_name(name)] = s.detach().float().cpu()
+        if sp.save_clip:
+            for name, (lo, hi) in clips.items():
+                self.saved_clips[block.full_name(name)] = {"lo": lo.detach().float().cpu(),
+                                                           "hi": hi.detach().float().cpu()}
+        if block.index == len(self.run.adapter.blocks(self.run.model)) - 1:
+            self._write()
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.counts)
+        if self.alphas:
+            out["alpha_mean"] = round(sum(self.alphas) / len(self.alphas), 4)
+            out["alpha_counts"] = {f"{a:g}": c for a, c in sorted(Counter(self.alphas).items())}
+        out.update(self.written)
+        return out
+
+    # ------------------------------------------------------------------ scales
+
+    def _heads(self, block: Block, group: ResolvedGroup) -> tuple[int, int] | str | None:
+        """None: plain fold; (heads, kv_heads): GQA fold; "skip": leave the group alone."""
+        if group.spec.prev_kind != "linear":
+            return None
+        prev = group.prev_op
+        assert isinstance(prev, nn.Linear)
+        width = consumer_width(group)
+        if prev.out_features == width:
+            return None
+        heads, kv = self.run.adapter.attention_heads(self.run.model)
+        if kv < heads and heads % kv == 0 and prev.out_features * (heads // kv) == width:
+            return (heads, kv) if self.special.do_gqa_trans else _SKIP
+        raise PluginError(f"{group.spec.prev_op} has {prev.out_features} outputs but "
+                          f"{', '.join(group.linears)} read {width} columns, and this is not "
+                          f"grouped-query attention ({heads} heads, {kv} kv heads)",
+                          where=block.name)
+
+    def _scale_group(self, block: Block, group: ResolvedGroup,
+                     inputs: BlockInputs | None) -> dict[str, torch.Tensor]:
+        if group.spec.prev_kind == "none" or group.prev_op is None:
+            return {}
+        heads = self._heads(block, group)
+        if heads == _SKIP:
+            self.counts["groups_skipped_gqa"] += 1
+            self.run.log.debug("%s: %s not scaled (grouped-query attention; set "
+                               "do_gqa_trans: True)", block.name, ", ".join(group.linears))
+            return {}
+        assert heads is None or isinstance(heads, tuple)
+        device = next(iter(group.linears.values())).weight.device
+        if self.loaded_scales is not None:
+            s = self._loaded_scale(block, group, heads)
+            if s is None:
+                return {}
+            s = s.to(device)
+        else:
+            if inputs is None:
+                raise PluginError("the scale search needs calibration inputs", where=block.name)
+            first = next(iter(group.linears))
+            xs = inputs.collect(block.module, {first: group.linears[first]})[first]
+            res = search_group_scale(group, xs, inputs.kwargs, self.weight, self.search_act,
+                                     n_grid=self.special.n_grid,
+                                     version=self.special.trans_version, heads=heads)
+            del xs
+            s = res.scale
+            self.alphas.append(res.alpha)
+            self.run.log.debug("%s: %s alpha=%s loss %.4g (identity %.4g)", block.name,
+                               ", ".join(group.linears), res.alpha,
+                               float(res.losses[max(res.index, 0)]), float(res.losses[0]))
+        n_heads, n_kv = heads if heads is not None else (None, None)
+        fold_scale(group, s, n_heads=n_heads, n_kv_heads=n_kv)
+        self.counts["groups_scaled"] += 1
+        consumer = expand_kv_scale(s, *heads) if heads is not None else s
+        return {name: consumer for name in group.linears}
+
+    def _loaded_scale(self, block: Block, group: ResolvedGroup,
+                      heads: tuple[int, int] | None) -> torch.Tensor | None:
+        assert self.loaded_scales is not None
+        names = [block.full_name(n) for n in group.linears]
+        found = [self.loaded_scales.get(n) for n in names]
+        if all(f is None for f in found):
+            if not any(k.startswith(block.name + ".") for k in self.loaded_scales):
+                raise DataError(f"{self.special.scale_path}/{SCALES_FILE} has no scales for "
+                                f"{block.name}: was it written for this model?")
+            self.counts["groups_not_in_scale_file"] += 1
+            return None
+        width = consumer_width(group)
+        for name, f in zip(names, found, strict=True):
+            if f is None or f.numel() != width or not torch.equal(f, found[0]):
+                raise DataError(f"{self.special.scale_path}/{SCALES_FILE}: the scale of {name} "
+                                f"is missing, differs within its group, or is not {width} "
+                                "long")
+        s = found[0]
+        assert s is not None
+        if heads is not None:
+            kv_s = s.view(heads[1], heads[0] // heads[1], -1)[:, 0].reshape(-1)
+            if not torch.equal(expand_kv_scale(kv_s, *heads), s):
+                raise DataError(f"{self.special.scale_path}/{SCALES_FILE}: {names[0]}'s scale "
+                                "is not repeated over the query heads of each kv head")
+            s = kv_s
+        return s
+
+    # ------------------------------------------------------------------ clipping
+
+    def _clip_group(self, block: Block, group: ResolvedGroup, inputs: BlockInputs | None
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        names = [n for n in group.linears if not clip_skipped(n)]
+        if not names:
+            return {}
+        if self.loaded_clips is not None:
+            return {n: self._loaded_clip(block, n, group.linears[n]) for n in names}
+        if inputs is None:
+            raise PluginError("the clip search needs calibration inputs", where=block.name)
+        x = self._clip_inputs(block, group, inputs)
+        out = {}
+        for n in names:
+            lin = group.linears[n]
+            out[n] = search_clip(lin.weight.data, x, self.weight, n_tokens=x.shape[0],
+                                 symmetric_clip=self.clip_sym)
+            self.counts["linears_clipped"] += 1
+        return out
+
+    def _clip_inputs(self, block: Block, group: ResolvedGroup,
+                     inputs: BlockInputs) -> torch.Tensor:
+        """About ``calib.seq_len`` tokens of the group's input, evenly strided over every
+        batch (llmc's ``n_sample_token``), without keeping the rest."""
+        calib = self.run.config.calib
+        n_tok = calib.seq_len if calib is not None else 512
+        step = max(1, inputs.n_tokens // n_tok)
+        kept: list[torch.Tensor] = []
+        seen = [0]
+
+        def keep(_name: str, x: torch.Tensor, _y: torch.Tensor) -> None:
+            x2 = x.detach().reshape(-1, x.shape[-1])
+            kept.append(x2[(-seen[0]) % step::step])
+            seen[0] += x2.shape[0]
+
+        first = next(iter(group.linears))
+        inputs.observe(block.module, {first: group.linears[first]}, keep)
+        return torch.cat(kept)[:n_tok]
+
+    def _loaded_clip(self, block: Block, name: str,
+                     lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.loaded_clips is not None
+        full = block.full_name(name)
+        if full not in self.loaded_clips:
+            raise DataError(f"{self.special.clip_path}/{CLIPS_FILE} has no clip range for "
+                            f"{full}: was it written for this model?")
+        lo, hi = self.loaded_clips[full]
+        gran = self.weight.granularity
+        shape = (lin.out_features, n_groups(lin.in_features, gran)
+                 if isinstance(gran, PerGroup) else 1)
+        if tuple(lo.shape) != shape or tuple(hi.shape) != shape:
+            raise DataError(f"{self.special.clip_path}/{CLIPS_FILE}: {full} has ranges of "
+                            f"shape {tuple(hi.shape)}, this run's {self.weight.describe()} "
+                            f"needs {shape}")
+        self.counts["linears_clipped"] += 1
+        return lo.to(lin.weight.device), hi.to(lin.weight.device)
+
+    # ------------------------------------------------------------------ outputs
+
+    def _write(self) -> None:
+        sp = self.special
+        if sp.save_scale and sp.scale_path:
+            path = write_atomic(sp.scale_path, SCALES_FILE, self.saved_scales)
+            self.written["scale_file"] = str(path)
+            self.run.log.info("AWQ scales written to %s", path)
+        if sp.save_clip and sp.clip_path:
+            path = write_atomic(sp.clip_path, CLIPS_FILE, self.saved_clips)
+            self.written["clip_file"] = str(path)
+            self.run.log.info("AWQ clip ranges written to %s", path)

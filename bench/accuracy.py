@@ -13,6 +13,7 @@ Prints a markdown table and writes bench/results/accuracy.json.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -51,11 +52,32 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=None, help="evaluate only N windows")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "accuracy.json")
+    ap.add_argument("--fresh", action="store_true",
+                    help="ignore rows already in --out (default: reuse rows measured with the "
+                         "same setting, windows and seq_len, so an interrupted run resumes)")
     args = ap.parse_args()
+
+    done: dict[str, dict[str, Any]] = {}
+    if args.out.exists() and not args.fresh:
+        for rec in json.loads(args.out.read_text()).get("results", []):
+            done[rec["setting"]] = rec
 
     rows, records = [], []
     float_ppl = None
     for label, weight in SETTINGS:
+        prev = done.get(label)
+        if (prev and prev.get("weight") == weight and prev.get("seq_len") == args.seq_len
+                and (args.windows is None or prev.get("windows") == args.windows)
+                and (args.windows is not None or prev.get("windows", 0) >= 148)):
+            print(f"{label}: reusing ppl {prev['ppl']:.3f} from {args.out}", flush=True)
+            rec = prev
+            if weight is None:
+                float_ppl = rec["ppl"]
+            records.append(rec)
+            rows.append([label, rec["ppl"], rec["ppl"] / float_ppl if float_ppl else float("nan"),
+                         rec["quantize_s"], rec["eval_s"], rec["total_s"],
+                         round(rec["peak_cpu_bytes"] / 2**20)])
+            continue
         t0 = time.perf_counter()
         res = run_config(config_for(weight, args.seq_len, args.windows), label=label,
                          log_dir=args.out.parent / "logs")

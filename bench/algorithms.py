@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from _common import REPO, WIKI_TEST, WIKI_VALID, markdown_table, run_config, write_json
@@ -44,16 +45,48 @@ WEIGHT_ACT = {
     for w, a in ((8, 8), (6, 6), (4, 8), (4, 4))
 }
 
-#: method -> (quant.method, quant.special, settings it runs on, peer method or None)
-METHODS: dict[str, tuple[Any, dict[str, Any], tuple[str, ...], str | None]] = {
-    "rtn": ("rtn", {}, (*WEIGHT_ONLY, *WEIGHT_ACT), "rtn"),
-    "gptq": ("gptq", {}, tuple(WEIGHT_ONLY), "gptq"),
-    "awq": ("awq", {}, tuple(WEIGHT_ONLY), "awq"),
-    "awq+gptq": (["awq", "gptq"], {}, tuple(WEIGHT_ONLY), None),
-    "hqq": ("hqq", {}, tuple(WEIGHT_ONLY), "hqq"),
-    "omniquant": ("omniquant", {"epochs": 2}, (*WEIGHT_ONLY, *WEIGHT_ACT), None),
-    "smoothquant": ("smoothquant", {}, tuple(WEIGHT_ACT), "smoothquant"),
-    "osplus": ("osplus", {}, tuple(WEIGHT_ACT), None),
+AWQ_SPECIAL = {"trans": True, "trans_version": "v2", "weight_clip": True, "clip_sym": False}
+GPTQ_SPECIAL = {"actorder": True, "static_groups": False, "percdamp": 0.01, "blocksize": 128,
+                "true_sequential": True}
+LEARNABLE = {"calib_algo": "learnable", "ste": True}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row family of the table: llmc-style quant settings for our run, and the peer."""
+
+    quant_method: Any
+    settings: tuple[str, ...]
+    peer: str | None = None
+    special: dict[str, Any] = field(default_factory=dict)
+    #: special for weight-activation rows, when it differs
+    special_act: dict[str, Any] | None = None
+    weight_extra: dict[str, Any] = field(default_factory=dict)
+    quant_out: bool = False
+
+
+#: OmniQuant trains each block for OMNI_EPOCHS epochs (the paper: 20) -- on 2 CPU cores the
+#: paper's schedule would take hours per row; the README says so next to the numbers.
+OMNI_EPOCHS = 2
+
+METHODS: dict[str, Method] = {
+    "rtn": Method("rtn", (*WEIGHT_ONLY, *WEIGHT_ACT), peer="rtn"),
+    "gptq": Method("gptq", tuple(WEIGHT_ONLY), peer="gptq", special=GPTQ_SPECIAL,
+                   quant_out=True),
+    "awq": Method("awq", tuple(WEIGHT_ONLY), peer="awq", special=AWQ_SPECIAL),
+    "awq+gptq": Method(["awq", "gptq"], tuple(WEIGHT_ONLY),
+                       special={"awq": AWQ_SPECIAL, "gptq": GPTQ_SPECIAL}, quant_out=True),
+    "hqq": Method("hqq", tuple(WEIGHT_ONLY), peer="hqq",
+                  special={"lp_norm": 0.7, "beta": 10, "kappa": 1.01, "iters": 20},
+                  weight_extra={"round_zp": False}),
+    "omniquant": Method("omniquant", (*WEIGHT_ONLY, *WEIGHT_ACT),
+                        special={"lwc": True, "let": False, "epochs": OMNI_EPOCHS},
+                        special_act={"lwc": True, "let": True, "alpha": 0.75, "let_lr": 0.001,
+                                     "epochs": OMNI_EPOCHS},
+                        weight_extra=LEARNABLE, quant_out=True),
+    "smoothquant": Method("smoothquant", tuple(WEIGHT_ACT), peer="smoothquant",
+                          special={"alpha": 0.5}),
+    "osplus": Method("osplus", tuple(WEIGHT_ACT)),
 }
 
 
@@ -64,16 +97,19 @@ def calib_section(n: int, seq_len: int) -> dict[str, Any]:
 
 def row_config(method: str, setting: str, calib: dict[str, Any],
                windows: int | None) -> dict[str, Any]:
-    qmethod, special, _settings, _peer = METHODS[method]
+    m = METHODS[method]
     if setting in WEIGHT_ONLY:
         weight, act = WEIGHT_ONLY[setting], None
     else:
         weight, act = WEIGHT_ACT[setting]
-    quant: dict[str, Any] = {"method": qmethod, "weight": dict(weight)}
+    quant: dict[str, Any] = {"method": m.quant_method, "weight": {**weight, **m.weight_extra}}
+    special = m.special_act if (act is not None and m.special_act is not None) else m.special
     if act is not None:
         quant["act"] = dict(act)
     if special:
         quant["special"] = special
+    if m.quant_out:
+        quant["quant_out"] = True
     ev: dict[str, Any] = {"eval_pos": ["fake_quant"], "name": "wikitext2",
                           "path": str(WIKI_TEST), "seq_len": 2048, "bs": 1}
     if windows:
@@ -141,6 +177,8 @@ def main() -> None:
     ap.add_argument("--calib-n", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=2048)
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--peers", default=None,
+                    help="comma-separated peers to run (default: every method's peer)")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "algorithms.json")
     args = ap.parse_args()
@@ -175,9 +213,9 @@ def main() -> None:
 
     for setting in settings:
         for method in methods:
-            if setting not in METHODS[method][2]:
+            if setting not in METHODS[method].settings:
                 continue
-            rk = key(method, setting, calib, args.windows, METHODS[method][:2])
+            rk = key(method, setting, calib, args.windows, row_config(method, setting, calib, args.windows))
             if rk not in rows or args.force:
                 try:
                     res = run_config(row_config(method, setting, calib, args.windows),
@@ -192,9 +230,10 @@ def main() -> None:
                 except RuntimeError as exc:
                     rows[rk] = {"method": method, "setting": setting, "error": str(exc)[-500:]}
                 save()
-            peer = METHODS[method][3]
+            peer = METHODS[method].peer
             pk = key("peer", peer, setting, calib, args.windows)
-            if peer and not args.no_peers and (pk not in rows or args.force):
+            wanted = args.peers is None or (peer in args.peers.split(","))
+            if peer and wanted and not args.no_peers and (pk not in rows or args.force):
                 try:
                     rows[pk] = {"method": f"peer:{peer}", "setting": setting,
                                 **run_peer(peer, setting, calib, args.windows, log_dir)}
@@ -208,10 +247,10 @@ def main() -> None:
     table = []
     for setting in settings:
         for method in methods:
-            if setting not in METHODS[method][2]:
+            if setting not in METHODS[method].settings:
                 continue
-            r = rows.get(key(method, setting, calib, args.windows, METHODS[method][:2]), {})
-            peer = METHODS[method][3]
+            r = rows.get(key(method, setting, calib, args.windows, row_config(method, setting, calib, args.windows)), {})
+            peer = METHODS[method].peer
             p = rows.get(key("peer", peer, setting, calib, args.windows), {}) if peer else {}
             ratio = r["ppl"] / p["ppl"] if "ppl" in r and "ppl" in p else None
             table.append([setting, method, r.get("ppl", r.get("error", "-")),

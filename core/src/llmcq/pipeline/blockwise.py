@@ -103,33 +103,47 @@ class BlockInputs:
 
     @torch.no_grad()
     def observe(self, module: nn.Module, targets: dict[str, nn.Module],
-                fn: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
+                fn: Callable[[str, torch.Tensor, torch.Tensor], None], *,
+                stop_early: bool = False) -> None:
         """Run ``module`` on every batch; call ``fn(name, input, output)`` for each target.
 
         This is how statistics are accumulated (Hessians, absmax, ranges) without storing
-        activations: ``fn`` folds each batch into a running state.
+        activations: ``fn`` folds each batch into a running state. ``stop_early``: end each
+        batch's forward pass as soon as every target has run once (the rest of the block is
+        not computed; only for callers that need nothing but the targets' inputs/outputs,
+        and targets that run once per forward).
         """
+        pending: set[str] = set()
         handles = []
         for name, target in targets.items():
             def hook(_m: nn.Module, args: tuple[Any, ...], out: Any, _name: str = name) -> None:
                 fn(_name, args[0], block_output(out))
+                if stop_early:
+                    pending.discard(_name)
+                    if not pending:
+                        raise _Stop
             handles.append(target.register_forward_hook(hook))
         try:
             for h, kw in self.batches():
-                module(h, **kw)
+                pending.clear()
+                pending.update(targets)
+                try:
+                    module(h, **kw)
+                except _Stop:
+                    pass
         finally:
             for handle in handles:
                 handle.remove()
 
-
     @torch.no_grad()
-    def collect(self, module: nn.Module, targets: dict[str, nn.Module]
-                ) -> dict[str, list[torch.Tensor]]:
+    def collect(self, module: nn.Module, targets: dict[str, nn.Module], *,
+                stop_early: bool = False) -> dict[str, list[torch.Tensor]]:
         """Inputs of each target, one tensor per batch (for algorithms that replay them,
         such as AWQ's scale search). Costs one activation copy per target: prefer
         :meth:`observe` when a running statistic is enough."""
         got: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
-        self.observe(module, targets, lambda name, x, _y: got[name].append(x.detach()))
+        self.observe(module, targets, lambda name, x, _y: got[name].append(x.detach()),
+                     stop_early=stop_early)
         return got
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmcq import dist
 from llmcq.errors import DataError, LlmcqError, PluginError
 from llmcq.model.adapter import resolve_block
 from llmcq.pipeline.blockwise import Block, BlockInputs, capture_block_inputs
@@ -107,13 +108,15 @@ def quantize_model(run: RunContext, batches: list[torch.Tensor] | None) -> None:
     for step in run.steps:
         call_stage(run, "transform", hook.llmcq_transform, step=step, where="model",
                    block=None, inputs=None)
+    if batches:  # data-parallel calibration: this rank's share (all of them on one rank)
+        batches = dist.shard(batches)
     inputs = capture_block_inputs(model, adapter, batches, run.device) if batches else None
     blocks = adapter.blocks(model)
     quantizing = run.weight is not None
     for i in tqdm(range(len(blocks)), desc="blocks", disable=not run.progress):
         module: nn.Module = blocks[i]
         name = f"{adapter.layout.blocks}.{i}"
-        module.to(run.device)
+        resident = _upload(module, run.device)
         block = Block(i, name, module, resolve_block(module, adapter.block_layout(model, i),
                                                      where=name))
         for step in run.steps:
@@ -135,10 +138,71 @@ def quantize_model(run: RunContext, batches: list[torch.Tensor] | None) -> None:
                 inputs.advance(module, check=name)
         for rel, rec in records.items():
             run.records[block.full_name(rel)] = rec.to("cpu")
-        module.to("cpu")
+        _offload(module, resident)
         run.drop_scratch(i)
         if run.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """Two wrap-around int64 sums of ``t``'s bit patterns (plain and position-weighted), on
+    ``t``'s device without a host sync; equal fingerprints mean unchanged values (up to a
+    negligible chance)."""
+    flat = t.detach().reshape(-1)
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    if flat.dtype != torch.bool and flat.element_size() in ints:
+        flat = flat.view(ints[flat.element_size()])
+    out = torch.zeros(2, dtype=torch.int64, device=t.device)
+    step = 1 << 24
+    for start in range(0, flat.numel(), step):
+        bits = flat[start:start + step].to(torch.int64)
+        pos = torch.arange(start, start + bits.numel(), device=t.device, dtype=torch.int64)
+        out[0] += bits.sum()
+        out[1] += (bits * (pos * 2654435761 % 2147483647 + 1)).sum()
+    return out
+
+
+def _upload(module: nn.Module, device: torch.device) -> dict[str, Any] | None:
+    """Move ``module`` to ``device``; keep its host tensors and a fingerprint of each so
+    that :func:`_offload` copies back only what the block's processing changed (a device
+    to host copy into fresh host memory is the slowest move there is)."""
+    if device.type == "cpu":
+        module.to(device)
+        return None
+    host = {n: t.data for n, t in list(module.named_parameters()) + list(module.named_buffers())
+            if t.device.type == "cpu"}
+    module.to(device)
+    prints = {}
+    for n, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if n in host and t.device == device:
+            prints[n] = _fingerprint(t)
+    return {"host": host, "prints": prints}
+
+
+def _offload(module: nn.Module, resident: dict[str, Any] | None) -> None:
+    """Back to host memory: unchanged tensors get their host originals back (no copy)."""
+    if resident is None:
+        module.to("cpu")
+        return
+    host, prints = resident["host"], resident["prints"]
+    named = dict(module.named_parameters())
+    named.update(dict(module.named_buffers()))
+    same: dict[str, bool] = {}
+    checks = [(n, t) for n, t in named.items() if n in prints and t.device.type != "cpu"
+              and t.shape == host[n].shape and t.dtype == host[n].dtype]
+    if checks:
+        flags = torch.stack([(_fingerprint(t) == prints[n]).all() for n, t in checks])
+        same = dict(zip([n for n, _ in checks], flags.tolist()))  # one host sync per block
+    for n, t in named.items():
+        if t.device.type == "cpu":
+            continue
+        new = host[n] if same.get(n, False) else t.data.to("cpu")
+        owner_name, _, leaf = n.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if leaf in owner._parameters:
+            owner._parameters[leaf].data = new
+        else:
+            owner._buffers[leaf] = new
 
 
 def deploy_fake_quant(model: nn.Module, records: dict[str, QuantizedLinear]) -> None:

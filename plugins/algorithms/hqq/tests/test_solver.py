@@ -260,5 +260,10 @@ def test_cuda_matches_cpu() -> None:
     gpu = hqq_quantize(w.cuda(), 3, PerGroup(64))
     assert gpu.q.device.type == "cuda"
     assert (gpu.q.cpu() != cpu.q).float().mean() < 1e-3
-    assert torch.allclose(gpu.zero.cpu(), cpu.zero, atol=1e-3)
+    # Each group keeps its best round; where the error is flat across rounds, float
+    # summation order on the GPU may pick a neighbouring round (seen on an H100: a few groups
+    # of 384), so most zero points match exactly and every group's error matches.
+    same_zero = torch.isclose(gpu.zero.cpu(), cpu.zero, atol=1e-3)
+    assert same_zero.float().mean() > 0.95, same_zero.float().mean()
+    assert torch.allclose(gpu.error.cpu(), cpu.error, rtol=1e-4, atol=1e-7)
     assert abs(float(gpu.error.mean()) - float(cpu.error.mean())) < 1e-6

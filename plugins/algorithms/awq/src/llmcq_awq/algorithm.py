@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmcq import dist
 from llmcq.algorithm import Algorithm
 from llmcq.errors import DataError, OutputExistsError, PluginError
 from llmcq.model.adapter import ResolvedGroup
@@ -67,7 +68,8 @@ def search_group_scale(group: ResolvedGroup, xs: list[torch.Tensor],
     stat = ChannelAbsMean()
     for x in xs:
         stat.update(x)
-    s_x = stat.mean()
+    # data-parallel calibration: the mean over every rank's tokens (no-op on one rank)
+    s_x, _ = dist.weighted_mean(stat.mean(), stat.count)
     s_w = None
     if version == "v1":
         s_w = weight_salience([lin.weight for lin in group.linears.values()],
@@ -76,7 +78,9 @@ def search_group_scale(group: ResolvedGroup, xs: list[torch.Tensor],
         s_x = reduce_to_kv(s_x, *heads)
         s_w = None if s_w is None else reduce_to_kv(s_w, *heads)
     refs = [group.run_inspect(x, kw) for x, kw in zip(xs, kwargs, strict=True)]
-    n_el = sum(r.numel() for r in refs)
+    n_el = float(dist.all_reduce_sum(torch.tensor(
+        [float(sum(r.numel() for r in refs))], device=refs[0].device))) \
+        if dist.active() else sum(r.numel() for r in refs)
     exact = {n: lin.weight.data.clone() for n, lin in group.linears.items()}
 
     def loss(s: torch.Tensor) -> torch.Tensor:
@@ -89,7 +93,8 @@ def search_group_scale(group: ResolvedGroup, xs: list[torch.Tensor],
             if act is not None:
                 xq = fake_quantize_act(xq, act)
             err = err + (group.run_inspect(xq, kw).float() - ref.float()).pow(2).sum()
-        return err / n_el  # the mean over every batch, compared only after all of them
+        # the mean over every batch (of every rank), compared only after all of them
+        return dist.all_reduce_sum(err) / n_el
 
     try:
         return search_scale(s_x, loss, n_grid=n_grid, version=version, s_w=s_w)
@@ -211,7 +216,8 @@ class Awq(Algorithm):
             if inputs is None:
                 raise PluginError("the scale search needs calibration inputs", where=block.name)
             first = next(iter(group.linears))
-            xs = inputs.collect(block.module, {first: group.linears[first]})[first]
+            xs = inputs.collect(block.module, {first: group.linears[first]},
+                                stop_early=True)[first]
             res = search_group_scale(group, xs, inputs.kwargs, self.weight, self.search_act,
                                      n_grid=self.special.n_grid,
                                      version=self.special.trans_version, heads=heads)
@@ -269,8 +275,11 @@ class Awq(Algorithm):
         out = {}
         for n in names:
             lin = group.linears[n]
+            # more output rows per step on a GPU: the search is launch-bound there (the
+            # rows are independent, so the result does not depend on the chunking)
             out[n] = search_clip(lin.weight.data, x, self.weight, n_tokens=x.shape[0],
-                                 symmetric_clip=self.clip_sym)
+                                 symmetric_clip=self.clip_sym,
+                                 rows_per_chunk=512 if x.is_cuda else 64)
             self.counts["linears_clipped"] += 1
         return out
 
@@ -290,7 +299,7 @@ class Awq(Algorithm):
             seen[0] += x2.shape[0]
 
         first = next(iter(group.linears))
-        inputs.observe(block.module, {first: group.linears[first]}, keep)
+        inputs.observe(block.module, {first: group.linears[first]}, keep, stop_early=True)
         return torch.cat(kept)[:n_tok]
 
     def _loaded_clip(self, block: Block, name: str,

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmcq import dist
 from llmcq.algorithm import Algorithm
 from llmcq.errors import ConfigError, DataError
 from llmcq.model.adapter import ResolvedGroup
@@ -83,6 +84,12 @@ class HessianBank:
     def close(self) -> None:
         """Drop the references to the last inputs (kept only to detect sharing)."""
         self._last.clear()
+
+    def all_reduce(self) -> None:
+        """Data-parallel calibration: each Hessian becomes the mean over every rank's
+        tokens (a no-op on one rank). Ranks see the same linears in the same order."""
+        for name in list(self.H):
+            self.H[name], self.n[name] = dist.weighted_mean(self.H[name], self.n[name])
 
     def slots(self, names: list[str]) -> list[tuple[str, list[str]]]:
         """``names`` grouped by the Hessian they use, in order: ``[(owner, [names])]``."""
@@ -163,9 +170,11 @@ class GPTQ(Algorithm):
         for g in groups:
             targets.update(g.linears)
         try:
-            inputs.observe(block.module, targets, bank)
+            # the rest of the block is not needed once every target has seen its input
+            inputs.observe(block.module, targets, bank, stop_early=True)
         finally:
             bank.close()
+        bank.all_reduce()
         return bank
 
     def _as_forward(self, records: dict[str, QuantizedLinear]) -> dict[str, QuantizedLinear]:

@@ -84,18 +84,24 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float, retries: int
     mean_diag = H.diagonal().mean()
     for attempt in range(retries + 1):
         frac = percdamp if attempt == 0 else max(percdamp, 1e-3) * 10.0**attempt
-        Hd = H.clone()
-        Hd.diagonal().add_(frac * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        # at most two d_col x d_col temporaries alive at a time (70B's down_proj: 3.3 GB each)
+        L = H.clone()
+        L.diagonal().add_(frac * mean_diag)
+        L, info = torch.linalg.cholesky_ex(L)
         if bool(info != 0):
+            del L
             continue
         try:
             Hinv = torch.cholesky_inverse(L)
         except RuntimeError:  # a zero pivot (CPU raises; CUDA returns inf, caught below)
             continue
+        finally:
+            del L
         U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        del Hinv
         if not bool((info != 0) | ~torch.isfinite(U).all()):
             return U, attempt
+        del U
     return None, retries
 
 
@@ -172,22 +178,26 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
     ``weak``: OWQ columns kept in float; they are swept last, so they absorb the error of
     every quantized column, and are returned in ``float_columns`` (cast to ``float_dtype``).
     The computation runs in float32 (float64 if ``W`` is float64) on ``W``'s device.
-    ``fused`` (default: on GPUs) quantizes each column with one fake-quantization kernel
-    instead of four elementwise ones (same values; float32 and integral zero points only)
-    and updates the whole lazy block per column instead of slicing it: fewer kernel launches,
-    which is what bounds the column loop on a GPU.
+    ``fused=True`` quantizes each column with torch's fake-quantization kernel instead of
+    four elementwise ones (same values; float32 and integral zero points only), which
+    synchronizes with the host on every column; the default (``None``) uses the elementwise
+    kernels (no host sync in the column loop) and, on GPUs, updates the whole lazy block per
+    column instead of slicing it: fewer kernel launches, which is what bounds the column loop
+    on a GPU.
     """
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
     dev = W.device
     R, C = W.shape
     gran = spec.granularity
     W = W.to(dt).clone()
-    H = H.to(device=dev, dtype=dt).clone()
+    H = H.to(device=dev, dtype=dt)  # the caller's H is only read (no d_col^2 copy)
     diag0 = H.diagonal().clone()
 
     dead = diag0 == 0
-    H.diagonal()[dead] = 1.0
-    W[:, dead] = 0.0
+    if bool(dead.any()):
+        H = H.clone()
+        H.diagonal()[dead] = 1.0
+        W[:, dead] = 0.0
 
     # ---- sweep order F: the quantized columns (act-order or natural), then the weak ones
     cols = torch.arange(C, device=dev)
@@ -285,21 +295,26 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
         blocks = [(b0, min(b0 + blocksize, n_q), {}) for b0 in range(0, n_q, blocksize)]
 
     # ---- H^-1 = U^T U on the sweep order; U / diag(U) row-wise folds 1/U_jj into the update
-    Hp = H[perm][:, perm]
+    Hp = H[perm]
+    del H
+    Hp = Hp[:, perm]
     U, used = inverse_cholesky(Hp, percdamp, retries)
+    del Hp
     fallback = U is None
     if U is None:
         U = torch.eye(C, dtype=dt, device=dev)
-    del Hp, H
     dU = U.diagonal().clone()
-    Ubar = U / dU[:, None]
+    Ubar = U.div_(dU[:, None])  # in place: U itself is not needed any more
+    del U
 
     WT = W.T[perm].contiguous()  # [d_col, d_row]: column j of W is row j here
     del W
     Qc = torch.empty(n_q, R, dtype=dt, device=dev)
     loss = torch.zeros((), dtype=dt, device=dev)
     gpu_style = dev.type != "cpu" if fused is None else fused
-    fused = gpu_style and dt == torch.float32 and (spec.symmetric or spec.round_zp)
+    # torch's per-channel fake-quantization checks its zero points on the host (a device
+    # sync per column, measured at ~67 us a column on an H100): only when asked for
+    fused = bool(fused) and dt == torch.float32 and (spec.symmetric or spec.round_zp)
     zero_row = torch.zeros(R, dtype=dt, device=dev) if Z is None else None
     qlo, qhi = spec.qmin, spec.qmax
 

@@ -1,0 +1,117 @@
+"""Pack llmcq's 4-bit records into AutoAWQ's GEMM layout (read by AutoAWQ, transformers,
+vLLM/SGLang ``awq``, and MLC-LLM's AWQ loader).
+
+Per linear (``W`` is ``[out, in]``, groups of ``g`` input columns, ``G = in / g``):
+
+* ``qweight`` int32 ``[in, out / 8]``: unsigned codes of ``W^T``; word ``c`` of row ``r`` holds
+  output columns ``8c .. 8c+7`` in the interleaved order ``[0, 2, 4, 6, 1, 3, 5, 7]``: nibble
+  ``i`` (bits ``4i .. 4i+3``) is column ``8c + ORDER[i]``;
+* ``qzeros`` int32 ``[G, out / 8]``: zero points packed the same way (no offset);
+* ``scales`` fp16 ``[G, out]``; ``bias`` as in the model.
+
+``W[o, c] = scales[c // g, o] * (q[c, o] - zero[c // g, o])``. Symmetric codes are shifted to
+unsigned with zero point 8, so ``zero_point: true`` always holds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from llmcq.errors import PluginError
+from llmcq.quant.record import QuantizedLinear
+
+__all__ = ["export", "pack_record", "pack_awq_order", "AWQ_ORDER"]
+
+#: output column of each nibble inside a word (AutoAWQ's GEMM kernel order)
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def pack_awq_order(codes: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit codes ``[rows, cols]`` -> int32 ``[rows, cols / 8]`` in AWQ order."""
+    rows, cols = codes.shape
+    if cols % 8:
+        raise PluginError(f"awq format: {cols} output columns are not a multiple of 8")
+    c = codes.to(torch.int64).reshape(rows, cols // 8, 8)[:, :, list(AWQ_ORDER)]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    words = (c << shifts).sum(dim=-1) & 0xFFFFFFFF
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_record(rec: QuantizedLinear) -> dict[str, torch.Tensor]:
+    if rec.bits != 4:
+        raise PluginError(f"awq format: 4-bit only, got {rec.describe()}")
+    for what, bad in (("g_idx (act-order groups)", rec.g_idx is not None),
+                      ("per-group bit widths", rec.group_bits is not None),
+                      ("float columns", rec.float_columns is not None),
+                      ("fractional zero points", not rec.zero_is_integral)):
+        if bad:
+            raise PluginError(f"awq format cannot hold {what} ({rec.describe()})")
+    n_groups = int(rec.scale.shape[1])
+    if rec.in_features % n_groups or (rec.group_size > 0
+                                      and rec.in_features != n_groups * rec.group_size):
+        raise PluginError(f"awq format needs whole groups ({rec.describe()}, in_features "
+                          f"{rec.in_features})")
+    rec = rec.to("cpu")
+    offset = 8 if rec.symmetric else 0
+    q = rec.qweight.to(torch.int64) + offset  # unsigned [out, in]
+    zero = (torch.full(tuple(rec.scale.shape), offset, dtype=torch.int64) if rec.zero is None
+            else rec.zero.round().to(torch.int64))
+    return {"qweight": pack_awq_order(q.T.contiguous()),
+            "qzeros": pack_awq_order(zero.T.contiguous()),
+            "scales": rec.scale.float().T.contiguous().half()}
+
+
+def _save(model: Any, out_dir: Path, state: dict[str, torch.Tensor]) -> None:
+    config = model.config
+    had = hasattr(config, "quantization_config")
+    saved = getattr(config, "quantization_config", None)
+    quantizer = getattr(model, "hf_quantizer", None)
+    try:
+        if had:
+            delattr(config, "quantization_config")
+        if quantizer is not None:
+            model.hf_quantizer = None
+        model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+    finally:
+        if had:
+            config.quantization_config = saved
+        if quantizer is not None:
+            model.hf_quantizer = quantizer
+
+
+def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: Path) -> list[Path]:
+    if not records:
+        raise PluginError("awq format: the run produced no quantized linears")
+    names = sorted(records)
+    sizes = {records[n].group_size for n in names}
+    if len(sizes) != 1:
+        raise PluginError(f"awq format: one group size per checkpoint, got {sizes}")
+    state = OrderedDict((k, v.detach().to("cpu")) for k, v in model.state_dict().items())
+    for name in names:
+        rec = records[name]
+        state.pop(f"{name}.weight", None)
+        for key, value in pack_record(rec).items():
+            state[f"{name}.{key}"] = value
+        if rec.bias is not None:
+            state[f"{name}.bias"] = rec.bias.detach().to("cpu")
+    skipped = sorted(n.rpartition(".")[2] for n, m in model.named_modules()
+                     if n and n not in records and isinstance(getattr(m, "weight", None),
+                                                              torch.Tensor)
+                     and m.weight.dim() == 2 and not isinstance(m, torch.nn.Embedding))
+    qcfg = {"quant_method": "awq", "bits": 4, "group_size": sizes.pop(), "version": "gemm",
+            "zero_point": True,
+            # AutoAWQ matches these as name substrings: the head, MoE routers ("gate"), ...
+            "modules_to_not_convert": sorted(set(skipped)) or None}
+    _save(model, out_dir, state)
+    cfg_path = out_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"] = qcfg
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (out_dir / "quant_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+    if run is not None and getattr(run, "tokenizer", None) is not None:
+        run.tokenizer.save_pretrained(str(out_dir))
+    return sorted(out_dir.iterdir())

@@ -33,6 +33,12 @@ __all__ = ["ResolvedConfig", "ResolvedStep", "ResolvedBackend", "load_config",
 
 RESULTS_FILE = "results.json"
 
+#: model adapter used when ``model.type`` is absent and no family adapter serves the checkpoint
+AUTO_ADAPTER = "auto"
+#: llmc ``model.type`` names with no family adapter (transformers ships no modeling code, or
+#: the family is served by tracing): resolved to the automatic adapter when it is installed
+LLMC_AUTO_TYPES = ("internlm2", "minicpm", "starcoder")
+
 #: llmc keys llmcq does not implement yet, with what they are (clearer than "unknown key")
 LLMC_UNSUPPORTED = {
     "quant.kvcache": "KV-cache quantization",
@@ -334,10 +340,20 @@ def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
     # model
     source = locate(cfg.model.path)
     if cfg.model.type is not None:
-        mspec, minfo = registry.load_spec("llmcq.models", cfg.model.type, field="model.type",
+        mtype = cfg.model.type
+        if registry.normalize(mtype) in LLMC_AUTO_TYPES and not any(
+                registry.normalize(i.name) == registry.normalize(mtype)
+                for i in registry.discover("llmcq.models")):
+            notes.append(f"model.type {mtype!r} (llmc) has no family adapter here: using the "
+                         "automatic adapter ('auto')")
+            mtype = AUTO_ADAPTER
+        mspec, minfo = registry.load_spec("llmcq.models", mtype, field="model.type",
                                           kind=ModelSpec)
     else:
         mspec, minfo = _adapter_for(source)
+        if mspec.name == AUTO_ADAPTER:
+            notes.append(f"no model.type and no family adapter serves model_type "
+                         f"{peek_model_type(source)!r}: using the automatic adapter ('auto')")
     assert isinstance(mspec, ModelSpec)
 
     # algorithms
@@ -452,6 +468,12 @@ def _adapter_for(source: ModelSource) -> tuple[ModelSpec, EntryPointInfo]:
         assert isinstance(spec, ModelSpec)
         if model_type and model_type in spec.model_types:
             return spec, info
+    # no family adapter: the automatic adapter (plugin "auto") when it is installed
+    if any(registry.normalize(i.name) == AUTO_ADAPTER for i in infos):
+        spec, info = registry.load_spec("llmcq.models", AUTO_ADAPTER, field="model.type",
+                                        kind=ModelSpec)
+        assert isinstance(spec, ModelSpec)
+        return spec, info
     names = sorted({i.name for i in infos})
     raise ConfigError("model.type", None, reason=f"not given, and no installed adapter serves "
                       f"this checkpoint's model_type {model_type!r}; set model.type",

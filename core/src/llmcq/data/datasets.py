@@ -21,7 +21,8 @@ from llmcq.errors import ConfigError
 if TYPE_CHECKING:
     from llmcq.config.schema import CalibSection
 
-__all__ = ["DatasetSpec", "WIKITEXT2", "C4", "PTB", "PILEVAL", "CUSTOM_TXT"]
+__all__ = ["DatasetSpec", "RandomTokens", "WIKITEXT2", "C4", "PTB", "PILEVAL", "CUSTOM_TXT",
+           "RANDOM"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,3 +83,34 @@ PILEVAL = DatasetSpec(name="pileval", summary="Pile validation documents (AWQ/Sm
 CUSTOM_TXT = DatasetSpec(name="custom_txt", summary="your own text: .txt, .jsonl, .json, "
                          ".parquet or a save_to_disk folder", aliases=("custom", "text"),
                          separator="\n\n")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RandomTokens(DatasetSpec):
+    """Uniformly random token ids from the tokenizer's vocabulary, seeded: for plumbing tests
+    and speed benchmarks where the text does not matter. ``calib.n_samples`` samples of
+    ``calib.seq_len`` tokens from ``calib.seed`` (``calib.preproc`` and ``path`` are unused);
+    for evaluation, ``eval_windows`` windows of ``seq_len`` tokens from seed 0."""
+
+    needs_path: bool = False
+    eval_windows: int | None = 32
+
+    @staticmethod
+    def _ids(tokenizer: Any, n: int, seed: int) -> list[int]:
+        import torch
+
+        vocab = len(tokenizer)
+        gen = torch.Generator().manual_seed(int(seed))
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    def calibration_ids(self, tokenizer: Any, calib: CalibSection) -> list[list[int]]:
+        flat = self._ids(tokenizer, calib.n_samples * calib.seq_len, calib.seed)
+        return [flat[i * calib.seq_len:(i + 1) * calib.seq_len] for i in range(calib.n_samples)]
+
+    def evaluation_ids(self, tokenizer: Any, path: str | None, seq_len: int) -> list[int]:
+        return self._ids(tokenizer, (self.eval_windows or 32) * seq_len, 0)
+
+
+RANDOM = RandomTokens(name="random", summary="random token ids from the tokenizer's vocabulary "
+                      "(seeded by calib.seed); for plumbing tests and speed benchmarks",
+                      aliases=("random_tokens",))

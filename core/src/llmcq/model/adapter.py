@@ -7,6 +7,7 @@ needs it, overrides a method (custom loading, a block whose layout depends on it
 from __future__ import annotations
 
 import fnmatch
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -32,12 +33,21 @@ class ResolvedGroup:
     linears: dict[str, nn.Linear]
     prev_op: nn.Module | None
     inspect: nn.Module
+    #: every inspect module when the layout names several (their outputs are added)
+    inspect_all: tuple[nn.Module, ...] = ()
 
     def run_inspect(self, x: torch.Tensor, block_kwargs: dict[str, Any]) -> torch.Tensor:
         """Output of the ``inspect`` module on its input ``x`` (the linears' shared input),
-        given the block's keyword inputs when the layout says it needs them."""
-        out = self.inspect(x, **block_kwargs) if self.spec.inspect_kwargs else self.inspect(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        given the block's keyword inputs when the layout says it needs them. With several
+        inspect modules (parallel attention and MLP), the sum of their outputs."""
+        mods = self.inspect_all or (self.inspect,)
+        total: torch.Tensor | None = None
+        for mod, kw in zip(mods, self.spec.inspect_flags, strict=True):
+            out = mod(x, **block_kwargs) if kw else mod(x)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            total = out if total is None else total + out
+        assert total is not None
+        return total
 
 
 def linear_names(module: nn.Module) -> list[str]:
@@ -71,7 +81,9 @@ def resolve_group(block: nn.Module, group: LinearGroup, *, where: str) -> Resolv
                                   stage="layout")
             linears[name] = mod
     prev = block.get_submodule(group.prev_op) if group.prev_op else None
-    return ResolvedGroup(group, linears, prev, block.get_submodule(group.inspect))
+    inspect = tuple(block.get_submodule(n) for n in group.inspect_names)
+    return ResolvedGroup(group, linears, prev, inspect[0],
+                         inspect if isinstance(group.inspect, tuple) else ())
 
 
 def resolve_block(block: nn.Module, layout: BlockLayout, *, where: str) -> list[ResolvedGroup]:
@@ -103,18 +115,40 @@ class ModelAdapter:
     def __init__(self, spec: ModelSpec | None = None, config: ModelSection | None = None) -> None:
         self.spec = spec
         self.config = config
+        self._prepared: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+    #: transformers auto class the family loads with (vision-language models differ)
+    auto_class: ClassVar[str] = "AutoModelForCausalLM"
 
     def load(self, source: ModelSource) -> tuple[Any, Any]:
-        """``(model, tokenizer)`` on the CPU in eval mode."""
+        """``(model, tokenizer)`` on the CPU in eval mode, prepared (:meth:`prepare`)."""
         cfg = self.config
-        return load_pretrained(
+        model, tokenizer = load_pretrained(
             source,
             torch_dtype=cfg.torch_dtype if cfg else "auto",
             use_fast=(cfg.tokenizer_mode == "fast") if cfg else True,
             trust_remote_code=cfg.trust_remote_code if cfg else False,
+            auto_class=self.auto_class,
         )
+        self.ensure_prepared(model)
+        return model, tokenizer
+
+    def prepare(self, model: nn.Module) -> None:
+        """Make ``model`` quantizable in place without changing its function: for example
+        split experts stored as 3D tensors into one ``nn.Linear`` per expert. Called once
+        per model and adapter (by :meth:`load`, and by :meth:`blocks` for a model passed in
+        directly); must be idempotent."""
+
+    def ensure_prepared(self, model: nn.Module) -> None:
+        """:meth:`prepare` ``model`` unless this adapter already did (prepare is
+        idempotent: another adapter instance may prepare the same model again)."""
+        prepared = self.__dict__.setdefault("_prepared", weakref.WeakSet())
+        if model not in prepared:
+            self.prepare(model)
+            prepared.add(model)
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
+        self.ensure_prepared(model)
         return model.get_submodule(self.layout.blocks)  # type: ignore[return-value]
 
     def block_layout(self, model: nn.Module, index: int) -> BlockLayout:

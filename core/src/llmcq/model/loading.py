@@ -101,9 +101,16 @@ def _torch_dtype(name: str, *, gguf: bool) -> Any:
 
 
 def load_pretrained(source: ModelSource, *, torch_dtype: str = "auto", use_fast: bool = True,
-                    trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` on the CPU, in eval mode, without gradients."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+                    trust_remote_code: bool = False,
+                    auto_class: str = "AutoModelForCausalLM") -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` on the CPU, in eval mode, without gradients.
+
+    ``auto_class`` names the transformers auto class (``AutoModelForImageTextToText`` for a
+    vision-language model whose language model is quantized)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    AutoModelForCausalLM = getattr(transformers, auto_class)  # noqa: N806
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     model_kwargs: dict[str, Any] = {"dtype": _torch_dtype(torch_dtype,

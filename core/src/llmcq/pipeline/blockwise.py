@@ -176,6 +176,7 @@ def capture_block_inputs(model: nn.Module, adapter: ModelAdapter,
     A forward pre-hook on block 0 records its arguments and stops the forward pass, so only
     the embedding (and rotary/position modules) run; blocks never leave host memory here.
     """
+    adapter.ensure_prepared(model)  # layouts that depend on the model (auto, OPT-350m)
     layout = adapter.layout
     blocks = adapter.blocks(model)
     names = list(layout.embeddings) + ([layout.rotary] if layout.rotary else []) \

@@ -121,8 +121,7 @@ def test_algorithm_class_runs_and_exports(family: str, method: str, dirs: Any,
     if "act" in recipe:
         quant["act"] = recipe["act"]
     cfg = {"base": {"seed": 0, "device": "cpu"}, "model": {"type": mtype, "path": str(folder)},
-           # one calibration batch: AWQ assumes every linear runs on every batch, which an
-           # expert that no token of a batch reaches does not (see docs/model_families.md)
+           # one calibration batch (many small batches: test_awq_on_moe_with_many_small_batches)
            "calib": {"name": "random", "n_samples": 4, "seq_len": 32, "bs": -1, "seed": 1},
            "quant": quant,
            "save": {"save_path": str(tmp_path / "out"), "save_trans": True, "save_fake": True}}
@@ -141,3 +140,40 @@ def test_algorithm_class_runs_and_exports(family: str, method: str, dirs: Any,
     # 1 + w as w) can move a token's activation across a rounding boundary
     assert _close(_logits(fake, x), fake_logits, 1e-2 if "act" in recipe else 1e-4), method
     assert not _close(fake_logits, float_logits, 1e-4)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_awq_on_moe_with_many_small_batches(family: str, clip: bool, dirs: Any,
+                                            tmp_path: Path) -> None:
+    """With one sample per batch, some experts get no token in some batches: AWQ searches
+    each expert's scale (and clip range) on the batches that reached it. Without clipping
+    the scaled model keeps its float logits."""
+    from llmcq.model.loading import ModelSource
+    from llmcq.plugins import registry
+
+    folder = dirs(family)
+    spec, _ = registry.load_spec("llmcq.models", family, field="model.type")
+    adapter = spec.load_impl()(spec, None)  # type: ignore[attr-defined]
+    model, tok = adapter.load(ModelSource(folder))
+    model.float()
+    x = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(5))
+    float_logits = _logits(model, x)
+    cfg = {"base": {"seed": 0, "device": "cpu"}, "model": {"type": family, "path": str(folder)},
+           "calib": {"name": "random", "n_samples": 8, "seq_len": 8, "bs": 1, "seed": 3},
+           "quant": {"method": "awq", "special": {"trans": True, "trans_version": "v2",
+                                                  "n_grid": 5, "weight_clip": clip},
+                     "weight": {"bit": 4, "symmetric": False, "granularity": "per_group",
+                                "group_size": 16}},
+           "save": {"save_path": str(tmp_path / "out"), "save_trans": True}}
+    res = run(resolve_config(cfg), progress=False, model=model, tokenizer=tok)
+    summary = res["recipe"][0]
+    n_blocks = model.config.num_hidden_layers
+    # attention pairs alone give at most 2 groups a block; the rest are experts' up -> down
+    assert summary["groups_scaled"] > 2 * n_blocks, summary
+    if clip:
+        assert summary.get("linears_clipped", 0) > 0, summary
+        return
+    cls = auto_model_class(model.config)
+    trans = cls.from_pretrained(str(tmp_path / "out" / "transformed_model")).float().eval()
+    assert _close(_logits(trans, x), float_logits, 2e-3)

@@ -218,7 +218,21 @@ class Awq(Algorithm):
             first = next(iter(group.linears))
             xs = inputs.collect(block.module, {first: group.linears[first]},
                                 stop_early=True)[first]
-            res = search_group_scale(group, xs, inputs.kwargs, self.weight, self.search_act,
+            kwargs = inputs.kwargs
+            if len(xs) != len(kwargs):
+                # an MoE expert sees only the batches that routed tokens to it
+                if not xs:
+                    self.counts["groups_skipped_no_tokens"] += 1
+                    self.run.log.warning("%s: %s received no calibration tokens; not scaled",
+                                         block.name, ", ".join(group.linears))
+                    return {}
+                if any(group.spec.inspect_flags):
+                    raise PluginError(f"{', '.join(group.linears)} ran on {len(xs)} of "
+                                      f"{len(kwargs)} calibration batches, and its inspect "
+                                      "module needs the block's keyword inputs",
+                                      where=block.name)
+                kwargs = [{} for _ in xs]
+            res = search_group_scale(group, xs, kwargs, self.weight, self.search_act,
                                      n_grid=self.special.n_grid,
                                      version=self.special.trans_version, heads=heads)
             del xs

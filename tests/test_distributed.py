@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 WORKER = r'''
@@ -93,3 +94,51 @@ def _compare(ref: dict, r0: dict, r1: dict) -> None:
         # and the one-process records within float tolerance (a code may flip at a tie)
         assert (r0[name][0] == q).float().mean() > 0.99, name
         assert torch.allclose(r0[name][1], w, rtol=1e-3, atol=1e-3 * float(w.abs().max())), name
+
+
+def test_torchrun_llmcq_run_two_ranks(tmp_path: Path, tiny_llama_dir: Path,
+                                      shared_data: Path) -> None:
+    """``torchrun --nproc-per-node 2 --no-python llmcq run`` (gloo on CPUs): rank 0 alone
+    evaluates and writes, each rank calibrates on half the batches, and GPTQ's all-reduced
+    Hessians land where one process lands."""
+    import json
+    import shutil
+
+    import yaml
+
+    def config(save: Path) -> Path:
+        cfg = {"base": {"seed": 0, "device": "cpu"},
+               "model": {"type": "llama", "path": str(tiny_llama_dir)},
+               "calib": {"name": "wikitext2", "path": str(shared_data / "wikitext2" / "valid.txt"),
+                         "n_samples": 8, "seq_len": 64, "bs": 2, "preproc": "wikitext2_gptq",
+                         "seed": 1},
+               "eval": {"eval_pos": ["fake_quant"], "name": "wikitext2",
+                        "path": str(shared_data / "wikitext2" / "test.txt"), "seq_len": 64,
+                        "num_samples": 6},
+               "quant": {"method": "gptq", "special": {"actorder": True},
+                         "weight": {"bit": 3, "symmetric": False, "granularity": "per_group",
+                                    "group_size": 32}},
+               "save": {"save_path": str(save), "save_fake": True}}
+        path = save.parent / (save.name + ".yaml")
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    llmcq = shutil.which("llmcq", path=str(Path(sys.executable).parent))
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert llmcq and torchrun
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([llmcq, "run", str(config(tmp_path / "one")), "--no-progress"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "--no-python",
+                          llmcq, "run", str(config(tmp_path / "two")), "--no-progress"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    assert two.stdout.count("results:") == 1  # rank 0 reports
+    res1 = json.loads((tmp_path / "one" / "results.json").read_text())
+    res2 = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert res2["ranks"] == 2 and res1["ranks"] == 1
+    assert (tmp_path / "two" / "fake_quant_model").is_dir()
+    p1 = res1["eval"]["fake_quant"]["wikitext2"]["ppl"]
+    p2 = res2["eval"]["fake_quant"]["wikitext2"]["ppl"]
+    assert p2 == pytest.approx(p1, rel=5e-3), (p1, p2)

@@ -94,16 +94,29 @@ def run(config: str, overrides: tuple[str, ...], overwrite: bool, progress: bool
     if progress is None:
         progress = sys.stderr.isatty()
 
+    main_rank = True
+
     def go() -> dict[str, Any]:
+        nonlocal main_rank
+        from llmcq import dist
         from llmcq.pipeline.runner import run as run_pipeline
 
-        return run_pipeline(resolved, progress=progress)
+        # under torchrun: data-parallel calibration, one rank per GPU (llmcq.dist)
+        if dist.init_from_env() and not dist.is_main():
+            main_rank = False
+            logging.getLogger("llmcq").setLevel(logging.WARNING)
+        try:
+            return run_pipeline(resolved, progress=progress and main_rank)
+        finally:
+            dist.shutdown()
 
     try:
         results = _guard(go, debug)
     except KeyboardInterrupt:
         click.echo("interrupted; no partial outputs were left in place", err=True)
         sys.exit(130)
+    if not main_rank:
+        return  # rank 0 evaluates, exports and reports
     for position, table in results["eval"].items():
         for dataset, entry in table.items():
             if "ppl" in entry:

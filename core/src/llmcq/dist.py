@@ -7,19 +7,22 @@ solves the same problem and produces the same records. Every function here is a 
 ``torch.distributed`` is not initialised or has a single rank, so single-process runs are
 unchanged.
 
-Start one process per GPU, e.g. ``torchrun --nproc-per-node 2 -m llmcq.cli run cfg.yml``
-after ``torch.distributed.init_process_group("nccl")`` (``"gloo"`` on CPUs); each rank uses
-``cuda:<LOCAL_RANK>``.
+Start one process per GPU with ``torchrun --nproc-per-node N --no-python llmcq run cfg.yml``:
+the command joins the process group torchrun describes (:func:`init_from_env`; NCCL with
+GPUs, gloo on CPUs), each rank computes on ``cuda:<LOCAL_RANK>``, and only rank 0 evaluates,
+exports and writes ``results.json``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TypeVar
 
 import torch
 
-__all__ = ["active", "rank", "world_size", "shard", "all_reduce_sum", "weighted_mean"]
+__all__ = ["active", "rank", "local_rank", "world_size", "is_main", "init_from_env", "shutdown",
+           "shard", "all_reduce_sum", "weighted_mean"]
 
 T = TypeVar("T")
 
@@ -41,6 +44,40 @@ def world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if active() else 1
+
+
+def local_rank() -> int:
+    """This process's GPU index on its host (torchrun's ``LOCAL_RANK``)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """Rank 0, or the only process: the one that evaluates and writes outputs."""
+    return rank() == 0
+
+
+def init_from_env() -> bool:
+    """Join the process group that torchrun's environment describes (``WORLD_SIZE`` > 1):
+    NCCL on ``cuda:<LOCAL_RANK>`` when CUDA is present, gloo otherwise. Returns whether
+    more than one rank takes part; does nothing without torchrun or when already joined."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return active()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return active()
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process joined one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard(items: Sequence[T]) -> list[T]:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmcq import dist
 from llmcq.config.loader import RESULTS_FILE, ResolvedConfig
 from llmcq.data.datasets import DatasetSpec
 from llmcq.errors import ConfigError, DataError
@@ -42,6 +43,8 @@ log = logging.getLogger("llmcq")
 
 
 def pick_device(name: str) -> torch.device:
+    if dist.active() and name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device(f"cuda:{dist.local_rank()}")  # one GPU per rank
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
@@ -133,6 +136,8 @@ def _build_steps(run: RunContext) -> None:
 
 def _evaluate(run: RunContext, stages: _Stages, position: str,
               results: dict[str, Any]) -> None:
+    if not dist.is_main():
+        return  # data-parallel calibration: rank 0 evaluates
     if not any(position in run.config.eval[e.index].eval_pos for e in run.resolved.evals):
         return
     with stages(f"eval_{position}"):
@@ -152,6 +157,8 @@ def _evaluate(run: RunContext, stages: _Stages, position: str,
 
 
 def _export(run: RunContext, stages: _Stages, stage: str, written: dict[str, str]) -> None:
+    if not dist.is_main():
+        return  # every rank holds the same records; rank 0 writes them
     for b in run.resolved.backends:
         if b.spec.stage != stage:
             continue
@@ -242,6 +249,8 @@ def run(resolved: ResolvedConfig, *, progress: bool = True,
         "outputs": written,
         "model_source": resolved.source.display,
     })
-    atomic_write_text(resolved.save_dir / RESULTS_FILE, json.dumps(results, indent=2) + "\n",
-                      overwrite=True)
+    results["ranks"] = dist.world_size()
+    if dist.is_main():
+        atomic_write_text(resolved.save_dir / RESULTS_FILE,
+                          json.dumps(results, indent=2) + "\n", overwrite=True)
     return results

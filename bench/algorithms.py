@@ -71,8 +71,12 @@ OMNI_EPOCHS = 2
 
 METHODS: dict[str, Method] = {
     "rtn": Method("rtn", (*WEIGHT_ONLY, *WEIGHT_ACT), peer="rtn"),
-    "gptq": Method("gptq", tuple(WEIGHT_ONLY), peer="gptq", special=GPTQ_SPECIAL,
-                   quant_out=True),
+    # llm-compressor's GPTQ fits every group's grid on the original weights before the sweep
+    # (its default actorder "static"): our static_groups, so the peer row compares like with
+    # like. llmc's configs leave static_groups off: the "gptq-dyn" row.
+    "gptq": Method("gptq", tuple(WEIGHT_ONLY), peer="gptq",
+                   special={**GPTQ_SPECIAL, "static_groups": True}, quant_out=True),
+    "gptq-dyn": Method("gptq", ("w3g64",), special=GPTQ_SPECIAL, quant_out=True),
     "awq": Method("awq", tuple(WEIGHT_ONLY), peer="awq", special=AWQ_SPECIAL),
     "awq+gptq": Method(["awq", "gptq"], tuple(WEIGHT_ONLY),
                        special={"awq": AWQ_SPECIAL, "gptq": GPTQ_SPECIAL}, quant_out=True),
@@ -193,7 +197,15 @@ def main() -> None:
         settings = [s for s in settings if s in args.only.split(",")]
     methods = [m for m in args.methods.split(",") if m]
 
+    measured: set[str] = set()
+
     def save() -> None:
+        # merge into the file as it is now: runs with other --only/--methods may be writing
+        # their rows to it at the same time
+        on_disk = json.loads(args.out.read_text()).get("rows", {}) if args.out.exists() else {}
+        merged = {**on_disk, **{k: rows[k] for k in measured if k in rows}}
+        rows.clear()
+        rows.update(merged)
         write_json(args.out, {"model": "SmolLM2-135M-Instruct (bundled GGUF Q4_1)",
                               "eval": "wikitext2 test, seq_len 2048",
                               "calib": calib, "windows": args.windows, "rows": rows})
@@ -205,6 +217,7 @@ def main() -> None:
                                    "path": str(WIKI_TEST), "seq_len": 2048,
                                    **({"num_samples": args.windows} if args.windows else {})}},
                          label="float", log_dir=log_dir)
+        measured.add(fkey)
         rows[fkey] = {"method": "float", "setting": "-",
                       "ppl": res["eval"]["pretrain"]["wikitext2"]["ppl"]}
         save()
@@ -217,6 +230,7 @@ def main() -> None:
                 continue
             rk = key(method, setting, calib, args.windows, row_config(method, setting, calib, args.windows))
             if rk not in rows or args.force:
+                measured.add(rk)
                 try:
                     res = run_config(row_config(method, setting, calib, args.windows),
                                      label=f"{method}-{setting}", log_dir=log_dir)
@@ -234,6 +248,7 @@ def main() -> None:
             pk = key("peer", peer, setting, calib, args.windows)
             wanted = args.peers is None or (peer in args.peers.split(","))
             if peer and wanted and not args.no_peers and (pk not in rows or args.force):
+                measured.add(pk)
                 try:
                     rows[pk] = {"method": f"peer:{peer}", "setting": setting,
                                 **run_peer(peer, setting, calib, args.windows, log_dir)}

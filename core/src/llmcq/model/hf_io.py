@@ -12,8 +12,10 @@ from typing import Any
 __all__ = ["save_hf_folder"]
 
 
-def save_hf_folder(model: Any, tokenizer: Any, out_dir: Path) -> list[Path]:
-    """``save_pretrained`` model (safetensors) and tokenizer into ``out_dir``."""
+def save_hf_folder(model: Any, tokenizer: Any, out_dir: Path,
+                   state_dict: dict[str, Any] | None = None) -> list[Path]:
+    """``save_pretrained`` model (safetensors) and tokenizer into ``out_dir``;
+    ``state_dict``: write these tensors instead of the model's (packed exports)."""
     config = model.config
     saved_qc = getattr(config, "quantization_config", None)
     saved_quantizer = getattr(model, "hf_quantizer", None)
@@ -23,7 +25,7 @@ def save_hf_folder(model: Any, tokenizer: Any, out_dir: Path) -> list[Path]:
             delattr(config, "quantization_config")
         if saved_quantizer is not None:
             model.hf_quantizer = None
-        model.save_pretrained(str(out_dir), safe_serialization=True)
+        model.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
     finally:
         if had_attr:
             config.quantization_config = saved_qc

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from llmcq.errors import PluginError
+from llmcq.model.hf_io import save_hf_folder
 from llmcq.quant.record import QuantizedLinear
 
 __all__ = ["export", "pack_record", "pack_awq_order", "AWQ_ORDER"]
@@ -65,24 +66,6 @@ def pack_record(rec: QuantizedLinear) -> dict[str, torch.Tensor]:
             "scales": rec.scale.float().T.contiguous().half()}
 
 
-def _save(model: Any, out_dir: Path, state: dict[str, torch.Tensor]) -> None:
-    config = model.config
-    had = hasattr(config, "quantization_config")
-    saved = getattr(config, "quantization_config", None)
-    quantizer = getattr(model, "hf_quantizer", None)
-    try:
-        if had:
-            delattr(config, "quantization_config")
-        if quantizer is not None:
-            model.hf_quantizer = None
-        model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
-    finally:
-        if had:
-            config.quantization_config = saved
-        if quantizer is not None:
-            model.hf_quantizer = quantizer
-
-
 def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: Path) -> list[Path]:
     if not records:
         raise PluginError("awq format: the run produced no quantized linears")
@@ -106,7 +89,7 @@ def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: P
             "zero_point": True,
             # AutoAWQ matches these as name substrings: the head, MoE routers ("gate"), ...
             "modules_to_not_convert": sorted(set(skipped)) or None}
-    _save(model, out_dir, state)
+    save_hf_folder(model, None, out_dir, state_dict=state)
     cfg_path = out_dir / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"] = qcfg

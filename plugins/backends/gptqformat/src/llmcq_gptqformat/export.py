@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from llmcq.errors import PluginError
+from llmcq.model.hf_io import save_hf_folder
 from llmcq.quant.record import QuantizedLinear
 from llmcq.quant.spec import PerGroup
 
@@ -88,24 +89,6 @@ def pack_record(rec: QuantizedLinear, *, v1: bool = True) -> tuple[GPTQTensors, 
     return tensors, has_zero_zero
 
 
-def _save(model: Any, out_dir: Path, state: dict[str, torch.Tensor]) -> None:
-    config = model.config
-    had = hasattr(config, "quantization_config")
-    saved = getattr(config, "quantization_config", None)
-    quantizer = getattr(model, "hf_quantizer", None)
-    try:
-        if had:
-            delattr(config, "quantization_config")
-        if quantizer is not None:
-            model.hf_quantizer = None
-        model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
-    finally:
-        if had:
-            config.quantization_config = saved
-        if quantizer is not None:
-            model.hf_quantizer = quantizer
-
-
 def quantize_config(recs: list[QuantizedLinear], *, desc_act: bool, v1: bool,
                     extra: dict[str, Any]) -> dict[str, Any]:
     first = recs[0]
@@ -142,7 +125,7 @@ def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: P
         if "percdamp" in special:
             damp = {"damp_percent": special["percdamp"]}
     qcfg = quantize_config(recs, desc_act=desc_act, v1=v1, extra=damp)
-    _save(model, out_dir, state)
+    save_hf_folder(model, None, out_dir, state_dict=state)
     cfg_path = out_dir / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"] = qcfg

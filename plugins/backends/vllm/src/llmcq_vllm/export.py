@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from llmcq.errors import PluginError
+from llmcq.model.hf_io import save_hf_folder
 from llmcq.quant.record import QuantizedLinear
 from llmcq.quant.spec import PerChannel, PerGroup, PerTensor, PerToken
 
@@ -161,26 +162,6 @@ def checkpoint_names(model: Any, names: list[str]) -> list[str]:
     return out
 
 
-def _save_config_without_source_quantization(model: Any, out_dir: Path,
-                                             state_dict: dict[str, torch.Tensor]) -> None:
-    """``save_pretrained`` with our state dict; a GGUF source's quantization_config dropped."""
-    config = model.config
-    had = hasattr(config, "quantization_config")
-    saved = getattr(config, "quantization_config", None)
-    quantizer = getattr(model, "hf_quantizer", None)
-    try:
-        if had:
-            delattr(config, "quantization_config")
-        if quantizer is not None:
-            model.hf_quantizer = None
-        model.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
-    finally:
-        if had:
-            config.quantization_config = saved
-        if quantizer is not None:
-            model.hf_quantizer = quantizer
-
-
 def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: Path, *,
            scale_dtype: torch.dtype | None = None) -> list[Path]:
     """The compressed-tensors folder; scales in the model's dtype unless ``scale_dtype``."""
@@ -226,7 +207,7 @@ def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: P
         format=formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value,
         quantization_status=QuantizationStatus.COMPRESSED)
 
-    _save_config_without_source_quantization(model, out_dir, state)
+    save_hf_folder(model, None, out_dir, state_dict=state)
     ModelCompressor(quantization_config=qconfig).update_config(str(out_dir))
     if run is not None and getattr(run, "tokenizer", None) is not None:
         run.tokenizer.save_pretrained(str(out_dir))

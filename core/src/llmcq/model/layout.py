@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = ["LinearGroup", "BlockLayout", "ModelLayout", "attention_groups", "mlp_groups",
-           "prenorm_block"]
+           "prenorm_block", "llama_like_layout"]
 
 
 @dataclass(frozen=True)
@@ -132,3 +132,12 @@ def prenorm_block(*, attn: str = "self_attn", mlp: str = "mlp",
         *mlp_groups(norm=mlp_norm, up=ups, down=f"{m}{down}", mlp=mlp or f"{m}{up}",
                     down_prev=down_prev),
     ))
+
+
+def llama_like_layout(block: BlockLayout | None = None) -> ModelLayout:
+    """Where things are in the many ``*ForCausalLM`` classes that copy Llama's module names
+    (``model.layers``, ``model.embed_tokens``, ``model.rotary_emb``, ``model.norm``,
+    ``lm_head``); ``block`` defaults to the pre-norm Llama block."""
+    return ModelLayout(blocks="model.layers", embeddings=("model.embed_tokens",),
+                       rotary="model.rotary_emb", final_norm="model.norm", lm_head="lm_head",
+                       block=block if block is not None else prenorm_block())

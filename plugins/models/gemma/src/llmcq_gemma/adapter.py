@@ -20,18 +20,11 @@ import torch
 from torch import nn
 
 from llmcq.model.adapter import ModelAdapter
-from llmcq.model.layout import ModelLayout, prenorm_block
+from llmcq.model.layout import llama_like_layout, prenorm_block
 
 __all__ = ["GemmaAdapter", "GEMMA_LAYOUT", "OffsetRMSNorm"]
 
-GEMMA_LAYOUT = ModelLayout(
-    blocks="model.layers",
-    embeddings=("model.embed_tokens",),
-    rotary="model.rotary_emb",
-    final_norm="model.norm",
-    lm_head="lm_head",
-    block=prenorm_block(mlp_norm="pre_feedforward_layernorm"),
-)
+GEMMA_LAYOUT = llama_like_layout(prenorm_block(mlp_norm="pre_feedforward_layernorm"))
 
 #: norms that feed linears (the ones scaling may touch)
 _FEEDING = ("input_layernorm", "pre_feedforward_layernorm")

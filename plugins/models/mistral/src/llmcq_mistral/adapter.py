@@ -4,18 +4,11 @@ grouped-query heads, gated SiLU MLP); sliding-window attention changes nothing h
 from __future__ import annotations
 
 from llmcq.model.adapter import ModelAdapter
-from llmcq.model.layout import ModelLayout, prenorm_block
+from llmcq.model.layout import llama_like_layout
 
 __all__ = ["MistralAdapter", "MISTRAL_LAYOUT"]
 
-MISTRAL_LAYOUT = ModelLayout(
-    blocks="model.layers",
-    embeddings=("model.embed_tokens",),
-    rotary="model.rotary_emb",
-    final_norm="model.norm",
-    lm_head="lm_head",
-    block=prenorm_block(),
-)
+MISTRAL_LAYOUT = llama_like_layout()
 
 
 class MistralAdapter(ModelAdapter):

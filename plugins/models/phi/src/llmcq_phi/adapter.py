@@ -13,7 +13,7 @@ producer's outputs as a whole, so these two have no producer (they are still qua
 from __future__ import annotations
 
 from llmcq.model.adapter import ModelAdapter
-from llmcq.model.layout import BlockLayout, LinearGroup, ModelLayout
+from llmcq.model.layout import BlockLayout, LinearGroup, ModelLayout, llama_like_layout
 
 __all__ = ["PhiAdapter", "Phi3Adapter", "PHI_LAYOUT", "PHI3_LAYOUT"]
 
@@ -34,21 +34,14 @@ PHI_LAYOUT = ModelLayout(
     )),
 )
 
-PHI3_LAYOUT = ModelLayout(
-    blocks="model.layers",
-    embeddings=("model.embed_tokens",),
-    rotary="model.rotary_emb",
-    final_norm="model.norm",
-    lm_head="lm_head",
-    block=BlockLayout(groups=(
-        LinearGroup(linears=("self_attn.qkv_proj",), prev_op="input_layernorm",
-                    inspect="self_attn", inspect_kwargs=True),
-        LinearGroup(linears=("self_attn.o_proj",), prev_op=None, inspect="self_attn.o_proj"),
-        LinearGroup(linears=("mlp.gate_up_proj",), prev_op="post_attention_layernorm",
-                    inspect="mlp"),
-        LinearGroup(linears=("mlp.down_proj",), prev_op=None, inspect="mlp.down_proj"),
-    )),
-)
+PHI3_LAYOUT = llama_like_layout(BlockLayout(groups=(
+    LinearGroup(linears=("self_attn.qkv_proj",), prev_op="input_layernorm",
+                inspect="self_attn", inspect_kwargs=True),
+    LinearGroup(linears=("self_attn.o_proj",), prev_op=None, inspect="self_attn.o_proj"),
+    LinearGroup(linears=("mlp.gate_up_proj",), prev_op="post_attention_layernorm",
+                inspect="mlp"),
+    LinearGroup(linears=("mlp.down_proj",), prev_op=None, inspect="mlp.down_proj"),
+)))
 
 
 class PhiAdapter(ModelAdapter):

@@ -4,18 +4,11 @@ scaling transforms leave alone (a consumer's bias does not depend on its input s
 from __future__ import annotations
 
 from llmcq.model.adapter import ModelAdapter
-from llmcq.model.layout import ModelLayout, prenorm_block
+from llmcq.model.layout import llama_like_layout
 
 __all__ = ["Qwen2Adapter", "QWEN2_LAYOUT"]
 
-QWEN2_LAYOUT = ModelLayout(
-    blocks="model.layers",
-    embeddings=("model.embed_tokens",),
-    rotary="model.rotary_emb",
-    final_norm="model.norm",
-    lm_head="lm_head",
-    block=prenorm_block(),
-)
+QWEN2_LAYOUT = llama_like_layout()
 
 
 class Qwen2Adapter(ModelAdapter):

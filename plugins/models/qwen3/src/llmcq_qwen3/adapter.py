@@ -5,18 +5,11 @@ so ``input_layernorm -> q,k,v`` and ``v_proj -> o_proj`` stay exact scaling pair
 from __future__ import annotations
 
 from llmcq.model.adapter import ModelAdapter
-from llmcq.model.layout import ModelLayout, prenorm_block
+from llmcq.model.layout import llama_like_layout
 
 __all__ = ["Qwen3Adapter", "QWEN3_LAYOUT"]
 
-QWEN3_LAYOUT = ModelLayout(
-    blocks="model.layers",
-    embeddings=("model.embed_tokens",),
-    rotary="model.rotary_emb",
-    final_norm="model.norm",
-    lm_head="lm_head",
-    block=prenorm_block(),
-)
+QWEN3_LAYOUT = llama_like_layout()
 
 
 class Qwen3Adapter(ModelAdapter):

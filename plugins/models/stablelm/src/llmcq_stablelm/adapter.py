@@ -8,18 +8,11 @@ from __future__ import annotations
 from torch import nn
 
 from llmcq.model.adapter import ModelAdapter
-from llmcq.model.layout import BlockLayout, LinearGroup, ModelLayout, prenorm_block
+from llmcq.model.layout import BlockLayout, LinearGroup, llama_like_layout, prenorm_block
 
 __all__ = ["StableLmAdapter", "STABLELM_LAYOUT", "PARALLEL_BLOCK"]
 
-STABLELM_LAYOUT = ModelLayout(
-    blocks="model.layers",
-    embeddings=("model.embed_tokens",),
-    rotary="model.rotary_emb",
-    final_norm="model.norm",
-    lm_head="lm_head",
-    block=prenorm_block(),
-)
+STABLELM_LAYOUT = llama_like_layout(prenorm_block())
 
 PARALLEL_BLOCK = BlockLayout(groups=(
     LinearGroup(linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",

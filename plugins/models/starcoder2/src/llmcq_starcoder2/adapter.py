@@ -5,18 +5,11 @@ pair: ``c_proj`` is quantized without a producer."""
 from __future__ import annotations
 
 from llmcq.model.adapter import ModelAdapter
-from llmcq.model.layout import ModelLayout, prenorm_block
+from llmcq.model.layout import llama_like_layout, prenorm_block
 
 __all__ = ["Starcoder2Adapter", "STARCODER2_LAYOUT"]
 
-STARCODER2_LAYOUT = ModelLayout(
-    blocks="model.layers",
-    embeddings=("model.embed_tokens",),
-    rotary="model.rotary_emb",
-    final_norm="model.norm",
-    lm_head="lm_head",
-    block=prenorm_block(gate=None, up="c_fc", down="c_proj"),
-)
+STARCODER2_LAYOUT = llama_like_layout(prenorm_block(gate=None, up="c_fc", down="c_proj"))
 
 
 class Starcoder2Adapter(ModelAdapter):

@@ -13,6 +13,7 @@ from llmcq.api import AlgorithmSpec
 from llmcq.config.loader import load_config, resolve_config
 from llmcq.errors import ConfigError
 from llmcq.plugins import registry
+from llmcq.testing.paths import shipped_config
 from llmcq_awq import SPEC, AwqSpecial
 
 REPO = Path(__file__).resolve().parents[4]
@@ -51,13 +52,15 @@ def test_llmc_spelling_resolves(shared_data: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(config: Path, monkeypatch: pytest.MonkeyPatch,
-                                  tmp_path: Path) -> None:
+                                  tmp_path: Path, shared_data: Path) -> None:
     monkeypatch.chdir(REPO)
     text = config.read_text()
     if "gptq" in text.lower() and not any(i.name == "gptq"
                                          for i in registry.discover("llmcq.algorithms")):
         pytest.skip("the gptq plugin is not installed")
-    resolved = load_config(config, [f"save.save_path={tmp_path / 'out'}"])
+    raw = shipped_config(config, shared_data)
+    raw["save"]["save_path"] = str(tmp_path / "out")
+    resolved = resolve_config(raw)
     names = [s.spec.name for s in resolved.steps]
     assert names[0] == "awq"
     assert resolved.steps[0].special.weight_clip

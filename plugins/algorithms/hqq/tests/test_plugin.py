@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 
 import llmcq
 from llmcq.config.loader import resolve_config
@@ -18,6 +17,7 @@ from llmcq.pipeline.runner import run
 from llmcq.quant.qparams import fake_quantize_weight
 from llmcq.quant.record import QuantizedLinear
 from llmcq.quant.spec import WeightQuantSpec
+from llmcq.testing.paths import shipped_config
 
 REPO = Path(__file__).resolve().parents[4]
 W3G24 = {"bit": 3, "symmetric": False, "granularity": "per_group", "group_size": 24,
@@ -135,9 +135,7 @@ def test_unsupported_settings_fail_at_config_time(tmp_path: Path, tiny_llama_dir
 def test_shipped_configs_validate(name: str, monkeypatch: pytest.MonkeyPatch,
                                   shared_data: Path) -> None:
     monkeypatch.chdir(REPO)  # the configs' paths are relative to the repository root
-    raw = yaml.safe_load((REPO / "configs" / "hqq" / name).read_text())
-    if not (REPO / raw["eval"]["path"]).exists():  # data elsewhere (LLMCQ_SHARED_DATA)
-        raw["eval"]["path"] = str(shared_data / "wikitext2" / "test.txt")
+    raw = shipped_config(REPO / "configs" / "hqq" / name, shared_data)
     resolved = resolve_config(raw)
     assert resolved.steps[0].spec.name == "hqq" and not resolved.needs_calibration
     assert resolved.config.quant is not None and resolved.config.quant.weight is not None

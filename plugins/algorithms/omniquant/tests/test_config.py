@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from llmcq.config.loader import resolve_config
 from llmcq.errors import ConfigError
 from llmcq.plugins import registry
+from llmcq.testing.paths import shipped_config
 from llmcq_omniquant import SPEC, OmniQuantSpecial
 
 REPO = Path(__file__).resolve().parents[4]
@@ -45,9 +45,10 @@ def test_llmc_defaults_and_spelling(shared_data: Path) -> None:
 
 @pytest.mark.parametrize("name", ["omniq_w3g64.yaml", "omniq_w4a4.yaml", "omniq_w6a6.yaml",
                                   "awq_omniq_w3g64.yaml"])
-def test_shipped_configs_validate(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shipped_configs_validate(name: str, monkeypatch: pytest.MonkeyPatch,
+                                  shared_data: Path) -> None:
     path = REPO / "configs" / "omniquant" / name
-    raw = yaml.safe_load(path.read_text())
+    raw = shipped_config(path, shared_data)
     if isinstance(raw["quant"]["method"], list):
         for m in raw["quant"]["method"]:
             if m.lower() != "omniquant" and m.lower() not in [

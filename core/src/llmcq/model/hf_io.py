@@ -6,6 +6,7 @@ weights in memory are already dequantized floats, so that config is dropped befo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,11 @@ __all__ = ["save_hf_folder"]
 
 
 def save_hf_folder(model: Any, tokenizer: Any, out_dir: Path,
-                   state_dict: dict[str, Any] | None = None) -> list[Path]:
+                   state_dict: dict[str, Any] | None = None,
+                   quantization_config: dict[str, Any] | None = None) -> list[Path]:
     """``save_pretrained`` model (safetensors) and tokenizer into ``out_dir``;
-    ``state_dict``: write these tensors instead of the model's (packed exports)."""
+    ``state_dict``: write these tensors instead of the model's (packed exports);
+    ``quantization_config``: put this in ``config.json`` (what loaders of packed formats read)."""
     config = model.config
     saved_qc = getattr(config, "quantization_config", None)
     saved_quantizer = getattr(model, "hf_quantizer", None)
@@ -31,6 +34,11 @@ def save_hf_folder(model: Any, tokenizer: Any, out_dir: Path,
             config.quantization_config = saved_qc
         if saved_quantizer is not None:
             model.hf_quantizer = saved_quantizer
+    if quantization_config is not None:
+        cfg_path = out_dir / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["quantization_config"] = quantization_config
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     return sorted(p for p in out_dir.iterdir())

@@ -125,12 +125,7 @@ def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: P
         if "percdamp" in special:
             damp = {"damp_percent": special["percdamp"]}
     qcfg = quantize_config(recs, desc_act=desc_act, v1=v1, extra=damp)
-    save_hf_folder(model, None, out_dir, state_dict=state)
-    cfg_path = out_dir / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["quantization_config"] = qcfg
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    save_hf_folder(model, getattr(run, "tokenizer", None), out_dir, state_dict=state,
+                   quantization_config=qcfg)
     (out_dir / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
-    if run is not None and getattr(run, "tokenizer", None) is not None:
-        run.tokenizer.save_pretrained(str(out_dir))
     return sorted(out_dir.iterdir())

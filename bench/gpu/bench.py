@@ -21,6 +21,7 @@ import argparse
 import copy
 import functools
 import json
+import os
 import sys
 import tempfile
 import time
@@ -34,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
 W4 = {"bit": 4, "symmetric": True, "granularity": "per_group", "group_size": 128}
+#: llm-compressor's preset of the same grid (``--asym`` switches both to asymmetric grids,
+#: where the two tools' grid formulas coincide: scale = (max - min) / 15)
+PEER_SCHEME = {"scheme": "W4A16"}
 SPECIAL = {
     # llmc's GPTQ defaults; static groups = llm-compressor's default "static" act-order
     "gptq": {"actorder": True, "static_groups": True, "percdamp": 0.01, "blocksize": 128,
@@ -208,14 +212,15 @@ def run_peer(model: Any, algo: str, calib: list[torch.Tensor]) -> dict[str, Any]
     if algo == "gptq":
         from llmcompressor.modifiers.gptq import GPTQModifier
 
-        recipe = [GPTQModifier(scheme="W4A16", targets="Linear", ignore=["lm_head"])]
+        recipe = [GPTQModifier(scheme=PEER_SCHEME["scheme"], targets="Linear", ignore=["lm_head"])]
     else:
         try:
             from llmcompressor.modifiers.transform import AWQModifier
         except ImportError:
             from llmcompressor.modifiers.awq import AWQModifier
         recipe = [AWQModifier(n_grid=20, duo_scaling=True),
-                  QuantizationModifier(scheme="W4A16", targets="Linear", ignore=["lm_head"])]
+                  QuantizationModifier(scheme=PEER_SCHEME["scheme"], targets="Linear",
+                                       ignore=["lm_head"])]
     C.peak_reset()
     t: dict[str, float] = {}
     with C.timed(t, "oneshot"):
@@ -544,7 +549,116 @@ def sec_evalspeed(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-SECTIONS = {"env": sec_env, "floor": sec_floor, "ours": sec_ours, "side": sec_side,
+def sec_sweep(a: argparse.Namespace) -> dict[str, Any]:
+    """GPTQ's column sweep alone on the 7B linears' shapes: the Triton kernel vs the torch
+    column loop (same H, same grid), and host<->GPU copy rates through the pinned buffer vs
+    pageable copies."""
+    from llmcq.pipeline.transfer import to_host, upload_module
+    from llmcq.quant.spec import PerGroup, WeightQuantSpec
+    from llmcq_gptq import triton_sweep
+    from llmcq_gptq.solver import gptq_quantize
+
+    dev = C.device()
+    spec = WeightQuantSpec(bits=4, symmetric=True, granularity=PerGroup(128))
+    g = torch.Generator(device=dev).manual_seed(0)
+    out: dict[str, Any] = {"spec": "W4 sym g128, blocksize 128, float32 sweep"}
+    for label, rows, cols in (("qkv 12288x4096", 12288, 4096), ("down 4096x11008", 4096, 11008)):
+        x = torch.randn(4096, cols, device=dev, generator=g)
+        H = 2 * x.T @ x / x.shape[0]
+        W = torch.randn(rows, cols, device=dev, generator=g) * 0.02
+        row: dict[str, Any] = {}
+        for name, kern in (("kernel", True), ("loop", False)):
+            gptq_quantize(W[:256], H, spec, kernel=kern)  # warm-up (compile)
+            t: dict[str, float] = {}
+            with C.timed(t, name):
+                res = gptq_quantize(W, H, spec, kernel=kern, return_dequant=True)
+            err = float(((W - res.w_hat) @ x[:1024].T).square().sum())
+            row[name] = {"seconds": round(t[name], 3), "layer_error": err}
+        row["speedup"] = round(row["loop"]["seconds"] / row["kernel"]["seconds"], 1)
+        # launch shapes of the kernel: (rows per program, warps)
+        real = triton_sweep.LAUNCH
+        try:
+            for launch in ((16, 4), (32, 4), (16, 2), (16, 1), (8, 1), (4, 1), (32, 1)):
+                triton_sweep.LAUNCH = launch
+                gptq_quantize(W[:256], H, spec, kernel=True)
+                with C.timed(t, str(launch)):
+                    gptq_quantize(W, H, spec, kernel=True)
+                row.setdefault("launch_seconds", {})[str(launch)] = t[str(launch)]
+        finally:
+            triton_sweep.LAUNCH = real
+        out[label] = row
+        print(label, row, flush=True)
+    # copies: one 7B block's worth of bf16 weights (405 MB)
+    block = torch.nn.Linear(4096, 49_545, bias=False).to(torch.bfloat16)
+    nbytes = block.weight.numel() * 2
+    t = {}
+    with C.timed(t, "pageable_up"):
+        block.to(dev)
+    block.to("cpu")
+    upload_module(block, dev)  # the first call allocates the pinned buffer
+    block.to("cpu")
+    with C.timed(t, "pinned_up"):
+        upload_module(block, dev)
+    gw = block.weight.detach()
+    with C.timed(t, "pageable_down"):
+        gw.to("cpu")
+    with C.timed(t, "pinned_down"):
+        to_host(gw)
+    out["copies_GBps"] = {k: round(nbytes / v / 1e9, 2) for k, v in t.items()}
+    return out
+
+
+def sec_dp(a: argparse.Namespace) -> dict[str, Any]:
+    """Data-parallel GPTQ: run under ``torchrun --nproc-per-node N`` (or alone for N = 1).
+    Every rank builds the same seeded model and tokens; ``quantize_model`` shards the
+    batches and all-reduces the Hessians (NCCL). Rank 0 keeps the first two blocks' records
+    in ``--keep`` for :func:`sec_dpcompare`."""
+    from llmcq import dist
+
+    dist.init_from_env()
+    model = C.build_model(a.shape, a.layers)
+    calib = calib_tokens(a, model.config.vocab_size)
+    base = copy.deepcopy(model) if a.errors and dist.is_main() else None
+    if dist.active():
+        torch.distributed.barrier()  # every rank has built its model
+    res = run_ours(model, a.algo, calib)
+    ctx = res.pop("_ctx")
+    res.update(world_size=dist.world_size(), rank=dist.rank(), shape=a.shape,
+               layers=model.config.num_hidden_layers, algo=a.algo,
+               tokens=sum(int(b.numel()) for b in calib))
+    if base is not None:  # what the result is worth: output errors on held-out tokens
+        held = held_tokens(a, model.config.vocab_size)
+        res["errors"] = output_errors(base, {"llmcq": ours_quantized(model, ctx)},
+                                      held)["llmcq"]
+    if dist.is_main() and a.keep:
+        keep = {k: (r.qweight, r.scale, r.zero) for k, r in ctx.records.items()
+                if k.startswith(("model.layers.0.", "model.layers.1."))}
+        torch.save(keep, Path(a.keep) / f"records-w{dist.world_size()}.pt")
+    dist.shutdown()
+    return res
+
+
+def sec_dpcompare(a: argparse.Namespace) -> dict[str, Any]:
+    """One GPU vs N GPUs: share of equal codes and the largest scale difference."""
+    one = torch.load(Path(a.keep) / "records-w1.pt")
+    out: dict[str, Any] = {}
+    for f in sorted(Path(a.keep).glob("records-w*.pt")):
+        if f.name == "records-w1.pt":
+            continue
+        other = torch.load(f)
+        eq = tot = 0
+        worst = 0.0
+        for k, (q, s, _z) in one.items():
+            q2, s2, _ = other[k]
+            eq += int((q == q2).sum())
+            tot += q.numel()
+            worst = max(worst, float(((s - s2).abs() / s.abs().clamp_min(1e-12)).max()))
+        out[f.stem] = {"linears": len(one), "codes_equal_share": eq / tot,
+                       "max_rel_scale_diff": worst}
+    return out
+
+
+SECTIONS = {"dp": sec_dp, "dpcompare": sec_dpcompare, "sweep": sec_sweep, "env": sec_env, "floor": sec_floor, "ours": sec_ours, "side": sec_side,
             "memory": sec_memory, "evalspeed": sec_evalspeed}
 
 
@@ -564,19 +678,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text", default=None, help="real text file mapped into the vocabulary")
     ap.add_argument("--depths", default="2,4,8")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--keep", default=None, help="dp: folder for rank 0's records")
+    ap.add_argument("--errors", action="store_true", help="dp: output errors on held-out")
+    ap.add_argument("--asym", action="store_true", help="asymmetric W4 g128 (ours and peer)")
     ap.add_argument("--tflops", type=float, default=None, help="measured bf16 matmul rate")
     a = ap.parse_args(argv)
+    if a.asym:
+        W4["symmetric"] = False
+        PEER_SCHEME["scheme"] = "W4A16_ASYM"
     if a.tflops is None:
         env = Path(a.out) / "env.json"
         if env.exists():
             a.tflops = json.loads(env.read_text()).get("bf16_matmul_tflops")
     name = a.name or a.section
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 writes the section's file
+        name += f"-rank{os.environ['RANK']}"
     t = time.perf_counter()
     try:
         res = SECTIONS[a.section](a)
     except Exception as exc:  # noqa: BLE001
         res = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-4000:]}
     res["wall_s"] = round(time.perf_counter() - t, 1)
+    res["weight"] = dict(W4, peer_scheme=PEER_SCHEME["scheme"])
     res["env"] = {k: v for k, v in C.env_info().items() if k in ("gpu", "torch", "transformers")}
     C.write_json(Path(a.out), name, res)
     return 0 if "error" not in res else 1

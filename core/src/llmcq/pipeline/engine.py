@@ -23,6 +23,7 @@ from llmcq.errors import DataError, LlmcqError, PluginError
 from llmcq.model.adapter import resolve_block
 from llmcq.pipeline.blockwise import Block, BlockInputs, capture_block_inputs
 from llmcq.pipeline.context import RunContext, Step
+from llmcq.pipeline.transfer import upload_module
 from llmcq.quant.fake import ActRangeObserver, fake_quantized, swap_in_fake_quant
 from llmcq.quant.record import QuantizedLinear
 
@@ -171,7 +172,7 @@ def _upload(module: nn.Module, device: torch.device) -> dict[str, Any] | None:
         return None
     host = {n: t.data for n, t in list(module.named_parameters()) + list(module.named_buffers())
             if t.device.type == "cpu"}
-    module.to(device)
+    upload_module(module, device)
     prints = {}
     for n, t in list(module.named_parameters()) + list(module.named_buffers()):
         if n in host and t.device == device:

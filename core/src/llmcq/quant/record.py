@@ -99,8 +99,15 @@ class QuantizedLinear:
         return w.to(dtype)
 
     def to(self, device: torch.device | str) -> QuantizedLinear:
+        from llmcq.pipeline.transfer import to_host
+
+        to_cpu = torch.device(device).type == "cpu"
+
         def mv(t: Any) -> Any:
-            return t.to(device) if isinstance(t, torch.Tensor) else t
+            if not isinstance(t, torch.Tensor):
+                return t
+            # GPU -> host through the pinned buffer (several times a pageable copy's speed)
+            return to_host(t) if to_cpu and t.is_cuda else t.to(device)
 
         fc = None if self.float_columns is None else (mv(self.float_columns[0]),
                                                        mv(self.float_columns[1]))

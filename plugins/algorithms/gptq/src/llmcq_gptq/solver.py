@@ -39,6 +39,8 @@ import torch
 from llmcq.quant.qparams import fake_quantize_weight, fit_weight_qparams, n_groups
 from llmcq.quant.spec import PerChannel, PerGroup, PerTensor, WeightQuantSpec
 
+from llmcq_gptq import triton_sweep
+
 __all__ = ["accumulate_hessian", "inverse_cholesky", "owq_weak_columns", "owq_count",
            "gptq_quantize", "GPTQResult"]
 
@@ -172,7 +174,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
                   blocksize: int = 128, percdamp: float = 0.01, actorder: bool = False,
                   static_groups: bool = False, weak: torch.Tensor | None = None,
                   float_dtype: torch.dtype | None = None, retries: int = 4,
-                  return_dequant: bool = False, fused: bool | None = None) -> GPTQResult:
+                  return_dequant: bool = False, fused: bool | None = None,
+                  kernel: bool | None = None) -> GPTQResult:
     """Quantize ``W`` (``[d_row, d_col]``) column by column, compensating with ``H``.
 
     ``weak``: OWQ columns kept in float; they are swept last, so they absorb the error of
@@ -183,7 +186,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
     synchronizes with the host on every column; the default (``None``) uses the elementwise
     kernels (no host sync in the column loop) and, on GPUs, updates the whole lazy block per
     column instead of slicing it: fewer kernel launches, which is what bounds the column loop
-    on a GPU.
+    on a GPU. ``kernel``: sweep each lazy block with the Triton kernel of
+    :mod:`llmcq_gptq.triton_sweep` (one launch per block instead of six per column); the
+    default (``None``) uses it whenever it can (float32 on CUDA with triton installed),
+    ``False`` never, ``True`` insists.
     """
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
     dev = W.device
@@ -318,11 +324,42 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
     zero_row = torch.zeros(R, dtype=dt, device=dev) if Z is None else None
     qlo, qhi = spec.qmin, spec.qmax
 
+    use_kernel = kernel is not False and not fused and triton_sweep.available(WT)
+    if kernel is True and not use_kernel:
+        raise RuntimeError("kernel=True needs triton, a float32 CUDA weight and fused off")
+
+    def fit_group(W1: torch.Tensor, b0: int, i: int, length: int, gi: int) -> None:
+        """A group begins at block column ``i``: fit its grid on the updated weights."""
+        s_new, z_new = _fit_columns(W1[i:i + length].T, col_spec)
+        S[b0 + i:b0 + i + length] = s_new
+        scale_tab[:, gi] = s_new
+        if z_new is not None:
+            Z[b0 + i:b0 + i + length] = z_new  # type: ignore[index]
+            zero_tab[:, gi] = z_new  # type: ignore[index]
+
     for b0, b1, starts in blocks:
         n = b1 - b0
         W1 = WT[b0:b1]             # a view: updated in place
         D1 = torch.empty_like(W1)  # W_:j - Q_:j of each column of the block
         U1 = Ubar[b0:b1, b0:b1]
+        if use_kernel:
+            # the whole sweep of a piece in one launch; pieces end where a grid must be
+            # fitted on updated weights, and the columns after a piece get its update as
+            # one matrix product (lazy batching within the block)
+            cuts = sorted({0, n, *starts, *range(0, n, triton_sweep.MAX_COLUMNS)})
+            for p0, p1 in zip(cuts, cuts[1:]):
+                if p0 in starts:
+                    fit_group(W1, b0, p0, *starts[p0])
+                triton_sweep.sweep_block(
+                    W1[p0:p1], U1[p0:p1, p0:p1], S[b0 + p0:b0 + p1],
+                    None if Z is None else Z[b0 + p0:b0 + p1], Qc[b0 + p0:b0 + p1],
+                    D1[p0:p1], qlo, qhi)
+                if p1 < n:
+                    W1[p1:].addmm_(U1[p0:p1, p1:].T, D1[p0:p1], alpha=-1.0)
+            if b1 < C:
+                WT[b1:].addmm_(Ubar[b0:b1, b1:].T, D1, alpha=-1.0)
+            loss += (D1 / dU[b0:b1, None]).square().sum() / 2
+            continue
         rows_w, rows_d = W1.unbind(0), D1.unbind(0)
         rows_s = S[b0:b1].unbind(0)
         rows_z = Z[b0:b1].unbind(0) if Z is not None else None
@@ -331,14 +368,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
         rows_u = U1.triu(1).unbind(0) if gpu_style else None
         deq: list[torch.Tensor] = []
         for i in range(n):
-            if i in starts:  # a group begins: fit its grid on the updated weights
-                length, gi = starts[i]
-                s_new, z_new = _fit_columns(W1[i:i + length].T, col_spec)
-                S[b0 + i:b0 + i + length] = s_new
-                scale_tab[:, gi] = s_new
-                if z_new is not None:
-                    Z[b0 + i:b0 + i + length] = z_new  # type: ignore[index]
-                    zero_tab[:, gi] = z_new  # type: ignore[index]
+            if i in starts:
+                fit_group(W1, b0, i, *starts[i])
             w, d = rows_w[i], rows_d[i]
             if fused:  # Q_:j in one kernel: (clamp(round(w / s + z)) - z) * s
                 q = torch.fake_quantize_per_channel_affine(

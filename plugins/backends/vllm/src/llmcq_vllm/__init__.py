@@ -26,19 +26,7 @@ VLLM_GROUP_SIZES = (32, 64, 128)
 
 def method_special(config: RunConfig, method: str) -> dict[str, Any] | None:
     """The ``quant.special`` mapping of one method of the recipe (None if not in it)."""
-    quant = config.quant
-    if quant is None:
-        return None
-    names = [m.lower() for m in quant.methods]
-    if method.lower() not in names:
-        return None
-    special = quant.special or {}
-    if len(names) > 1:
-        for key, value in special.items():
-            if key.lower() == method.lower() and isinstance(value, dict):
-                return value
-        return {}
-    return special
+    return None if config.quant is None else config.quant.special_of(method)
 
 
 def _gptq_writes_g_idx(config: RunConfig) -> bool:

@@ -1,0 +1,286 @@
+"""TensorRT-LLM checkpoints (llmc's ``save_trtllm``): ``config.json`` and one
+``rank{r}.safetensors`` per rank, the folder ``trtllm-build --checkpoint_dir`` reads.
+
+Torch-free: ``llmcq validate`` imports this module to run :meth:`TRTLLMSpec.supports` before
+any model is loaded. Which TensorRT-LLM ``quant_algo`` a run exports to follows from its quant
+section (see :func:`quant_algo_for`); everything the format cannot hold is refused here,
+naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from llmcq.api import BackendSpec
+from llmcq.errors import ConfigError
+
+if TYPE_CHECKING:
+    from llmcq.config.schema import RunConfig
+
+__all__ = ["SPEC", "TRTLLMSpec", "TRTLLMOptions", "FAMILIES", "GROUP_SIZES", "quant_algo_for",
+           "model_dims", "check_shapes", "W4A16_AWQ", "W8A16", "W8A8_SQ"]
+
+#: llmcq model family -> TensorRT-LLM ``architecture`` (tensorrt_llm/models/__init__.py
+#: MODEL_MAP: Llama and Mistral load as LLaMAForCausalLM, Qwen2 as QWenForCausalLM, all with
+#: the Llama weight layout: fused qkv, dense, gated mlp fc/gate/proj, RMS norms)
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM"}
+#: group sizes of TensorRT-LLM's fine-grained int4 kernel (weight_only_groupwise_quant_matmul)
+GROUP_SIZES = (64, 128)
+
+W4A16_AWQ = "W4A16_AWQ"
+W8A16 = "W8A16"
+W8A8_SQ = "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
+EXPORTED_ALGOS = (W4A16_AWQ, W8A16, W8A8_SQ)
+#: names TensorRT-LLM knows but this exporter cannot write from an integer record
+_NOT_WRITTEN = ("W4A16", "W4A16_GPTQ", "W8A16_GPTQ", "W4A8_AWQ", "W8A8_SQ_PER_CHANNEL",
+                "W8A8_SQ_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN",
+                "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN", "W4A8_QSERVE_PER_GROUP",
+                "W4A8_QSERVE_PER_CHANNEL", "FP8", "FP8_PER_CHANNEL_PER_TOKEN",
+                "FP8_BLOCK_SCALES", "NVFP4", "MIXED_PRECISION")
+_FP8_REASON = ("trtllm: llmcq's quantized-linear record is integer-only (integer codes with "
+               "scales and zero points); no llmcq algorithm produces FP8 (e4m3) weights, so FP8 "
+               "checkpoints cannot be written from it")
+DTYPES = ("auto", "float16", "bfloat16")
+_CFG = "save.trtllm_cfg"
+
+
+@dataclass(frozen=True)
+class TRTLLMOptions:
+    """``save.trtllm_cfg`` (llmc's keys ``tp_size``, ``pp_size``; llmcq adds ``dtype`` and an
+    optional ``quant_algo`` that must agree with the quant section)."""
+
+    tp_size: int = 1
+    pp_size: int = 1
+    dtype: str = "auto"
+    quant_algo: str | None = None
+    kv_cache_quant_algo: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> TRTLLMOptions:
+        known = ("tp_size", "pp_size", "dtype", "quant_algo", "kv_cache_quant_algo")
+        for key in raw:
+            if key not in known:
+                raise ConfigError(f"{_CFG}.{key}", raw[key], allowed=known,
+                                  reason="trtllm: unknown option")
+        for key in ("tp_size", "pp_size"):
+            v = raw.get(key, 1)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{_CFG}.{key}", v, allowed="a positive integer")
+        dtype = str(raw.get("dtype", "auto")).lower()
+        dtype = {"fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(dtype, dtype)
+        if dtype not in DTYPES:
+            raise ConfigError(f"{_CFG}.dtype", raw.get("dtype"), allowed=DTYPES,
+                              reason="trtllm: activation dtype of the engine (the int4 and "
+                              "int8 weight-only kernels run in float16 or bfloat16)")
+        algo = raw.get("quant_algo")
+        if algo is not None:
+            algo = str(algo).upper()
+            if algo.startswith("FP8") or "FP4" in algo:
+                raise ConfigError(f"{_CFG}.quant_algo", raw["quant_algo"],
+                                  allowed=EXPORTED_ALGOS, reason=_FP8_REASON)
+            if algo not in EXPORTED_ALGOS:
+                why = ("known to TensorRT-LLM but not written by this exporter (see the "
+                       "plugin README)" if algo in _NOT_WRITTEN else "not a TensorRT-LLM "
+                       "quant_algo this exporter writes")
+                raise ConfigError(f"{_CFG}.quant_algo", raw["quant_algo"],
+                                  allowed=EXPORTED_ALGOS, reason=f"trtllm: {why}")
+        kv = raw.get("kv_cache_quant_algo")
+        if kv is not None:
+            reason = (_FP8_REASON if str(kv).upper().startswith("FP8") else
+                      "trtllm: KV-cache quantization is not part of llmcq's records (llmcq "
+                      "does not implement quant.kvcache)")
+            raise ConfigError(f"{_CFG}.kv_cache_quant_algo", kv, allowed=(None,), reason=reason)
+        return cls(tp_size=raw.get("tp_size", 1), pp_size=raw.get("pp_size", 1), dtype=dtype,
+                   quant_algo=algo)
+
+
+def quant_algo_for(config: RunConfig) -> str:
+    """The TensorRT-LLM ``quant_algo`` a run exports to, or :class:`ConfigError` naming the
+    field that has no TensorRT-LLM checkpoint form."""
+    quant = config.quant
+    if quant is None or quant.weight is None:
+        raise ConfigError("quant.weight", None, reason="trtllm exports quantized linears; the "
+                          "config needs quant.weight")
+    w, a = quant.weight, quant.act
+    if a is None:
+        if w.bit == 4:
+            if w.granularity != "per_group":
+                raise ConfigError("quant.weight.granularity", w.granularity,
+                                  allowed=("per_group",),
+                                  reason="trtllm: int4 weight-only checkpoints (W4A16_AWQ) "
+                                  "hold scales per group of 64 or 128 input columns")
+            if w.group_size not in GROUP_SIZES:
+                raise ConfigError("quant.weight.group_size", w.group_size, allowed=GROUP_SIZES,
+                                  reason="trtllm: group sizes of TensorRT-LLM's fine-grained "
+                                  "int4 GEMM")
+            return W4A16_AWQ
+        if w.bit == 8:
+            if w.granularity != "per_channel":
+                raise ConfigError("quant.weight.granularity", w.granularity,
+                                  allowed=("per_channel",),
+                                  reason="trtllm: W8A16 holds one scale per output channel")
+            if not w.symmetric:
+                raise ConfigError("quant.weight.symmetric", False, allowed=(True,),
+                                  reason="trtllm: W8A16 weights are symmetric (no zero point)")
+            return W8A16
+        raise ConfigError("quant.weight.bit", w.bit, allowed=(4, 8),
+                          reason="trtllm: TensorRT-LLM's integer weight-only checkpoints hold "
+                          "int4 (W4A16_AWQ) or int8 (W8A16) weights")
+    if a.bit != 8 or w.bit != 8:
+        field, value = ("quant.act.bit", a.bit) if a.bit != 8 else ("quant.weight.bit", w.bit)
+        raise ConfigError(field, value, allowed=(8,),
+                          reason="trtllm: with quantized activations the exported scheme is "
+                          "SmoothQuant W8A8 (int8 weights and int8 activations)")
+    if not w.symmetric or w.granularity != "per_channel":
+        field = "quant.weight.symmetric" if not w.symmetric else "quant.weight.granularity"
+        raise ConfigError(field, w.symmetric if not w.symmetric else w.granularity,
+                          allowed="symmetric per_channel",
+                          reason="trtllm: W8A8 SmoothQuant weights are symmetric int8 with one "
+                          "scale per output channel")
+    if a.static or a.granularity != "per_token" or not a.symmetric:
+        raise ConfigError("quant.act", "static" if a.static else
+                          (a.granularity if a.symmetric else "asymmetric"), show_value=True,
+                          allowed="dynamic symmetric per_token",
+                          reason="trtllm: exported as W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN "
+                          "(int8 activations quantized per token at run time)")
+    return W8A8_SQ
+
+
+def _checkpoint_model_type(config: RunConfig) -> str | None:
+    from llmcq.model.loading import locate, peek_model_type
+
+    try:
+        return peek_model_type(locate(config.model.path))
+    except ConfigError:
+        return None
+
+
+def model_dims(config: RunConfig) -> dict[str, Any] | None:
+    """Sizes the checkpoint layout depends on, read without torch (HF folder or GGUF)."""
+    from llmcq.model.loading import locate, peek_model_type
+
+    try:
+        source = locate(config.model.path)
+    except ConfigError:
+        return None
+    try:
+        if source.gguf_file is None:
+            c = json.loads((source.folder / "config.json").read_text())
+            c = c.get("text_config", c)
+            heads = int(c["num_attention_heads"])
+            hidden = int(c["hidden_size"])
+            return {"model_type": c.get("model_type"), "hidden": hidden, "heads": heads,
+                    "kv_heads": int(c.get("num_key_value_heads") or heads),
+                    "head_dim": int(c.get("head_dim") or hidden // heads),
+                    "inter": int(c["intermediate_size"]), "layers": int(c["num_hidden_layers"]),
+                    "vocab": int(c["vocab_size"])}
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(source.folder / source.gguf_file))
+
+        def val(key: str) -> int | None:
+            f = reader.fields.get(key)
+            return None if f is None else int(f.parts[f.data[0]][0])
+
+        arch = peek_model_type(source) or ""
+        hidden, heads = val(f"{arch}.embedding_length"), val(f"{arch}.attention.head_count")
+        if hidden is None or heads is None:
+            return None
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        return {"model_type": arch, "hidden": hidden, "heads": heads,
+                "kv_heads": val(f"{arch}.attention.head_count_kv") or heads,
+                "head_dim": val(f"{arch}.attention.key_length") or hidden // heads,
+                "inter": val(f"{arch}.feed_forward_length") or 0,
+                "layers": val(f"{arch}.block_count") or 0,
+                "vocab": len(tokens.data) if tokens is not None else 0}
+    except (OSError, ValueError, KeyError, TypeError, ImportError):
+        return None
+
+
+def check_shapes(dims: dict[str, Any], algo: str, opts: TRTLLMOptions,
+                 group_size: int, path: str = "save.save_trtllm") -> None:
+    """Refuse mappings and group sizes the TensorRT-LLM layers cannot hold without padding."""
+    tp, pp = opts.tp_size, opts.pp_size
+    heads, kv, hd = dims["heads"], dims["kv_heads"], dims["head_dim"]
+    if heads % tp:
+        raise ConfigError(f"{_CFG}.tp_size", tp, reason=f"trtllm: {heads} attention heads are "
+                          "not divisible by tp_size")
+    if kv % tp and tp % kv:
+        raise ConfigError(f"{_CFG}.tp_size", tp, reason=f"trtllm: {kv} key/value heads must "
+                          "divide tp_size or be divisible by it")
+    if dims["inter"] % tp:
+        raise ConfigError(f"{_CFG}.tp_size", tp, reason=f"trtllm: intermediate size "
+                          f"{dims['inter']} is not divisible by tp_size")
+    if dims["layers"] and dims["layers"] % pp:
+        raise ConfigError(f"{_CFG}.pp_size", pp, reason=f"trtllm: {dims['layers']} layers are "
+                          "not divisible by pp_size")
+    if algo == W8A8_SQ:
+        return
+    # TensorRT-LLM's weight-only linears pad in/out widths that are not multiples of
+    # max(64, group) * tp_size (quantization/layers.py), which a checkpoint cannot match
+    kv_rank = max(kv, tp)
+    widths = {"hidden": dims["hidden"], "attention": heads * hd, "mlp": dims["inter"],
+              "qkv": (heads + 2 * kv_rank) * hd}
+    multiple = max(64, group_size) * tp
+    bad = {k: v for k, v in widths.items() if v % multiple}
+    if not bad:
+        return
+    if any(v % 64 for v in bad.values()):  # no mapping or group helps: the model's widths
+        field, value = path, True
+        hint = "; export W8A8 (quant.act) or use another backend"
+    elif any(v % (64 * tp) for v in bad.values()):
+        field, value, hint = f"{_CFG}.tp_size", tp, "; choose a smaller tp_size"
+    else:
+        field, value, hint = "quant.weight.group_size", group_size, "; choose group_size 64"
+    text = ", ".join(f"{k}={v}" for k, v in bad.items())
+    raise ConfigError(field, value, reason=f"trtllm: {algo} linears need widths that are "
+                      f"multiples of max(64, group) * tp_size = {multiple} (TensorRT-LLM pads "
+                      f"the others, which a checkpoint cannot match), but the model has {text}"
+                      + hint)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TRTLLMSpec(BackendSpec):
+    def supports(self, config: RunConfig, *, path: str) -> None:
+        super().supports(config, path=path)
+        opts = TRTLLMOptions.parse(dict(config.save.trtllm_cfg))
+        algo = quant_algo_for(config)
+        if opts.quant_algo is not None and opts.quant_algo != algo:
+            raise ConfigError(f"{_CFG}.quant_algo", opts.quant_algo, allowed=(algo,),
+                              reason="trtllm: the quant section exports as " + algo)
+        family = (config.model.type or _checkpoint_model_type(config) or "").lower()
+        if family and family not in FAMILIES:
+            raise ConfigError("model.type", config.model.type or family,
+                              allowed=tuple(FAMILIES),
+                              reason="trtllm: families whose TensorRT-LLM layout is the Llama "
+                              "one (fused qkv, gated mlp fc/gate/proj)")
+        quant = config.quant
+        assert quant is not None and quant.weight is not None
+        if algo == W4A16_AWQ:
+            from llmcq_trtllm._gptq import gptq_writes_g_idx
+
+            if gptq_writes_g_idx(config):
+                raise ConfigError("quant.special.actorder", True, allowed=(False,),
+                                  reason="trtllm: the W4A16_AWQ layout has no g_idx, so GPTQ "
+                                  "act-order with dynamic groups cannot be exported; set "
+                                  "static_groups: True or actorder: False")
+        dims = model_dims(config)
+        if dims is not None:
+            check_shapes(dims, algo, opts, quant.weight.group_size, path)
+
+
+SPEC = TRTLLMSpec(
+    name="trtllm",
+    aliases=("tensorrt_llm", "tensorrt-llm", "trt_llm"),
+    summary="TensorRT-LLM checkpoint (config.json + rank{r}.safetensors, tensor/pipeline "
+            "parallel) for trtllm-build: W4A16_AWQ, W8A16, W8A8 SmoothQuant per-token",
+    impl="llmcq_trtllm.export:export",
+    folder="trtllm_checkpoint",
+)

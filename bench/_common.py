@@ -14,10 +14,13 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = (REPO / ".." / "shared" / "data").resolve()
+#: the offline texts: $LLMCQ_SHARED_DATA (as in the tests), else ../shared/data
+DATA = Path(os.environ.get("LLMCQ_SHARED_DATA") or (REPO / ".." / "shared" / "data")).resolve()
 WIKI_TEST = DATA / "wikitext2" / "test.txt"
 WIKI_VALID = DATA / "wikitext2" / "valid.txt"
-LLMCQ = str(Path(sys.executable).with_name("llmcq"))
+#: the CLI: $LLMCQ_BIN (a machine where the packages sit in a --target folder), else the
+#: ``llmcq`` script beside this interpreter
+LLMCQ = os.environ.get("LLMCQ_BIN") or str(Path(sys.executable).with_name("llmcq"))
 
 
 def run_config(config: dict[str, Any], *, label: str, log_dir: Path | None = None) -> dict[str, Any]:

@@ -107,6 +107,12 @@ class AlgorithmSpec(PluginSpec):
     supports_act: bool = True
     #: weight ``calib_algo`` values it understands.
     weight_calib_algos: tuple[str, ...] = ("minmax", "mse")
+    #: element types it can quantize to: "int" (integer grids, ``quant_type: int-quant``)
+    #: and/or "float" (FP8, ``quant_type: float-quant``), for weights and activations alike.
+    #: Declare "float" only if every grid the algorithm touches goes through core's
+    #: spec-aware functions (``fit_weight_qparams``, ``quantize_weight``,
+    #: ``fake_quantize_weight``, ``fake_quantize_act``, ``llmcq.quant.clip``).
+    weight_formats: tuple[str, ...] = ("int",)
 
     def check(self, quant: QuantSection, special: SpecialConfig, *, path: str) -> None:
         """Raise :class:`ConfigError` for settings this algorithm cannot honour."""
@@ -118,6 +124,13 @@ class AlgorithmSpec(PluginSpec):
             raise ConfigError("quant.act", "present",
                               reason=f"{self.name} is weight-only; remove quant.act",
                               show_value=False)
+        for sec_path, sec in (("quant.weight", quant.weight), ("quant.act", quant.act)):
+            kind = "float" if sec is not None and sec.is_float else "int"
+            if sec is not None and kind not in self.weight_formats:
+                allowed = tuple(f"{k}-quant" for k in self.weight_formats)
+                raise ConfigError(f"{sec_path}.quant_type", sec.quant_type, allowed=allowed,
+                                  reason=f"{self.name} does not quantize to "
+                                  f"{'FP8' if kind == 'float' else 'integer'} grids")
         if quant.weight is not None and quant.weight.calib_algo not in self.weight_calib_algos:
             raise ConfigError("quant.weight.calib_algo", quant.weight.calib_algo,
                               allowed=self.weight_calib_algos,
@@ -155,12 +168,24 @@ class BackendSpec(PluginSpec):
     #: "transformed": exported before fake quantization (the float, transformed model);
     #: "quantized": exported after, from the quantized-linear records.
     stage: str = "quantized"
+    #: record element types it writes: "int" (integer codes) and/or "float" (FP8 codes,
+    #: ``quant_type: float-quant``); the default refuses FP8 runs at config time.
+    weight_formats: tuple[str, ...] = ("int",)
 
     def supports(self, config: RunConfig, *, path: str) -> None:
         """Raise :class:`ConfigError` if the run's settings cannot be exported here."""
         if self.stage == "quantized" and config.quant is None:
             raise ConfigError(path, True, reason=f"backend {self.name!r} exports a quantized "
                               "model, but the config has no quant section")
+        if self.stage != "quantized" or config.quant is None:
+            return
+        for sec_path, sec in (("quant.weight", config.quant.weight),
+                              ("quant.act", config.quant.act)):
+            if sec is not None and sec.is_float and "float" not in self.weight_formats:
+                raise ConfigError(f"{sec_path}.quant_type", sec.quant_type,
+                                  allowed=tuple(f"{k}-quant" for k in self.weight_formats),
+                                  reason=f"backend {self.name!r} writes integer codes only; "
+                                  "FP8 (float-quant) runs export through vllm, sglang or fake")
 
     @staticmethod
     def linear_in_features(config: RunConfig) -> dict[str, int] | None:

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from llmcq.api import AlgorithmSpec, BackendSpec, EvaluatorSpec, ModelSpec
-from llmcq.config.schema import SAVE_FLAGS, RunConfig, SpecialConfig
+from llmcq.config.schema import FLOAT_BITS, SAVE_FLAGS, QuantSection, RunConfig, SpecialConfig
 from llmcq.data.datasets import DatasetSpec
 from llmcq.data.preproc import PREPROCESSORS
 from llmcq.errors import ConfigError, OutputExistsError, closest
@@ -29,6 +29,7 @@ from llmcq.plugins.registry import EntryPointInfo
 
 __all__ = ["ResolvedConfig", "ResolvedStep", "ResolvedBackend", "load_config",
            "resolve_config", "parse_overrides", "apply_overrides", "validate_special",
+           "check_quant_types",
            "RESULTS_FILE"]
 
 RESULTS_FILE = "results.json"
@@ -47,10 +48,6 @@ LLMC_UNSUPPORTED = {
     "quant.language": "vision/language split quantization",
     "quant.vision": "vision/language split quantization",
     "quant.weight.int_range": "custom integer ranges",
-    "quant.weight.quant_type": "float (FP8/FP4) weight formats",
-    "quant.act.quant_type": "float (FP8/FP4) activation formats",
-    "quant.weight.use_qtorch": "qtorch float emulation",
-    "quant.act.use_qtorch": "qtorch float emulation",
     "quant.weight.qmax_to_tensor": "qmax_to_tensor",
     "quant.act.qmax_to_tensor": "qmax_to_tensor",
     "ignored_layers": "ignored_layers",
@@ -327,6 +324,44 @@ def _steps(section_name: str, section: Any, kind: str) -> list[ResolvedStep]:
     return out
 
 
+def check_quant_types(quant: QuantSection) -> None:
+    """``quant_type`` rules of the weight and act sections: an integer ``bit`` for int-quant;
+    for float-quant (FP8) the format e4m3, symmetric, one scale per channel or tensor
+    (weights) or per token or tensor (activations), min-max ranges, and the same element
+    type for weights and activations."""
+    sections = [("quant.weight", quant.weight), ("quant.act", quant.act)]
+    for path, sec in sections:
+        if sec is None:
+            continue
+        if not sec.is_float:
+            if not isinstance(sec.bit, int):
+                raise ConfigError(f"{path}.bit", sec.bit, allowed="an integer from 2 to 8",
+                                  reason="int-quant needs a valid integer bit width; for FP8 "
+                                  f"set {path}.quant_type: float-quant")
+            continue
+        if sec.bit not in FLOAT_BITS:
+            raise ConfigError(f"{path}.bit", sec.bit, allowed=FLOAT_BITS,
+                              reason="float-quant: the FP8 element format (e5m2 and the "
+                              "narrower float formats of llmc are not supported)")
+        if not sec.symmetric:
+            raise ConfigError(f"{path}.symmetric", False, allowed=(True,),
+                              reason="float-quant grids are symmetric (no zero point)")
+        grans = ("per_channel", "per_tensor") if path == "quant.weight" else \
+            ("per_token", "per_tensor")
+        if sec.granularity not in grans:
+            raise ConfigError(f"{path}.granularity", sec.granularity, allowed=grans,
+                              reason="float-quant (FP8) scales: per channel or tensor for "
+                              "weights, per token or tensor for activations")
+        if sec.calib_algo != "minmax":
+            raise ConfigError(f"{path}.calib_algo", sec.calib_algo, allowed=("minmax",),
+                              reason="float-quant ranges are min-max (absmax / 448)")
+    w, a = quant.weight, quant.act
+    if w is not None and a is not None and w.quant_type != a.quant_type:
+        raise ConfigError("quant.act.quant_type", a.quant_type, allowed=(w.quant_type,),
+                          reason="weights and activations must use the same element type "
+                          "(mixed integer/FP8 schemes are not implemented)")
+
+
 def _check_path(path: str | None, field_path: str) -> None:
     if path is not None and not Path(path).expanduser().exists():
         raise ConfigError(field_path, path, reason="no such file or folder")
@@ -364,6 +399,7 @@ def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
         if cfg.quant.weight is None:
             raise ConfigError("quant.weight", None, reason="required: bit, symmetric, "
                               "granularity and group_size of the weights", show_value=False)
+        check_quant_types(cfg.quant)
         quant_steps = _steps("quant", cfg.quant, "quant")
         for i, step in enumerate(quant_steps):
             path = "quant.method" + (f"[{i}]" if len(quant_steps) > 1 else "")

@@ -8,7 +8,7 @@ imports torch.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -28,6 +28,8 @@ __all__ = [
     "RunConfig",
     "EVAL_POSITIONS",
     "DTYPES",
+    "QUANT_TYPES",
+    "FLOAT_BITS",
 ]
 
 EVAL_POSITIONS = ("pretrain", "transformed", "fake_quant")
@@ -143,11 +145,27 @@ class EvalSection(Section):
         return self
 
 
+#: llmc's ``quant_type`` values: integer grids, or float elements (``bit`` names the format)
+QUANT_TYPES = ("int-quant", "float-quant")
+#: float element formats for ``quant_type: float-quant`` (llmc also lists e5m2: not supported)
+FLOAT_BITS = ("e4m3",)
+
+
 class _QuantBase(Section):
-    bit: int = Field(..., ge=2, le=8)
+    #: llmc's ``quant_type``: int-quant (integer grid, ``bit`` 2..8) or float-quant (``bit``
+    #: names the float format: e4m3).
+    quant_type: Literal["int-quant", "float-quant"] = "int-quant"
+    bit: Annotated[int, Field(ge=2, le=8)] | str
     symmetric: bool = True
     group_size: int = -1
     ste: bool = False
+    #: llmc's qtorch switch for float emulation: accepted and ignored (llmcq rounds with
+    #: torch's float8 dtypes).
+    use_qtorch: bool = False
+
+    @property
+    def is_float(self) -> bool:
+        return self.quant_type == "float-quant"
 
     @model_validator(mode="after")
     def _group(self) -> _QuantBase:

@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from llmcq.quant.qparams import dequantize_grouped, group_view, minmax_qparams, quantize_grouped
+from llmcq.quant.qparams import (
+    dequantize_grouped,
+    grid_qparams,
+    group_view,
+    minmax_qparams,
+    quantize_grouped,
+    quantize_to_grid,
+)
 from llmcq.quant.spec import PerGroup, WeightQuantSpec
 
 __all__ = ["search_clip", "apply_clip"]
@@ -57,8 +64,13 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: WeightQuantSpec, *, grid
             r = 1 - i / grid
             hi, lo = hi0 * r, lo0 * r
             cw = torch.clamp(wg, lo, hi)
-            scale, zero = minmax_qparams(cw, spec.bits, spec.symmetric, round_zp=spec.round_zp)
-            q = quantize_grouped(cw, scale, zero, spec.bits, spec.symmetric)
+            if spec.is_float:  # FP8 grid: max|w| / 448, nearest E4M3 value
+                scale, zero = grid_qparams(cw, spec)
+                q = quantize_to_grid(cw, scale, zero, spec)
+            else:
+                scale, zero = minmax_qparams(cw, spec.bits, spec.symmetric,
+                                             round_zp=spec.round_zp)
+                q = quantize_grouped(cw, scale, zero, spec.bits, spec.symmetric)
             out = torch.einsum("tGg,oGg->oGt", xg, dequantize_grouped(q, scale, zero))
             err = (out - ref).pow(2).mean(-1, keepdim=True)
             better = err < best_err

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from llmcq.quant.qparams import fake_quantize_act, minmax_qparams
+from llmcq.quant.qparams import fake_quantize_act, grid_qparams, minmax_qparams
 from llmcq.quant.record import QuantizedLinear
 from llmcq.quant.spec import ActQuantSpec
 
@@ -81,7 +81,10 @@ class ActRangeObserver:
         if self.lo is None or self.hi is None:
             raise RuntimeError("observer saw no data")
         rng = torch.stack([self.lo, self.hi]).reshape(1, 1, 2)
-        scale, zero = minmax_qparams(rng, spec.bits, spec.symmetric)
+        if spec.is_float:  # FP8: max|x| / 448
+            scale, zero = grid_qparams(rng, spec)
+        else:
+            scale, zero = minmax_qparams(rng, spec.bits, spec.symmetric)
         return scale.reshape(()), None if zero is None else zero.reshape(())
 
 

@@ -12,6 +12,18 @@ Formulas (``b`` bits; symmetric grids are signed, asymmetric unsigned):
 * asymmetric: ``s = (max w - min w) / (2^b - 1)``, ``z = round(-min w / s)``,
   ``q = clamp(round(w / s) + z, 0, 2^b - 1)``
 * dequantized: ``w_hat = (q - z) * s``
+
+Float grids (``spec.is_float``, FP8 E4M3; ``F = 448`` its largest magnitude):
+
+* ``s = max|w| / F`` (per channel or tensor; per token for activations)
+* ``q = float8_e4m3fn(clamp(w / s, -F, F))`` (round to the nearest E4M3 value, ties to even)
+* ``w_hat = float(q) * s``
+
+The functions taking a spec (``fit_weight_qparams``, ``quantize_weight``,
+``fake_quantize_weight``, ``fake_quantize_act``, ``grid_qparams``, ``quantize_to_grid``)
+dispatch on it; their integer code paths are the same as before float grids existed. The
+``bits``/``symmetric`` functions (``minmax_qparams``, ``quantize_grouped``, ``mse_shrink``)
+are integer-only.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from llmcq.quant.spec import (
+    FLOAT_FORMATS,
     ActQuantSpec,
     Granularity,
     PerChannel,
@@ -32,10 +45,54 @@ from llmcq.quant.spec import (
 
 __all__ = ["QParams", "group_view", "ungroup", "minmax_qparams", "quantize_grouped",
            "dequantize_grouped", "fit_weight_qparams", "quantize_weight", "fake_quantize_weight",
-           "fake_quantize_act", "round_ste", "mse_shrink", "n_groups"]
+           "fake_quantize_act", "round_ste", "mse_shrink", "n_groups", "FLOAT_DTYPES",
+           "float_scale", "float_codes", "grid_qparams", "quantize_to_grid", "storage_dtype"]
 
 #: smallest scale, so all-zero groups quantize to zero instead of dividing by zero
 SCALE_EPS = 1e-8
+
+
+#: torch dtype holding the codes of each float format
+FLOAT_DTYPES = {"e4m3": torch.float8_e4m3fn}
+
+
+def float_scale(xg: torch.Tensor, fmt: str,
+                shrink: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """``max|x| * shrink / F`` per group of ``xg`` (``[rows, G, g]``) -> ``[rows, G, 1]``."""
+    absmax = xg.float().abs().amax(dim=-1, keepdim=True) * shrink
+    return (absmax / FLOAT_FORMATS[fmt]).clamp(min=SCALE_EPS)
+
+
+def float_codes(xg: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The float8 codes of ``xg / scale`` (saturated to ``[-F, F]``), in the float8 dtype."""
+    fmax = FLOAT_FORMATS[fmt]
+    return (xg.float() / scale).clamp(-fmax, fmax).to(FLOAT_DTYPES[fmt])
+
+
+def storage_dtype(spec: WeightQuantSpec) -> torch.dtype:
+    """The dtype a record stores codes in: int8 (symmetric int), uint8 (asymmetric int), or
+    the float8 dtype of a float grid."""
+    if spec.is_float:
+        return FLOAT_DTYPES[spec.fmt]
+    return torch.int8 if spec.symmetric else torch.uint8
+
+
+def grid_qparams(xg: torch.Tensor, spec: WeightQuantSpec | ActQuantSpec, *,
+                 shrink: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min-max scale (and zero point) per group of ``xg`` on ``spec``'s grid, int or float."""
+    if spec.is_float:
+        return float_scale(xg, spec.fmt, shrink), None
+    return minmax_qparams(xg, spec.bits, spec.symmetric,
+                          round_zp=getattr(spec, "round_zp", True), shrink=shrink)
+
+
+def quantize_to_grid(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                     spec: WeightQuantSpec | ActQuantSpec) -> torch.Tensor:
+    """Codes of ``xg`` on ``spec``'s grid as float32 values (integers, or E4M3 values), ready
+    for :func:`dequantize_grouped`."""
+    if spec.is_float:
+        return float_codes(xg, scale, spec.fmt).float()
+    return quantize_grouped(xg, scale, zero, spec.bits, spec.symmetric)
 
 
 @dataclass
@@ -140,6 +197,10 @@ def mse_shrink(wg: torch.Tensor, bits: int, symmetric: bool, *, round_zp: bool =
 def fit_weight_qparams(w: torch.Tensor, spec: WeightQuantSpec) -> QParams:
     """Scales/zeros for ``w`` by ``spec.calib_algo`` (minmax or mse), shaped ``[rows, G]``."""
     wg = group_view(w.float(), spec.granularity)
+    if spec.is_float:
+        if spec.calib_algo != "minmax":
+            raise ValueError(f"calib_algo {spec.calib_algo!r}: float grids allow minmax")
+        return QParams(float_scale(wg, spec.fmt).squeeze(-1), None)
     shrink: torch.Tensor | float = 1.0
     if spec.calib_algo == "mse":
         shrink = mse_shrink(wg, spec.bits, spec.symmetric, round_zp=spec.round_zp)
@@ -152,9 +213,12 @@ def fit_weight_qparams(w: torch.Tensor, spec: WeightQuantSpec) -> QParams:
 
 def quantize_weight(w: torch.Tensor, spec: WeightQuantSpec,
                     qparams: QParams | None = None) -> tuple[torch.Tensor, QParams]:
-    """Integer codes ``[out, in]`` (float dtype, integral values) and the qparams used."""
+    """Integer codes ``[out, in]`` (float dtype, integral values) and the qparams used.
+    For a float grid the codes are in the float8 dtype (``storage_dtype(spec)``)."""
     qp = qparams or fit_weight_qparams(w, spec)
     wg = group_view(w.float(), spec.granularity)
+    if spec.is_float:
+        return ungroup(float_codes(wg, qp.scale.unsqueeze(-1), spec.fmt), w.shape), qp
     zero = None if qp.zero is None else qp.zero.unsqueeze(-1)
     q = quantize_grouped(wg, qp.scale.unsqueeze(-1), zero, spec.bits, spec.symmetric)
     return ungroup(q, w.shape), qp
@@ -166,6 +230,9 @@ def fake_quantize_weight(w: torch.Tensor, spec: WeightQuantSpec,
     qp = qparams or fit_weight_qparams(w, spec)
     wg = group_view(w.float(), spec.granularity)
     scale = qp.scale.unsqueeze(-1)
+    if spec.is_float:
+        q = float_codes(wg, scale, spec.fmt).float()
+        return ungroup(q * scale, w.shape).to(w.dtype)
     zero = None if qp.zero is None else qp.zero.unsqueeze(-1)
     q = quantize_grouped(wg, scale, zero, spec.bits, spec.symmetric)
     return ungroup(dequantize_grouped(q, scale, zero), w.shape).to(w.dtype)
@@ -180,6 +247,8 @@ def fake_quantize_act(x: torch.Tensor, spec: ActQuantSpec, scale: torch.Tensor |
     """
     shape, dtype = x.shape, x.dtype
     x2 = x.reshape(-1, shape[-1]).float()
+    if spec.is_float:
+        return _fake_quantize_act_float(x2, spec, scale).reshape(shape).to(dtype)
     if spec.static:
         if scale is None:
             raise ValueError("static activation quantization needs a calibrated scale")
@@ -190,3 +259,21 @@ def fake_quantize_act(x: torch.Tensor, spec: ActQuantSpec, scale: torch.Tensor |
     s, z = minmax_qparams(wg, spec.bits, spec.symmetric)
     q = quantize_grouped(wg, s, z, spec.bits, spec.symmetric)
     return ungroup(dequantize_grouped(q, s, z), x2.shape).reshape(shape).to(dtype)
+
+
+def _fake_quantize_act_float(x2: torch.Tensor, spec: ActQuantSpec,
+                             scale: torch.Tensor | None) -> torch.Tensor:
+    """FP8 activations ``[tokens, hidden]``: static (calibrated per-tensor scale), or dynamic
+    per token / per tensor (``max|x| / F`` of each token, or of the whole tensor)."""
+    if spec.static:
+        if scale is None:
+            raise ValueError("static activation quantization needs a calibrated scale")
+        s = scale.float()
+    elif isinstance(spec.granularity, PerToken):
+        s = float_scale(x2.unsqueeze(1), spec.fmt).squeeze(1)  # [tokens, 1]
+    elif isinstance(spec.granularity, PerTensor):
+        s = float_scale(x2.reshape(1, 1, -1), spec.fmt).reshape(())
+    else:
+        raise ValueError(f"float activations: granularity {spec.granularity} (allowed "
+                         "per_token, per_tensor)")
+    return float_codes(x2, s, spec.fmt).float() * s

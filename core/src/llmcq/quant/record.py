@@ -1,8 +1,11 @@
 """The one record of a quantized linear that every exporter reads.
 
 An algorithm's ``quantize`` returns one :class:`QuantizedLinear` per linear. The record holds
-unpacked integer codes and their grid, so any exporter can pack it its own way, and
+unpacked codes and their grid, so any exporter can pack it its own way, and
 :meth:`QuantizedLinear.dequantize` gives the exact float weight the fake-quantized model uses.
+Codes are integers, or FP8 values (``torch.float8_e4m3fn``) for float grids
+(``record.is_float``); an exporter that packs integers must refuse float records (its
+``BackendSpec.supports`` does so at config time from ``quant.weight.quant_type``).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 
 import torch
 
-from llmcq.quant.qparams import QParams
+from llmcq.quant.qparams import QParams, storage_dtype
 from llmcq.quant.spec import ActQuantSpec, PerGroup, PerTensor, WeightQuantSpec
 
 __all__ = ["QuantizedLinear", "make_record"]
@@ -22,7 +25,9 @@ __all__ = ["QuantizedLinear", "make_record"]
 class QuantizedLinear:
     """A quantized ``nn.Linear``: ``W_hat[:, j] = (qweight[:, j] - zero[:, g(j)]) * scale[:, g(j)]``.
 
-    * ``qweight``: ``[out, in]`` codes; int8 for symmetric (signed grid), uint8 otherwise.
+    * ``qweight``: ``[out, in]`` codes; int8 for symmetric (signed grid), uint8 otherwise;
+      ``torch.float8_e4m3fn`` for an FP8 grid (``weight.is_float``; ``zero`` is then None and
+      ``W_hat = float(qweight) * scale``).
     * ``scale``: ``[out, G]`` float32 (``[1, 1]`` per-tensor, ``[out, 1]`` per-channel).
     * ``zero``: ``[out, G]`` or ``None`` (symmetric). Integral values for standard
       asymmetric grids; HQQ-style algorithms may store fractional zeros (``zero_is_integral``).
@@ -55,6 +60,11 @@ class QuantizedLinear:
     @property
     def symmetric(self) -> bool:
         return self.weight.symmetric
+
+    @property
+    def is_float(self) -> bool:
+        """True when ``qweight`` holds float8 codes (``quant_type: float-quant``)."""
+        return self.weight.is_float
 
     @property
     def group_size(self) -> int:
@@ -126,8 +136,11 @@ class QuantizedLinear:
 def make_record(q: torch.Tensor, qparams: QParams, spec: WeightQuantSpec, *,
                 bias: torch.Tensor | None = None, act: ActQuantSpec | None = None,
                 act_qparams: QParams | None = None, **kwargs: Any) -> QuantizedLinear:
-    """Build a record from integer codes (any dtype holding integral values) and qparams."""
-    store = torch.int8 if spec.symmetric else torch.uint8
+    """Build a record from codes (any dtype holding values of ``spec``'s grid: integers, or
+    E4M3 values for a float grid) and qparams."""
+    if spec.is_float and qparams.zero is not None:
+        raise ValueError("float grids are symmetric: no zero point")
+    store = storage_dtype(spec)
     return QuantizedLinear(
         qweight=q.to(store), scale=qparams.scale.float(),
         zero=None if qparams.zero is None else qparams.zero.float(), weight=spec,

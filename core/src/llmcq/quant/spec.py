@@ -4,6 +4,11 @@ Granularity is a value, not a sentinel: ``PerGroup(128)`` rather than ``group_si
 granularity="per_group"``. Integer grids follow llmc: symmetric is signed
 ``[-2^(b-1), 2^(b-1)-1]`` with scale ``absmax / (2^(b-1)-1)``; asymmetric is unsigned
 ``[0, 2^b-1]`` with a zero point.
+
+Float grids (llmc's ``quant_type: float-quant``): ``fmt`` names the element format
+(``"e4m3"``: FP8 E4M3, torch's ``float8_e4m3fn``, largest magnitude 448); they are symmetric,
+8 bits wide, with scale ``absmax / 448`` and codes ``(x / scale)`` rounded to the nearest
+E4M3 value. ``fmt == "int"`` is the integer grid above.
 """
 
 from __future__ import annotations
@@ -15,7 +20,12 @@ if TYPE_CHECKING:
     from llmcq.config.schema import ActQuantSection, WeightQuantSection
 
 __all__ = ["PerTensor", "PerChannel", "PerGroup", "PerToken", "Granularity",
-           "WeightQuantSpec", "ActQuantSpec"]
+           "WeightQuantSpec", "ActQuantSpec", "FLOAT_FORMATS", "INT"]
+
+#: the integer element format (``fmt`` of an integer grid)
+INT = "int"
+#: float element formats llmcq quantizes to: name -> largest finite magnitude
+FLOAT_FORMATS = {"e4m3": 448.0}
 
 
 @dataclass(frozen=True)
@@ -77,13 +87,41 @@ class _IntGrid:
     bits: int
     symmetric: bool
 
+    # ``fmt`` is declared by each subclass, after its defaulted fields
     @property
-    def qmin(self) -> int:
+    def is_float(self) -> bool:
+        """True for a float element format (FP8), False for an integer grid."""
+        return getattr(self, "fmt", INT) != INT
+
+    @property
+    def qmin(self) -> int | float:
+        if self.is_float:
+            return -FLOAT_FORMATS[self.fmt]  # type: ignore[attr-defined]
         return -(2 ** (self.bits - 1)) if self.symmetric else 0
 
     @property
-    def qmax(self) -> int:
+    def qmax(self) -> int | float:
+        if self.is_float:
+            return FLOAT_FORMATS[self.fmt]  # type: ignore[attr-defined]
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def _check_fmt(self) -> None:
+        fmt = getattr(self, "fmt", INT)
+        if fmt == INT:
+            return
+        if fmt not in FLOAT_FORMATS:
+            raise ValueError(f"unknown element format {fmt!r}: allowed int, "
+                             + ", ".join(FLOAT_FORMATS))
+        if self.bits != 8 or not self.symmetric:
+            raise ValueError(f"{fmt} grids are 8 bits wide and symmetric")
+
+
+def _fmt_of(section: WeightQuantSection | ActQuantSection) -> tuple[int, str]:
+    """(bits, fmt) of a config section: ``bit: e4m3`` with ``quant_type: float-quant`` is
+    an 8-bit float grid."""
+    if section.quant_type == "float-quant":
+        return 8, str(section.bit)
+    return int(section.bit), INT
 
 
 @dataclass(frozen=True)
@@ -92,6 +130,11 @@ class WeightQuantSpec(_IntGrid):
     #: "minmax", or "mse" (per-group clip-ratio grid search minimizing the Lp error)
     calib_algo: str = "minmax"
     round_zp: bool = True
+    #: element format: "int" (integer grid) or a float format of FLOAT_FORMATS ("e4m3")
+    fmt: str = INT
+
+    def __post_init__(self) -> None:
+        self._check_fmt()
 
     @property
     def group_size(self) -> int:
@@ -101,12 +144,15 @@ class WeightQuantSpec(_IntGrid):
     @classmethod
     def from_section(cls, s: WeightQuantSection) -> WeightQuantSpec:
         calib = "minmax" if s.calib_algo == "learnable" else s.calib_algo
-        return cls(bits=s.bit, symmetric=s.symmetric,
+        bits, fmt = _fmt_of(s)
+        return cls(bits=bits, symmetric=s.symmetric,
                    granularity=_granularity(s.granularity, s.group_size),
-                   calib_algo=calib, round_zp=s.round_zp)
+                   calib_algo=calib, round_zp=s.round_zp, fmt=fmt)
 
     def describe(self) -> str:
         g = f"g{self.group_size}" if self.group_size > 0 else str(self.granularity)
+        if self.is_float:
+            return f"w-fp8({self.fmt}) {g}"
         return f"w{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
 
 
@@ -115,23 +161,36 @@ class ActQuantSpec(_IntGrid):
     granularity: Granularity = PerToken()
     #: static: the scale is fixed on calibration data (per-tensor); dynamic otherwise.
     static: bool = False
+    #: element format: "int" (integer grid) or a float format of FLOAT_FORMATS ("e4m3")
+    fmt: str = INT
+
+    def __post_init__(self) -> None:
+        self._check_fmt()
 
     @classmethod
     def from_section(cls, s: ActQuantSection) -> ActQuantSpec:
-        return cls(bits=s.bit, symmetric=s.symmetric,
-                   granularity=_granularity(s.granularity, s.group_size), static=s.static)
+        bits, fmt = _fmt_of(s)
+        return cls(bits=bits, symmetric=s.symmetric,
+                   granularity=_granularity(s.granularity, s.group_size), static=s.static,
+                   fmt=fmt)
 
     def describe(self) -> str:
         kind = "static" if self.static else "dynamic"
+        if self.is_float:
+            return f"a-fp8({self.fmt}) {self.granularity} {kind}"
         return f"a{self.bits} {self.granularity} {kind} {'sym' if self.symmetric else 'asym'}"
 
     def to_dict(self) -> dict[str, object]:
         g = self.granularity
-        return {"bits": self.bits, "symmetric": self.symmetric, "granularity": str(g).split("(")[0],
-                "group_size": g.size if isinstance(g, PerGroup) else -1, "static": self.static}
+        out: dict[str, object] = {
+            "bits": self.bits, "symmetric": self.symmetric, "granularity": str(g).split("(")[0],
+            "group_size": g.size if isinstance(g, PerGroup) else -1, "static": self.static}
+        if self.is_float:
+            out["fmt"] = self.fmt
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> ActQuantSpec:
         return cls(bits=int(d["bits"]), symmetric=bool(d["symmetric"]),  # type: ignore[arg-type]
                    granularity=_granularity(str(d["granularity"]), int(d["group_size"])),  # type: ignore[arg-type]
-                   static=bool(d["static"]))
+                   static=bool(d["static"]), fmt=str(d.get("fmt", INT)))

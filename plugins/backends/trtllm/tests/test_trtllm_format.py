@@ -318,7 +318,8 @@ def test_unsupported_settings_fail_at_config_time(weight: dict, act: dict | None
 
 def test_fp8_weights_are_refused_before_any_backend(tmp_path: Path,
                                                     tiny_llama_w4: Path) -> None:
-    cfg = _config(tiny_llama_w4, tmp_path / "o", {**W8, "quant_type": "float-quant"})
+    cfg = _config(tiny_llama_w4, tmp_path / "o", {**W8, "quant_type": "float-quant",
+                                                  "bit": "e4m3"})
     with pytest.raises(ConfigError) as err:
         resolve_config(cfg)
     assert err.value.path == "quant.weight.quant_type"

@@ -157,4 +157,6 @@ SPEC = AwqSpec(
     needs_calibration=True,
     supports_act=True,
     weight_calib_algos=("minmax", "mse", "learnable"),
+    # the search and the clip go through core's spec-aware fake quantizers: FP8 works too
+    weight_formats=("int", "float"),
 )

@@ -10,4 +10,5 @@ SPEC = AlgorithmSpec(
     summary="round-to-nearest weights (min-max or mse range), optional activation quantization",
     impl="llmcq_rtn.algorithm:RTN",
     needs_calibration=False,
+    weight_formats=("int", "float"),
 )

@@ -11,6 +11,7 @@ SPEC = BackendSpec(
     impl="llmcq_fake.export:export",
     folder="fake_quant_model",
     stage="quantized",
+    weight_formats=("int", "float"),
 )
 
 

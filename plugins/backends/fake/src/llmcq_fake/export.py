@@ -30,7 +30,8 @@ def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: P
         layers[name] = {
             "weight": {"bits": rec.bits, "symmetric": rec.symmetric,
                        "granularity": str(rec.weight.granularity).split("(")[0],
-                       "group_size": rec.group_size},
+                       "group_size": rec.group_size,
+                       **({"fmt": rec.weight.fmt} if rec.is_float else {})},
             "act": rec.act.to_dict() if rec.act is not None else None,
             "act_scale": _scalar(rec.act_scale),
             "act_zero": _scalar(rec.act_zero),

@@ -40,9 +40,9 @@ _NOT_WRITTEN = ("W4A16", "W4A16_GPTQ", "W8A16_GPTQ", "W4A8_AWQ", "W8A8_SQ_PER_CH
                 "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN", "W4A8_QSERVE_PER_GROUP",
                 "W4A8_QSERVE_PER_CHANNEL", "FP8", "FP8_PER_CHANNEL_PER_TOKEN",
                 "FP8_BLOCK_SCALES", "NVFP4", "MIXED_PRECISION")
-_FP8_REASON = ("trtllm: llmcq's quantized-linear record is integer-only (integer codes with "
-               "scales and zero points); no llmcq algorithm produces FP8 (e4m3) weights, so FP8 "
-               "checkpoints cannot be written from it")
+_FP8_REASON = ("trtllm: this exporter writes integer checkpoints only; FP8 (e4m3) records "
+               "(quant_type: float-quant) export through vllm/sglang, not as TensorRT-LLM FP8 "
+               "checkpoints yet")
 DTYPES = ("auto", "float16", "bfloat16")
 _CFG = "save.trtllm_cfg"
 

@@ -45,6 +45,12 @@ def check_config(config: RunConfig, *, path: str, name: str) -> None:
         raise ConfigError(path, True, reason=f"backend {name!r} exports quantized linears; "
                           "the config needs quant.weight")
     w, a = quant.weight, quant.act
+    if w.is_float:
+        # FP8 (e4m3): core already holds the section to what compressed-tensors'
+        # float-quantized format and vLLM's FP8 schemes read (symmetric; weights per channel
+        # or tensor; inputs absent (W8A16-FP8), dynamic per token or tensor, or static per
+        # tensor; the same element type for both); nothing else to refuse.
+        return
     if a is None:
         if w.bit not in WEIGHT_ONLY_BITS:
             raise ConfigError("quant.weight.bit", w.bit, allowed=WEIGHT_ONLY_BITS,
@@ -122,10 +128,11 @@ class CompressedTensorsSpec(BackendSpec):
 VLLM_SPEC = CompressedTensorsSpec(
     name="vllm",
     summary="compressed-tensors checkpoint for vLLM: pack-quantized W4A16/W8A16, "
-            "int-quantized W8A8 and W4A8",
+            "int-quantized W8A8 and W4A8, float-quantized FP8 (e4m3)",
     impl="llmcq_vllm.export:export",
     folder="vllm_quant_model",
     requires=("compressed-tensors",),
+    weight_formats=("int", "float"),
 )
 
 SGL_SPEC = CompressedTensorsSpec(
@@ -135,6 +142,7 @@ SGL_SPEC = CompressedTensorsSpec(
     impl="llmcq_vllm.export:export",
     folder="sgl_quant_model",
     requires=("compressed-tensors",),
+    weight_formats=("int", "float"),
 )
 
 

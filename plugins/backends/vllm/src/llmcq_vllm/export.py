@@ -10,6 +10,13 @@ writes ``quantization_config`` into ``config.json``.
 Grids: llmcq's symmetric grid is signed like compressed-tensors'; llmcq's asymmetric grid is
 unsigned ``[0, 2^b - 1]`` while compressed-tensors' is signed, so codes and zero points shift
 by ``2^(b-1)`` (``(q - z) * s`` is unchanged).
+
+FP8 records (``quant_type: float-quant``, codes in ``float8_e4m3fn``) are written in the
+``float-quantized`` format: ``weight`` float8_e4m3fn ``[out, in]`` and ``weight_scale``
+float32 (``[out, 1]`` per channel, ``[1]`` per tensor: vLLM keeps FP8 scales in float32, and
+so the stored scale is the record's own), input activations ``type: float, num_bits: 8``,
+dynamic per token (``strategy: token``) or per tensor, or static per tensor with
+``input_scale``. Weight-only FP8 records use the same format (vLLM's W8A16-FP8 scheme).
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ def storage_dtype(model: Any) -> torch.dtype:
 def scheme_args(rec: QuantizedLinear) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """``QuantizationArgs`` keyword dicts (weights, input activations) of one record."""
     gran = rec.weight.granularity
-    weights: dict[str, Any] = {"num_bits": rec.bits, "type": "int", "symmetric": rec.symmetric,
+    kind = "float" if rec.is_float else "int"
+    weights: dict[str, Any] = {"num_bits": rec.bits, "type": kind, "symmetric": rec.symmetric,
                                "dynamic": False}
     if isinstance(gran, PerGroup):
         weights.update(strategy="group", group_size=gran.size)
@@ -51,11 +59,14 @@ def scheme_args(rec: QuantizedLinear) -> tuple[dict[str, Any], dict[str, Any] | 
     act = rec.act
     if act is None:
         return weights, None
-    inputs: dict[str, Any] = {"num_bits": act.bits, "type": "int", "symmetric": act.symmetric}
+    inputs: dict[str, Any] = {"num_bits": act.bits, "type": "float" if act.is_float else "int",
+                              "symmetric": act.symmetric}
     if act.static:
         inputs.update(strategy="tensor", dynamic=False)
     elif isinstance(act.granularity, PerToken):
         inputs.update(strategy="token", dynamic=True)
+    elif act.is_float and isinstance(act.granularity, PerTensor):  # vLLM: dynamic FP8 tensor
+        inputs.update(strategy="tensor", dynamic=True)
     else:
         raise PluginError(f"activation quantization {act.describe()} has no vLLM scheme")
     return weights, inputs
@@ -94,6 +105,8 @@ def compress_record(rec: QuantizedLinear, dtype: torch.dtype) -> tuple[dict[str,
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**wargs),
                                 input_activations=None if iargs is None
                                 else QuantizationArgs(**iargs))
+    if rec.is_float:
+        return _compress_float_record(rec, scheme, wargs, iargs)
     fmt = infer_module_format(torch.nn.Linear, scheme)
     offset = 0 if rec.symmetric else 2 ** (rec.bits - 1)
     q = rec.qweight.to(torch.int16) - offset  # signed codes, as compressed-tensors holds them
@@ -131,6 +144,36 @@ def compress_record(rec: QuantizedLinear, dtype: torch.dtype) -> tuple[dict[str,
         raise PluginError("compressed-tensors re-quantized different integer codes than the "
                           "record holds (scale not representable in the storage dtype?)")
     return dict(out), fmt.value, wargs, iargs
+
+
+def _compress_float_record(rec: QuantizedLinear, scheme: Any, wargs: dict,
+                           iargs: dict | None) -> tuple[dict[str, torch.Tensor], str, dict,
+                                                        dict | None]:
+    """``float-quantized`` tensors of an FP8 record (scales float32, as vLLM holds them)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.config import CompressionFormat
+
+    if not isinstance(rec.weight.granularity, (PerChannel, PerTensor)):
+        raise PluginError(f"FP8 weights per {rec.weight.granularity}: compressed-tensors' "
+                          "float-quantized format is written per channel or per tensor here")
+    scale = rec.scale.float()
+    per_tensor = isinstance(rec.weight.granularity, PerTensor)
+    state: dict[str, torch.Tensor] = {"weight_scale": scale.reshape(1) if per_tensor
+                                      else scale.reshape(-1, 1)}
+    # the weight the compressor re-quantizes: the record's codes times the stored scale
+    state["weight"] = rec.qweight.float() * (scale.reshape(1, 1) if per_tensor
+                                             else scale.reshape(-1, 1))
+    if rec.act is not None and rec.act.static:
+        if rec.act_scale is None:
+            raise PluginError("static activation quantization without a calibrated scale")
+        state["input_scale"] = rec.act_scale.reshape(1).float()
+    fmt = CompressionFormat.float_quantized.value
+    out = BaseCompressor.get_value_from_registry(fmt).compress(state, scheme)
+    codes = out["weight"]
+    if codes.dtype != rec.qweight.dtype or not torch.equal(codes.float(), rec.qweight.float()):
+        raise PluginError("compressed-tensors re-quantized different FP8 codes than the "
+                          "record holds")
+    return dict(out), fmt, wargs, iargs
 
 
 def unquantized_matrices(model: Any, records: dict[str, QuantizedLinear]) -> list[str]:

@@ -9,11 +9,24 @@ with the ``gguf`` backend; wikitext2 perplexity (first N windows of the test set
 * llmcq's in-process fake-quantized model,
 * the GGUF loaded by ``transformers`` (``gguf_file=``), plus the max logit difference on the
   first window,
-* the GGUF run by llama.cpp through ``llama-cpp-python`` -- only if ``llama_cpp`` is importable.
-  It is not built here (too heavy for the shared CPUs); install it where a compiler and time
-  are available (``pip install llama-cpp-python``) and rerun. The script says when it skips.
+* the GGUF run by llama.cpp itself: ``--llama-perplexity BIN`` runs llama.cpp's
+  ``llama-perplexity`` tool on the exported file and on the bundled source GGUF, over the same
+  text, and this script scores our in-process fake-quantized and float models the way that
+  tool does (each window of ``--seq-len`` tokens, only its second half predicted), so the
+  numbers compare one to one. Build the tool from the llama.cpp that PyPI's
+  ``llama-cpp-python`` sdist vendors (a few minutes on 2 cores, no GPU)::
 
-Prints one JSON object; nothing is written to bench/results.
+      pip download --no-deps --no-binary=:all: llama-cpp-python==0.3.36 -d /tmp/lcp
+      tar xzf /tmp/lcp/llama_cpp_python-0.3.36.tar.gz -C /tmp/lcp
+      cd /tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp
+      cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+          -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+          -DBUILD_SHARED_LIBS=OFF
+      cmake --build build -j2 --target llama-perplexity
+
+  Without it, the llama-cpp-python bindings are used if importable (full-window scoring).
+
+Prints one JSON object and, with ``--out``, writes it there.
 """
 
 from __future__ import annotations
@@ -22,6 +35,9 @@ import argparse
 import copy
 import json
 import math
+import os
+import re
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -54,12 +70,47 @@ def llama_cpp_ppl(path: Path, ids: torch.Tensor, seq_len: int) -> float | None:
     return math.exp(total / count)
 
 
+_PPL_LINE = re.compile(r"Final estimate: PPL = ([0-9.]+)")
+
+
+def llama_perplexity_tool(binary: str, gguf: Path, text: Path, n_ctx: int, chunks: int
+                          ) -> dict[str, Any]:
+    """llama.cpp's own perplexity of ``gguf`` on ``text`` (its second-half scoring)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([binary, "-m", str(gguf), "-f", str(text), "-c", str(n_ctx),
+                           "-b", str(n_ctx), "--chunks", str(chunks), "-t", "2"],
+                          capture_output=True, text=True, timeout=1800)
+    found = _PPL_LINE.search(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or found is None:
+        raise RuntimeError(f"llama-perplexity failed ({proc.returncode}): "
+                           f"{(proc.stdout + proc.stderr)[-2000:]}")
+    return {"ppl": float(found.group(1)), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+@torch.no_grad()
+def second_half_ppl(model: Any, ids: torch.Tensor) -> float:
+    """Perplexity as llama-perplexity scores it: per window, the tokens after its middle
+    (positions n/2 .. n-2 predict n/2+1 .. n-1); no BOS (the model's add_bos_token is off)."""
+    n = ids.shape[1]
+    first = n // 2
+    total, count = 0.0, 0
+    for window in ids:
+        logits = model(input_ids=window[None]).logits[0].float()
+        logp = torch.log_softmax(logits[first:n - 1], dim=-1)
+        total -= float(logp.gather(1, window[first + 1:, None]).sum())
+        count += n - 1 - first
+    return math.exp(total / count)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--weight", default='{"bit": 4, "symmetric": false, '
                     '"granularity": "per_group", "group_size": 32}')
+    ap.add_argument("--llama-perplexity", default=os.environ.get("LLAMA_PERPLEXITY"),
+                    help="llama.cpp's llama-perplexity binary (see the module docstring)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args()
     weight = json.loads(args.weight)
     src = bundled_model_path()
@@ -90,10 +141,28 @@ def main() -> None:
         out["max_logit_diff_transformers_vs_fake_quant"] = float(diff)
         out["ppl_transformers_gguf"] = perplexity(loaded, ids.reshape(-1), args.seq_len,
                                                   progress=False)[0]
-        ppl = llama_cpp_ppl(path, ids, args.seq_len)
-        out["ppl_llama_cpp"] = ppl if ppl is not None else (
-            "skipped: llama_cpp (llama-cpp-python) is not importable here")
+        if args.llama_perplexity:
+            # the text whose tokens are ``ids`` (the prefix they came from), for the tool
+            text_file = Path(tmp) / "wikitext2-test-prefix.txt"
+            text_file.write_text(text[: 8 * args.windows * args.seq_len])
+            lc = {"binary": args.llama_perplexity, "scoring": "second half of each window"}
+            lc["export"] = llama_perplexity_tool(args.llama_perplexity, path, text_file,
+                                                 args.seq_len, args.windows)
+            lc["bundled_source_gguf"] = llama_perplexity_tool(args.llama_perplexity, src,
+                                                             text_file, args.seq_len,
+                                                             args.windows)
+            lc["ours_fake_quant_same_scoring"] = second_half_ppl(fq, ids)
+            lc["ours_float_same_scoring"] = second_half_ppl(model, ids)
+            lc["export_over_ours"] = lc["export"]["ppl"] / lc["ours_fake_quant_same_scoring"]
+            out["llama_cpp"] = lc
+        else:
+            ppl = llama_cpp_ppl(path, ids, args.seq_len)
+            out["ppl_llama_cpp"] = ppl if ppl is not None else (
+                "skipped: no --llama-perplexity and llama_cpp is not importable")
     print(json.dumps(out, indent=1))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

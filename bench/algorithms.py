@@ -184,6 +184,8 @@ def main() -> None:
     ap.add_argument("--peers", default=None,
                     help="comma-separated peers to run (default: every method's peer)")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--table-only", action="store_true",
+                    help="print the table from the JSON; run nothing")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "algorithms.json")
     args = ap.parse_args()
 
@@ -211,7 +213,9 @@ def main() -> None:
                               "calib": calib, "windows": args.windows, "rows": rows})
 
     fkey = key("float", args.windows)
-    if fkey not in rows or args.force:
+    if args.table_only:
+        methods = [m for m in methods if m in METHODS]
+    elif fkey not in rows or args.force:
         res = run_config({"model": {"type": "llama"},
                           "eval": {"eval_pos": ["pretrain"], "name": "wikitext2",
                                    "path": str(WIKI_TEST), "seq_len": 2048,
@@ -224,7 +228,7 @@ def main() -> None:
     float_ppl = rows[fkey]["ppl"]
     print(f"float: {float_ppl:.3f}", flush=True)
 
-    for setting in settings:
+    for setting in [] if args.table_only else settings:
         for method in methods:
             if setting not in METHODS[method].settings:
                 continue
@@ -272,10 +276,11 @@ def main() -> None:
                           p.get("ppl", (p.get("error") or "-")[:40] if p else "-"),
                           ratio if ratio is not None else "-",
                           r.get("calib_s", "-"), round(r["peak_cpu_bytes"] / 2**20)
-                          if r.get("peak_cpu_bytes") else "-"])
+                          if r.get("peak_cpu_bytes") else "-",
+                          "H100" if r.get("device") else ("CPU" if r else "-")])
     print(f"\nfloat ppl {float_ppl:.3f}\n")
     print(markdown_table(["setting", "method", "ppl", "peer ppl", "ours/peer", "calib s",
-                          "peak CPU MiB"], table))
+                          "peak CPU MiB", "ran on"], table))
     print(f"\nwritten: {args.out}")
 
 

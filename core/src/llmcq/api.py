@@ -196,44 +196,16 @@ class BackendSpec(PluginSpec):
         Backends use it to refuse, at config time, group sizes their format cannot hold
         (a group must divide every input width).
         """
-        from llmcq.model.loading import locate
+        from llmcq.model.loading import locate, peek_dims
 
         try:
-            source = locate(config.model.path)
+            d = peek_dims(locate(config.model.path))
         except ConfigError:
             return None
-        try:
-            if source.gguf_file is None:
-                import json
-
-                c = json.loads((source.folder / "config.json").read_text())
-                c = c.get("text_config", c)
-                hidden, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
-                head_dim = int(c.get("head_dim") or hidden // heads)
-                dims = {"hidden": hidden, "attn_out": heads * head_dim,
-                        "mlp": int(c.get("intermediate_size") or 0)}
-                if c.get("moe_intermediate_size"):
-                    dims["moe_mlp"] = int(c["moe_intermediate_size"])
-            else:
-                from gguf import GGUFReader
-
-                reader = GGUFReader(str(source.folder / source.gguf_file))
-
-                def val(key: str) -> int | None:
-                    f = reader.fields.get(key)
-                    return None if f is None else int(f.parts[f.data[0]][0])
-
-                arch_f = reader.fields["general.architecture"]
-                arch = bytes(arch_f.parts[arch_f.data[0]]).decode()
-                hidden = val(f"{arch}.embedding_length")
-                heads = val(f"{arch}.attention.head_count")
-                if hidden is None or heads is None:
-                    return None
-                head_dim = val(f"{arch}.attention.key_length") or hidden // heads
-                dims = {"hidden": hidden, "attn_out": heads * head_dim,
-                        "mlp": val(f"{arch}.feed_forward_length") or 0}
-        except (OSError, ValueError, KeyError, TypeError, ImportError):
+        if d is None:
             return None
+        dims = {"hidden": d["hidden"], "attn_out": d["heads"] * d["head_dim"], "mlp": d["inter"],
+                "moe_mlp": d["moe_inter"]}
         return {k: v for k, v in dims.items() if v > 0}
 
 

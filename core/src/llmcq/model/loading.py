@@ -91,6 +91,47 @@ def peek_model_type(source: ModelSource) -> str | None:
         return None
 
 
+def peek_dims(source: ModelSource) -> dict[str, Any] | None:
+    """The sizes export layouts depend on, read from the checkpoint's config (HF folder) or
+    GGUF header without loading weights or torch: ``model_type, hidden, heads, kv_heads,
+    head_dim, inter, layers, vocab`` (``moe_inter`` for MoE configs; 0 where absent). None
+    when the checkpoint cannot be read."""
+    try:
+        if source.gguf_file is None:
+            c = json.loads((source.folder / "config.json").read_text())
+            c = c.get("text_config", c)
+            hidden, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
+            return {"model_type": c.get("model_type"), "hidden": hidden, "heads": heads,
+                    "kv_heads": int(c.get("num_key_value_heads") or heads),
+                    "head_dim": int(c.get("head_dim") or hidden // heads),
+                    "inter": int(c.get("intermediate_size") or 0),
+                    "moe_inter": int(c.get("moe_intermediate_size") or 0),
+                    "layers": int(c.get("num_hidden_layers") or 0),
+                    "vocab": int(c.get("vocab_size") or 0)}
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(source.folder / source.gguf_file))
+
+        def val(key: str) -> int | None:
+            f = reader.fields.get(key)
+            return None if f is None else int(f.parts[f.data[0]][0])
+
+        arch_f = reader.fields["general.architecture"]
+        arch = bytes(arch_f.parts[arch_f.data[0]]).decode()
+        hidden, heads = val(f"{arch}.embedding_length"), val(f"{arch}.attention.head_count")
+        if hidden is None or heads is None:
+            return None
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        return {"model_type": arch, "hidden": hidden, "heads": heads,
+                "kv_heads": val(f"{arch}.attention.head_count_kv") or heads,
+                "head_dim": val(f"{arch}.attention.key_length") or hidden // heads,
+                "inter": val(f"{arch}.feed_forward_length") or 0, "moe_inter": 0,
+                "layers": val(f"{arch}.block_count") or 0,
+                "vocab": len(tokens.data) if tokens is not None else 0}
+    except (OSError, ValueError, KeyError, TypeError, ImportError):
+        return None
+
+
 def _torch_dtype(name: str, *, gguf: bool) -> Any:
     import torch
 

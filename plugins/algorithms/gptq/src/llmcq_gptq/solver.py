@@ -31,11 +31,11 @@ group size is smaller than the block size).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 
 import torch
-
 from llmcq.quant.qparams import fake_quantize_weight, fit_weight_qparams, n_groups
 from llmcq.quant.spec import PerChannel, PerGroup, PerTensor, WeightQuantSpec
 
@@ -347,7 +347,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
             # fitted on updated weights, and the columns after a piece get its update as
             # one matrix product (lazy batching within the block)
             cuts = sorted({0, n, *starts, *range(0, n, triton_sweep.MAX_COLUMNS)})
-            for p0, p1 in zip(cuts, cuts[1:]):
+            for p0, p1 in itertools.pairwise(cuts):
                 if p0 in starts:
                     fit_group(W1, b0, p0, *starts[p0])
                 triton_sweep.sweep_block(

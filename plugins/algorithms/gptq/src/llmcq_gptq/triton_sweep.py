@@ -106,5 +106,6 @@ def sweep_block(WT: torch.Tensor, Ubar: torch.Tensor, S: torch.Tensor, Z: torch.
     block_r, warps = launch or LAUNCH
     grid = (triton.cdiv(rows, block_r),)
     _sweep_kernel[grid](WT, Ubar, S, Z if Z is not None else S, Q, D, n, rows, WT.stride(0),
-                        Ubar.stride(0), Ubar.stride(1), float(qmin), float(qmax), HAS_ZERO=Z is not None,
-                        N_POW2=n_pow2, BLOCK_R=block_r, num_warps=warps)
+                        Ubar.stride(0), Ubar.stride(1), float(qmin), float(qmax),
+                        HAS_ZERO=Z is not None, N_POW2=n_pow2, BLOCK_R=block_r,
+                        num_warps=warps)

@@ -9,7 +9,6 @@ naming the field.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -164,43 +163,11 @@ def _checkpoint_model_type(config: RunConfig) -> str | None:
 
 def model_dims(config: RunConfig) -> dict[str, Any] | None:
     """Sizes the checkpoint layout depends on, read without torch (HF folder or GGUF)."""
-    from llmcq.model.loading import locate, peek_model_type
+    from llmcq.model.loading import locate, peek_dims
 
     try:
-        source = locate(config.model.path)
+        return peek_dims(locate(config.model.path))
     except ConfigError:
-        return None
-    try:
-        if source.gguf_file is None:
-            c = json.loads((source.folder / "config.json").read_text())
-            c = c.get("text_config", c)
-            heads = int(c["num_attention_heads"])
-            hidden = int(c["hidden_size"])
-            return {"model_type": c.get("model_type"), "hidden": hidden, "heads": heads,
-                    "kv_heads": int(c.get("num_key_value_heads") or heads),
-                    "head_dim": int(c.get("head_dim") or hidden // heads),
-                    "inter": int(c["intermediate_size"]), "layers": int(c["num_hidden_layers"]),
-                    "vocab": int(c["vocab_size"])}
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(source.folder / source.gguf_file))
-
-        def val(key: str) -> int | None:
-            f = reader.fields.get(key)
-            return None if f is None else int(f.parts[f.data[0]][0])
-
-        arch = peek_model_type(source) or ""
-        hidden, heads = val(f"{arch}.embedding_length"), val(f"{arch}.attention.head_count")
-        if hidden is None or heads is None:
-            return None
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        return {"model_type": arch, "hidden": hidden, "heads": heads,
-                "kv_heads": val(f"{arch}.attention.head_count_kv") or heads,
-                "head_dim": val(f"{arch}.attention.key_length") or hidden // heads,
-                "inter": val(f"{arch}.feed_forward_length") or 0,
-                "layers": val(f"{arch}.block_count") or 0,
-                "vocab": len(tokens.data) if tokens is not None else 0}
-    except (OSError, ValueError, KeyError, TypeError, ImportError):
         return None
 
 

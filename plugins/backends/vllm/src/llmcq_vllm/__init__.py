@@ -7,7 +7,7 @@ before any model is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from llmcq.api import BackendSpec
 from llmcq.errors import ConfigError
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from llmcq.config.schema import RunConfig
 
 __all__ = ["VLLM_SPEC", "SGL_SPEC", "LIGHTLLM_SPEC", "CompressedTensorsSpec", "LightLLMSpec",
-           "check_config", "method_special"]
+           "check_config"]
 
 #: weight bits vLLM's compressed-tensors schemes read (WNA16: 4 and 8; W8A8; W4A8)
 WEIGHT_ONLY_BITS = (4, 8)
@@ -24,14 +24,9 @@ WEIGHT_ONLY_BITS = (4, 8)
 VLLM_GROUP_SIZES = (32, 64, 128)
 
 
-def method_special(config: RunConfig, method: str) -> dict[str, Any] | None:
-    """The ``quant.special`` mapping of one method of the recipe (None if not in it)."""
-    return None if config.quant is None else config.quant.special_of(method)
-
-
 def _gptq_writes_g_idx(config: RunConfig) -> bool:
     """GPTQ with act-order and dynamic groups stores ``g_idx`` (columns out of group order)."""
-    sp = method_special(config, "gptq")
+    sp = None if config.quant is None else config.quant.special_of("gptq")
     if sp is None or config.quant is None or config.quant.weight is None:
         return False
     return (config.quant.weight.granularity == "per_group" and sp.get("actorder", True)

@@ -49,6 +49,9 @@ AWQ_SPECIAL = {"trans": True, "trans_version": "v2", "weight_clip": True, "clip_
 GPTQ_SPECIAL = {"actorder": True, "static_groups": False, "percdamp": 0.01, "blocksize": 128,
                 "true_sequential": True}
 LEARNABLE = {"calib_algo": "learnable", "ste": True}
+#: llm-compressor's symmetric grid (compressed-tensors: absmax / (2^(b-1) - 1/2)), for the
+#: "-full" rows that compare with it like for like
+FULL_RANGE = {"sym_range": "full"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Method:
     #: special for weight-activation rows, when it differs
     special_act: dict[str, Any] | None = None
     weight_extra: dict[str, Any] = field(default_factory=dict)
+    act_extra: dict[str, Any] = field(default_factory=dict)
     quant_out: bool = False
 
 
@@ -91,6 +95,17 @@ METHODS: dict[str, Method] = {
     "smoothquant": Method("smoothquant", tuple(WEIGHT_ACT), peer="smoothquant",
                           special={"alpha": 0.5}),
     "osplus": Method("osplus", tuple(WEIGHT_ACT)),
+    # like for like with the peers: their symmetric grid (weights and activations), and for
+    # SmoothQuant their sequential pipeline's propagation through the quantized blocks
+    "rtn-full": Method("rtn", tuple(WEIGHT_ACT), peer="rtn", weight_extra=FULL_RANGE,
+                       act_extra=FULL_RANGE),
+    "smoothquant-full": Method("smoothquant", tuple(WEIGHT_ACT), peer="smoothquant",
+                               special={"alpha": 0.5}, weight_extra=FULL_RANGE,
+                               act_extra=FULL_RANGE, quant_out=True),
+    # GPTQ without llmc's true_sequential, which llm-compressor does not have
+    "gptq-nots": Method("gptq", tuple(WEIGHT_ONLY), peer="gptq",
+                        special={**GPTQ_SPECIAL, "static_groups": True,
+                                 "true_sequential": False}, quant_out=True),
 }
 
 
@@ -109,7 +124,7 @@ def row_config(method: str, setting: str, calib: dict[str, Any],
     quant: dict[str, Any] = {"method": m.quant_method, "weight": {**weight, **m.weight_extra}}
     special = m.special_act if (act is not None and m.special_act is not None) else m.special
     if act is not None:
-        quant["act"] = dict(act)
+        quant["act"] = {**act, **m.act_extra}
     if special:
         quant["special"] = special
     if m.quant_out:

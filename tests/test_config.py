@@ -152,6 +152,7 @@ def test_unknown_top_level_section(paths: dict[str, str]) -> None:
     ("bit", 1, "greater than or equal to 2"),
     ("symmetric", "yes", "valid boolean"),
     ("granularity", "per_chanel", "per_channel"),
+    ("sym_range", "wide", "'restricted' or 'full'"),
 ])
 def test_bad_weight_values(paths: dict[str, str], key: str, value: Any, expect: str) -> None:
     raw = _raw(LLMC_RTN_W_ONLY, paths)
@@ -159,6 +160,13 @@ def test_bad_weight_values(paths: dict[str, str], key: str, value: Any, expect: 
     err = _error(raw)
     assert err.path == f"quant.weight.{key}"
     assert repr(value) in str(err) and expect in str(err)
+
+
+def test_full_sym_range_needs_a_symmetric_grid(paths: dict[str, str]) -> None:
+    raw = _raw(LLMC_RTN_W_ONLY, paths)
+    raw["quant"]["weight"].update(symmetric=False, sym_range="full")
+    err = _error(raw)
+    assert err.path == "quant.weight" and "sym_range" in str(err) and "symmetric" in str(err)
 
 
 def test_per_group_needs_group_size(paths: dict[str, str]) -> None:

@@ -116,6 +116,37 @@ def test_symmetric_grid_is_signed_and_zero_exact() -> None:
     assert rec.qweight.dtype == torch.int8
 
 
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_full_sym_range_scale_and_codes(bits: int) -> None:
+    """sym_range full: s = absmax / (2^(b-1) - 1/2) (compressed-tensors), code -2^(b-1) used;
+    the default keeps llmc's absmax / (2^(b-1) - 1)."""
+    w = _w(seed=6)
+    half = 2 ** (bits - 1)
+    # row 0: scale exactly 1, its negative absmax lands on -2^(b-1) (round half to even)
+    w[0] = w[0].clamp(-(half - 1), half - 1)
+    w[0, 0] = -(half - 0.5)
+    full = WeightQuantSpec(bits=bits, symmetric=True, granularity=PerChannel(), sym_range="full")
+    restricted = WeightQuantSpec(bits=bits, symmetric=True, granularity=PerChannel())
+    q, qp = quantize_weight(w, full)
+    absmax = w.abs().amax(1)
+    assert torch.allclose(qp.scale.squeeze(-1), absmax / (half - 0.5))
+    assert q[0, 0] == -half and q.min() >= -half and q.max() <= half - 1
+    _, qr = quantize_weight(w, restricted)
+    assert torch.allclose(qr.scale.squeeze(-1), absmax / (half - 1))
+    # every value within half a step, except a positive absmax, clipped by half a step
+    err = (fake_quantize_weight(w, full) - w).abs()
+    assert (err <= qp.scale * 1.0 + 1e-6).all()
+    assert "full-range" in full.describe()
+    with pytest.raises(ValueError, match="sym_range"):
+        WeightQuantSpec(bits=4, symmetric=False, sym_range="full")
+    a = ActQuantSpec(bits=8, symmetric=True, granularity=PerToken(), sym_range="full")
+    assert ActQuantSpec.from_dict(a.to_dict()) == a
+    x = torch.randn(3, 64)
+    y = fake_quantize_act(x, a)
+    s = x.abs().amax(-1, keepdim=True) / 127.5
+    assert torch.allclose(y, torch.clamp(torch.round(x / s), -128, 127) * s, atol=1e-6)
+
+
 def test_asymmetric_record_is_uint8_with_integral_zero() -> None:
     spec = WeightQuantSpec(bits=8, symmetric=False, granularity=PerChannel())
     q, qp = quantize_weight(_w(), spec)

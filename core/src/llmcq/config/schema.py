@@ -157,6 +157,9 @@ class _QuantBase(Section):
     quant_type: Literal["int-quant", "float-quant"] = "int-quant"
     bit: Annotated[int, Field(ge=2, le=8)] | str
     symmetric: bool = True
+    #: symmetric integer scale: restricted (llmc, absmax / (2^(b-1) - 1)) or full
+    #: (compressed-tensors / llm-compressor, absmax / (2^(b-1) - 1/2), code -2^(b-1) used).
+    sym_range: Literal["restricted", "full"] = "restricted"
     group_size: int = -1
     ste: bool = False
     #: llmc's qtorch switch for float emulation: accepted and ignored (llmcq rounds with
@@ -166,6 +169,13 @@ class _QuantBase(Section):
     @property
     def is_float(self) -> bool:
         return self.quant_type == "float-quant"
+
+    @model_validator(mode="after")
+    def _sym_range(self) -> _QuantBase:
+        if self.sym_range == "full" and (not self.symmetric or self.is_float):
+            raise ValueError("sym_range: full applies to symmetric integer grids "
+                             f"(got symmetric={self.symmetric}, quant_type={self.quant_type})")
+        return self
 
     @model_validator(mode="after")
     def _group(self) -> _QuantBase:

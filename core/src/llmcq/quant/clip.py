@@ -69,7 +69,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: WeightQuantSpec, *, grid
                 q = quantize_to_grid(cw, scale, zero, spec)
             else:
                 scale, zero = minmax_qparams(cw, spec.bits, spec.symmetric,
-                                             round_zp=spec.round_zp)
+                                             round_zp=spec.round_zp, full_range=spec.full_range)
                 q = quantize_grouped(cw, scale, zero, spec.bits, spec.symmetric)
             out = torch.einsum("tGg,oGg->oGt", xg, dequantize_grouped(q, scale, zero))
             err = (out - ref).pow(2).mean(-1, keepdim=True)

@@ -84,7 +84,8 @@ class ActRangeObserver:
         if spec.is_float:  # FP8: max|x| / 448
             scale, zero = grid_qparams(rng, spec)
         else:
-            scale, zero = minmax_qparams(rng, spec.bits, spec.symmetric)
+            scale, zero = minmax_qparams(rng, spec.bits, spec.symmetric,
+                                         full_range=spec.full_range)
         return scale.reshape(()), None if zero is None else zero.reshape(())
 
 

@@ -9,6 +9,8 @@ its min and max unchanged, and the padding is cut off again after quantization.
 Formulas (``b`` bits; symmetric grids are signed, asymmetric unsigned):
 
 * symmetric:  ``s = max|w| / (2^(b-1) - 1)``, ``q = clamp(round(w / s), -2^(b-1), 2^(b-1)-1)``
+  (llmc's restricted range; with ``sym_range: full``, the compressed-tensors/llm-compressor
+  convention, ``s = max|w| / (2^(b-1) - 1/2)``, so code ``-2^(b-1)`` is used too)
 * asymmetric: ``s = (max w - min w) / (2^b - 1)``, ``z = round(-min w / s)``,
   ``q = clamp(round(w / s) + z, 0, 2^b - 1)``
 * dequantized: ``w_hat = (q - z) * s``
@@ -43,7 +45,7 @@ from llmcq.quant.spec import (
     WeightQuantSpec,
 )
 
-__all__ = ["QParams", "group_view", "ungroup", "minmax_qparams", "quantize_grouped",
+__all__ = ["QParams", "sym_divisor", "group_view", "ungroup", "minmax_qparams", "quantize_grouped",
            "dequantize_grouped", "fit_weight_qparams", "quantize_weight", "fake_quantize_weight",
            "fake_quantize_act", "round_ste", "mse_shrink", "n_groups", "FLOAT_DTYPES",
            "float_scale", "float_codes", "grid_qparams", "quantize_to_grid", "storage_dtype"]
@@ -83,7 +85,8 @@ def grid_qparams(xg: torch.Tensor, spec: WeightQuantSpec | ActQuantSpec, *,
     if spec.is_float:
         return float_scale(xg, spec.fmt, shrink), None
     return minmax_qparams(xg, spec.bits, spec.symmetric,
-                          round_zp=getattr(spec, "round_zp", True), shrink=shrink)
+                          round_zp=getattr(spec, "round_zp", True), shrink=shrink,
+                          full_range=spec.full_range)
 
 
 def quantize_to_grid(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -135,17 +138,25 @@ def ungroup(wg: torch.Tensor, shape: torch.Size | tuple[int, int]) -> torch.Tens
     return wg.reshape(rows, -1)[:, :cols]
 
 
+def sym_divisor(bits: int, full_range: bool = False) -> float:
+    """What ``max|w|`` is divided by for a symmetric scale: ``2^(b-1) - 1`` (llmc: ``max|w|``
+    lands on the largest positive code) or, full range, ``2^(b-1) - 1/2`` (compressed-tensors:
+    the range spans all ``2^b`` codes, ``-2^(b-1)`` included)."""
+    return 2 ** (bits - 1) - (0.5 if full_range else 1.0)
+
+
 def minmax_qparams(wg: torch.Tensor, bits: int, symmetric: bool, *, round_zp: bool = True,
-                   shrink: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   shrink: torch.Tensor | float = 1.0, full_range: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point per group of ``wg`` (``[rows, G, g]``) -> ``[rows, G, 1]`` each.
 
-    ``shrink`` (scalar or ``[rows, G, 1]``) scales the range down, for clipping searches.
+    ``shrink`` (scalar or ``[rows, G, 1]``) scales the range down, for clipping searches;
+    ``full_range`` picks the symmetric convention (:func:`sym_divisor`).
     """
     wg = wg.float()
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
         absmax = wg.abs().amax(dim=-1, keepdim=True) * shrink
-        return (absmax / qmax).clamp(min=SCALE_EPS), None
+        return (absmax / sym_divisor(bits, full_range)).clamp(min=SCALE_EPS), None
     qmax = 2**bits - 1
     hi = wg.amax(dim=-1, keepdim=True) * shrink
     lo = wg.amin(dim=-1, keepdim=True) * shrink
@@ -175,7 +186,8 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def mse_shrink(wg: torch.Tensor, bits: int, symmetric: bool, *, round_zp: bool = True,
-               grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4) -> torch.Tensor:
+               grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4,
+               full_range: bool = False) -> torch.Tensor:
     """Per-group clip ratio in ``[1 - max_shrink, 1]`` minimizing ``sum |w - w_hat|^norm``.
 
     The grid search of GPTQ's ``mse`` quantizer, vectorized over all groups.
@@ -185,7 +197,8 @@ def mse_shrink(wg: torch.Tensor, bits: int, symmetric: bool, *, round_zp: bool =
     best = torch.ones_like(best_err)
     for i in range(int(max_shrink * grid) + 1):
         p = 1.0 - i / grid
-        scale, zero = minmax_qparams(wg, bits, symmetric, round_zp=round_zp, shrink=p)
+        scale, zero = minmax_qparams(wg, bits, symmetric, round_zp=round_zp, shrink=p,
+                                     full_range=full_range)
         q = quantize_grouped(wg, scale, zero, bits, symmetric)
         err = (dequantize_grouped(q, scale, zero) - wg).abs_().pow_(norm).sum(-1, keepdim=True)
         better = err < best_err
@@ -203,11 +216,12 @@ def fit_weight_qparams(w: torch.Tensor, spec: WeightQuantSpec) -> QParams:
         return QParams(float_scale(wg, spec.fmt).squeeze(-1), None)
     shrink: torch.Tensor | float = 1.0
     if spec.calib_algo == "mse":
-        shrink = mse_shrink(wg, spec.bits, spec.symmetric, round_zp=spec.round_zp)
+        shrink = mse_shrink(wg, spec.bits, spec.symmetric, round_zp=spec.round_zp,
+                            full_range=spec.full_range)
     elif spec.calib_algo != "minmax":
         raise ValueError(f"calib_algo {spec.calib_algo!r}: allowed minmax, mse")
     scale, zero = minmax_qparams(wg, spec.bits, spec.symmetric, round_zp=spec.round_zp,
-                                 shrink=shrink)
+                                 shrink=shrink, full_range=spec.full_range)
     return QParams(scale.squeeze(-1), None if zero is None else zero.squeeze(-1))
 
 
@@ -256,7 +270,7 @@ def fake_quantize_act(x: torch.Tensor, spec: ActQuantSpec, scale: torch.Tensor |
         return dequantize_grouped(q, scale, zero).reshape(shape).to(dtype)
     gran = spec.granularity
     wg = group_view(x2, PerChannel() if isinstance(gran, PerToken) else gran)
-    s, z = minmax_qparams(wg, spec.bits, spec.symmetric)
+    s, z = minmax_qparams(wg, spec.bits, spec.symmetric, full_range=spec.full_range)
     q = quantize_grouped(wg, s, z, spec.bits, spec.symmetric)
     return ungroup(dequantize_grouped(q, s, z), x2.shape).reshape(shape).to(dtype)
 

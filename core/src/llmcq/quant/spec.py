@@ -3,7 +3,9 @@
 Granularity is a value, not a sentinel: ``PerGroup(128)`` rather than ``group_size=128,
 granularity="per_group"``. Integer grids follow llmc: symmetric is signed
 ``[-2^(b-1), 2^(b-1)-1]`` with scale ``absmax / (2^(b-1)-1)``; asymmetric is unsigned
-``[0, 2^b-1]`` with a zero point.
+``[0, 2^b-1]`` with a zero point. ``sym_range="full"`` (config key ``sym_range: full``)
+switches symmetric grids to the compressed-tensors/llm-compressor scale ``absmax / (2^(b-1)
+- 1/2)``, which uses code ``-2^(b-1)`` as well.
 
 Float grids (llmc's ``quant_type: float-quant``): ``fmt`` names the element format
 (``"e4m3"``: FP8 E4M3, torch's ``float8_e4m3fn``, largest magnitude 448); they are symmetric,
@@ -19,9 +21,12 @@ from typing import TYPE_CHECKING, Union
 if TYPE_CHECKING:
     from llmcq.config.schema import ActQuantSection, WeightQuantSection
 
-__all__ = ["PerTensor", "PerChannel", "PerGroup", "PerToken", "Granularity",
+__all__ = ["SYM_RANGES", "PerTensor", "PerChannel", "PerGroup", "PerToken", "Granularity",
            "WeightQuantSpec", "ActQuantSpec", "FLOAT_FORMATS", "INT"]
 
+#: symmetric integer scale conventions: "restricted" (llmc: absmax / (2^(b-1) - 1)) and
+#: "full" (compressed-tensors / llm-compressor: absmax / (2^(b-1) - 1/2))
+SYM_RANGES = ("restricted", "full")
 #: the integer element format (``fmt`` of an integer grid)
 INT = "int"
 #: float element formats llmcq quantizes to: name -> largest finite magnitude
@@ -105,7 +110,17 @@ class _IntGrid:
             return FLOAT_FORMATS[self.fmt]  # type: ignore[attr-defined]
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
+    @property
+    def full_range(self) -> bool:
+        """Symmetric integer grid with the full-range scale (see ``SYM_RANGES``)."""
+        return getattr(self, "sym_range", "restricted") == "full"
+
     def _check_fmt(self) -> None:
+        sym_range = getattr(self, "sym_range", "restricted")
+        if sym_range not in SYM_RANGES:
+            raise ValueError(f"unknown sym_range {sym_range!r}: allowed {', '.join(SYM_RANGES)}")
+        if sym_range == "full" and (not self.symmetric or self.is_float):
+            raise ValueError("sym_range full applies to symmetric integer grids only")
         fmt = getattr(self, "fmt", INT)
         if fmt == INT:
             return
@@ -132,6 +147,8 @@ class WeightQuantSpec(_IntGrid):
     round_zp: bool = True
     #: element format: "int" (integer grid) or a float format of FLOAT_FORMATS ("e4m3")
     fmt: str = INT
+    #: symmetric scale convention, one of SYM_RANGES
+    sym_range: str = "restricted"
 
     def __post_init__(self) -> None:
         self._check_fmt()
@@ -147,13 +164,13 @@ class WeightQuantSpec(_IntGrid):
         bits, fmt = _fmt_of(s)
         return cls(bits=bits, symmetric=s.symmetric,
                    granularity=_granularity(s.granularity, s.group_size),
-                   calib_algo=calib, round_zp=s.round_zp, fmt=fmt)
+                   calib_algo=calib, round_zp=s.round_zp, fmt=fmt, sym_range=s.sym_range)
 
     def describe(self) -> str:
         g = f"g{self.group_size}" if self.group_size > 0 else str(self.granularity)
         if self.is_float:
             return f"w-fp8({self.fmt}) {g}"
-        return f"w{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
+        return f"w{self.bits} {g} {_sym_label(self)}"
 
 
 @dataclass(frozen=True)
@@ -163,6 +180,8 @@ class ActQuantSpec(_IntGrid):
     static: bool = False
     #: element format: "int" (integer grid) or a float format of FLOAT_FORMATS ("e4m3")
     fmt: str = INT
+    #: symmetric scale convention, one of SYM_RANGES
+    sym_range: str = "restricted"
 
     def __post_init__(self) -> None:
         self._check_fmt()
@@ -172,13 +191,13 @@ class ActQuantSpec(_IntGrid):
         bits, fmt = _fmt_of(s)
         return cls(bits=bits, symmetric=s.symmetric,
                    granularity=_granularity(s.granularity, s.group_size), static=s.static,
-                   fmt=fmt)
+                   fmt=fmt, sym_range=s.sym_range)
 
     def describe(self) -> str:
         kind = "static" if self.static else "dynamic"
         if self.is_float:
             return f"a-fp8({self.fmt}) {self.granularity} {kind}"
-        return f"a{self.bits} {self.granularity} {kind} {'sym' if self.symmetric else 'asym'}"
+        return f"a{self.bits} {self.granularity} {kind} {_sym_label(self)}"
 
     def to_dict(self) -> dict[str, object]:
         g = self.granularity
@@ -187,10 +206,19 @@ class ActQuantSpec(_IntGrid):
             "group_size": g.size if isinstance(g, PerGroup) else -1, "static": self.static}
         if self.is_float:
             out["fmt"] = self.fmt
+        if self.full_range:
+            out["sym_range"] = self.sym_range
         return out
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> ActQuantSpec:
         return cls(bits=int(d["bits"]), symmetric=bool(d["symmetric"]),  # type: ignore[arg-type]
                    granularity=_granularity(str(d["granularity"]), int(d["group_size"])),  # type: ignore[arg-type]
-                   static=bool(d["static"]), fmt=str(d.get("fmt", INT)))
+                   static=bool(d["static"]), fmt=str(d.get("fmt", INT)),
+                   sym_range=str(d.get("sym_range", "restricted")))
+
+
+def _sym_label(spec: _IntGrid) -> str:
+    if not spec.symmetric:
+        return "asym"
+    return "sym full-range" if spec.full_range else "sym"

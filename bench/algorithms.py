@@ -102,6 +102,12 @@ METHODS: dict[str, Method] = {
     "smoothquant-full": Method("smoothquant", tuple(WEIGHT_ACT), peer="smoothquant",
                                special={"alpha": 0.5}, weight_extra=FULL_RANGE,
                                act_extra=FULL_RANGE, quant_out=True),
+    # OmniQuant at W4A8 with LET starting from SmoothQuant's alpha 0.5 instead of 0.75: with
+    # 4-bit weights the larger alpha pushes too much activation range into the weights
+    "omniquant-a50": Method("omniquant", ("w4a8",),
+                            special_act={"lwc": True, "let": True, "alpha": 0.5,
+                                         "let_lr": 0.001, "epochs": OMNI_EPOCHS},
+                            weight_extra=LEARNABLE, quant_out=True),
     # GPTQ without llmc's true_sequential, which llm-compressor does not have
     "gptq-nots": Method("gptq", tuple(WEIGHT_ONLY), peer="gptq",
                         special={**GPTQ_SPECIAL, "static_groups": True,

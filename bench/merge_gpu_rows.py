@@ -3,6 +3,9 @@ into a JSON table here: the row keys hash the row's config, which holds the data
 machine that ran it, so each row is re-keyed with this checkout's paths and marked H100.
 
     .venv/bin/python bench/merge_gpu_rows.py GPU_JSON [--into bench/results/algorithms.json]
+
+A missing ``--into`` file is started from GPU_JSON's header (for tables only the GPU ran, such
+as the whole-test-set rows in bench/results/algorithms_fulltest_h100.json).
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ def main() -> None:
     ap.add_argument("--into", type=Path, default=A.REPO / "bench" / "results" / "algorithms.json")
     args = ap.parse_args()
     src = json.loads(args.gpu_json.read_text())
-    dst = json.loads(args.into.read_text())
+    dst = json.loads(args.into.read_text()) if args.into.exists() else {
+        **src, "rows": {}, "calib": {**src["calib"], "path": str(A.WIKI_VALID)}}
     calib, windows = src["calib"], src["windows"]
     same = {k: v for k, v in calib.items() if k != "path"}
     if (same, windows) != ({k: v for k, v in dst["calib"].items() if k != "path"},
@@ -31,7 +35,9 @@ def main() -> None:
                          f"{dst['calib'], dst['windows']}")
     for r in src["rows"].values():
         if r["method"] == "float":
-            continue  # the table's float row stays the CPU one (the same value)
+            fkey = A.key("float", windows)  # an existing float row (CPU) stays: the same value
+            dst["rows"].setdefault(fkey, {**r, "device": DEVICE})
+            continue
         cfg = A.row_config(r["method"], r["setting"], A.calib_section(
             calib["n_samples"], calib["seq_len"], calib["seed"]), windows)
         dst["rows"][A.key(r["method"], r["setting"], cfg["calib"], windows, cfg)] = {

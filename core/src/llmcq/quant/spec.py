@@ -115,7 +115,7 @@ class _IntGrid:
         """Symmetric integer grid with the full-range scale (see ``SYM_RANGES``)."""
         return getattr(self, "sym_range", "restricted") == "full"
 
-    def _check_fmt(self) -> None:
+    def _check_grid(self) -> None:
         sym_range = getattr(self, "sym_range", "restricted")
         if sym_range not in SYM_RANGES:
             raise ValueError(f"unknown sym_range {sym_range!r}: allowed {', '.join(SYM_RANGES)}")
@@ -151,7 +151,7 @@ class WeightQuantSpec(_IntGrid):
     sym_range: str = "restricted"
 
     def __post_init__(self) -> None:
-        self._check_fmt()
+        self._check_grid()
 
     @property
     def group_size(self) -> int:
@@ -184,7 +184,7 @@ class ActQuantSpec(_IntGrid):
     sym_range: str = "restricted"
 
     def __post_init__(self) -> None:
-        self._check_fmt()
+        self._check_grid()
 
     @classmethod
     def from_section(cls, s: ActQuantSection) -> ActQuantSpec:

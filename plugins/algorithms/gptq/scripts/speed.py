@@ -7,7 +7,12 @@ the full depth. Llama-2-7B shape on one GPU:
 
     python plugins/algorithms/gptq/scripts/speed.py --layers 4 --device cuda
 
-Needs llmcq, llmcq-llama and llmcq-gptq importable.
+Needs llmcq and llmcq-gptq importable (no model-family plugin: the script describes the
+Llama-shaped model it builds with core's ``llama_like_layout``, so the algorithm package never
+imports a family's adapter). A quick check on the CPU:
+
+    python plugins/algorithms/gptq/scripts/speed.py --layers 2 --hidden 128 --inter 256 \
+        --heads 4 --kv-heads 4 --samples 4 --seq 64 --bs 2 --group 64 --dtype float32
 """
 
 from __future__ import annotations
@@ -40,13 +45,18 @@ def main() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmcq.model.adapter import resolve_block
+    from llmcq.model.adapter import ModelAdapter, resolve_block
+    from llmcq.model.layout import llama_like_layout
     from llmcq.pipeline.blockwise import Block, capture_block_inputs
     from llmcq.quant.fake import fake_quantized
     from llmcq.quant.spec import PerChannel, PerGroup, WeightQuantSpec
     from llmcq_gptq import GPTQSpecial
     from llmcq_gptq.algorithm import GPTQ
-    from llmcq_llama.adapter import LlamaAdapter
+
+    class LlamaShaped(ModelAdapter):
+        """The model built below: transformers' LlamaForCausalLM module names."""
+
+        layout = llama_like_layout()
 
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -57,7 +67,7 @@ def main() -> None:
     torch.manual_seed(0)
     with dev:
         model = LlamaForCausalLM(cfg).to(dtype).eval()
-    adapter = LlamaAdapter()
+    adapter = LlamaShaped()
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 32000, (args.bs, args.seq), generator=g)
                for _ in range(args.samples // args.bs)]

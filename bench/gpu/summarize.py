@@ -2,9 +2,11 @@
 
     python bench/gpu/summarize.py
 
-Peer figures at full depth come from REFERENCE.md's anchor (llm-compressor 0.14.0.1 on the same
-device kind, shape, token count and scheme, measured 2026-11-23); the in-call side-by-side runs
-(same model, same tokens, same call) are at reduced depth and are reported beside them.
+Every figure is read from a committed raw file there, none is written here. Peer figures at full
+depth come from ``peer_reference.json``: REFERENCE.md's published GPU anchor (llm-compressor
+0.14.0.1 on the same device kind, shape, token count and scheme, 2026-11-23), copied with its
+section and line numbers. Our figures and the in-call side-by-side runs (same model, same tokens,
+same call, reduced depth; peer included) come from the per-call JSON files.
 """
 import json
 from pathlib import Path
@@ -26,8 +28,10 @@ prof, sweep, sga = load("ours-gptq-7b-profiled.json"), load("sweep.json"), \
 a7 = load("ours-awq-7b.json")
 dp1, dp2, dpc = load("dp-7b-w1.json"), load("dp-7b-w2.json"), load("dp-7b-compare.json")
 dq1, dq2, dqc = load("dp-7b4-w1.json"), load("dp-7b4-w2.json"), load("dp-7b4-compare.json")
-PEER_FULL = {"gptq": 180.9, "awq": 470.0}  # REFERENCE.md, one H100, 7B shape, 128 x 2048
-PEER_PEAK = {"gptq": 2.83e9, "awq": 54.1e9}
+ref = load("peer_reference.json")  # REFERENCE.md's anchor, not our measurement
+PEER_FULL = {"gptq": ref["gptq_7b"]["seconds"], "awq": ref["awq_7b"]["seconds"]}
+PEER_PEAK = {"gptq": ref["gptq_7b"]["peak_gpu_bytes"], "awq": ref["awq_7b"]["peak_gpu_bytes"]}
+PEER_70B = ref["gptq_70b"]
 
 
 def errs(side):
@@ -49,7 +53,7 @@ out = {
     "copies_GBps_405MB": sweep["copies_GBps"],
     "gptq": {"7b": {
         "seconds": g7["seconds"], "load_seconds": g7["load_seconds"],
-        "peer_seconds": PEER_FULL["gptq"], "peer_source": "REFERENCE.md anchor (same kind)",
+        "peer_seconds": PEER_FULL["gptq"], "peer_source": ref["label"],
         "ratio": round(PEER_FULL["gptq"] / g7["seconds"], 2),
         "peak_gpu_bytes": g7["peak_gpu_bytes"], "peer_peak_gpu_bytes": PEER_PEAK["gptq"],
         "floor_seconds": floor["gptq"]["floor_seconds"],
@@ -67,7 +71,7 @@ out = {
                                   "layer_output_error_held_out": errs(sg)}}},
     "awq": {"7b": {
         "seconds": a7["seconds"], "load_seconds": a7["load_seconds"],
-        "peer_seconds": PEER_FULL["awq"], "peer_source": "REFERENCE.md anchor (same kind)",
+        "peer_seconds": PEER_FULL["awq"], "peer_source": ref["label"],
         "ratio": round(PEER_FULL["awq"] / a7["seconds"], 2),
         "peak_gpu_bytes": a7["peak_gpu_bytes"],
         "peer_peak_gpu_bytes": PEER_PEAK["awq"],
@@ -88,7 +92,8 @@ out = {
                                   "= slowest measured s/block x 80 (measured before the Triton sweep: an upper "
                                   "bound). Host memory must hold the "
                                   "bf16 model (~138 GB) - more than this machine's 128 GiB"},
-        "peer_full_80_blocks_seconds": 28 * 60, "peer_peak_gpu_bytes": 16.0e9},
+        "peer_full_80_blocks_seconds": PEER_70B["full_80_layers_seconds"],
+        "peer_peak_gpu_bytes": PEER_70B["peak_gpu_bytes"]},
     "eval_throughput_7b": {"llmcq_tokens_per_s": ev["llmcq_bs1"]["tokens_per_s"],
                            "llmcq_bs4_tokens_per_s": ev["llmcq_bs4"]["tokens_per_s"],
                            "plain_transformers_tokens_per_s":

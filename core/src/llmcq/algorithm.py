@@ -7,11 +7,19 @@ Override only the stages the algorithm needs; the others do nothing:
   statistics, e.g. a Hessian), weights untouched;
 * :meth:`Algorithm.transform` - per block: function-preserving changes to the float weights
   (scaling, smoothing, rotation, clipping) or pruning;
+* :meth:`Algorithm.prune` - per block, sparse steps: return a keep-mask per linear; core
+  zeroes the pruned weights and hands the masks to later steps (``block.masks``);
 * :meth:`Algorithm.quantize` - per block: return one :class:`QuantizedLinear` per linear.
 
-Per block, core calls each recipe step's ``calibrate`` then ``transform`` in recipe order,
-then ``quantize`` of the last step that implements it. So in ``[awq, gptq]`` GPTQ's
-``calibrate`` sees the block already scaled by AWQ.
+Per block, core calls each recipe step's ``calibrate`` then ``transform`` (then ``prune``
+for sparse steps) in recipe order, sparse steps first, then ``quantize`` of the last quant
+step that implements it. So in ``[awq, gptq]`` GPTQ's ``calibrate`` sees the block already
+scaled by AWQ.
+
+Lifetime: core builds one instance per recipe step per run, after the model is loaded and
+before the first block (so ``__init__`` may refuse settings that need the model); the same
+instance sees every block in order and :meth:`summary` is read once at the end. Keep per-block
+state keyed by ``block.index`` and drop it when the block is done.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from llmcq.config.schema import SpecialConfig
@@ -28,18 +37,27 @@ if TYPE_CHECKING:
 
 __all__ = ["Algorithm", "STAGES"]
 
-STAGES = ("transform_model", "calibrate", "transform", "quantize")
+STAGES = ("transform_model", "calibrate", "transform", "prune", "quantize")
 
 
 class Algorithm:
-    """A recipe step's driver. ``self.weight``/``self.act`` are the run's quant specs."""
+    """A recipe step's driver.
+
+    ``self.weight`` / ``self.act`` / ``self.sparsity``: the run's typed specs
+    (:class:`~llmcq.quant.spec.WeightQuantSpec`, :class:`~llmcq.quant.spec.ActQuantSpec`,
+    :class:`~llmcq.sparsity.SparsitySpec`, ``None`` when absent), the same objects the
+    config-time checks saw; ``self.special``: the step's validated special config;
+    ``self.run``: the :class:`~llmcq.pipeline.context.RunContext`.
+    """
 
     def __init__(self, *, run: RunContext, step: Step) -> None:
         self.run = run
         self.step = step
         self.special: SpecialConfig = step.special
+        self.specs = run.specs
         self.weight = run.weight
         self.act = run.act
+        self.sparsity = run.specs.sparsity
 
     @classmethod
     def implements(cls, stage: str) -> bool:
@@ -56,6 +74,12 @@ class Algorithm:
 
     def transform(self, block: Block, inputs: BlockInputs | None) -> None:
         """Change the block's float weights in place (function-preserving or pruning)."""
+
+    def prune(self, block: Block, inputs: BlockInputs | None) -> dict[str, torch.Tensor] | None:
+        """Sparse steps: ``{relative linear name: bool mask}`` (``True`` = kept), shaped like
+        the weight and honouring ``self.sparsity``; core checks the structure, zeroes the
+        pruned weights and combines the masks of several sparse steps."""
+        return None
 
     def quantize(self, block: Block, inputs: BlockInputs | None
                  ) -> dict[str, QuantizedLinear] | None:

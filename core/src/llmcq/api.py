@@ -10,27 +10,32 @@ when it needs it. See CONTRIBUTING.md for worked examples.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from llmcq.config.schema import SpecialConfig
 from llmcq.errors import ConfigError, PluginLoadError
 
 if TYPE_CHECKING:
+    from llmcq.capabilities import Feature, Need
     from llmcq.config.schema import QuantSection, RunConfig
+    from llmcq.specs import RunSpecs
 
 __all__ = [
     "API_VERSION",
     "PluginSpec",
     "AlgorithmSpec",
+    "StepSettings",
     "ModelSpec",
     "BackendSpec",
+    "ExportTarget",
     "EvaluatorSpec",
     "GROUPS",
 ]
 
 #: Major version of this contract. A spec built for another major version is refused at load.
-API_VERSION = 1
+API_VERSION = 2
 
 #: entry-point group for each kind of plugin
 GROUPS = {
@@ -89,12 +94,58 @@ class PluginSpec:
         return (self.name, *self.aliases)
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """One recipe step as its algorithm sees it at config time (torch-free).
+
+    ``specs``: the run's typed specs (the same objects the driver and the exporters get);
+    ``special``: the step's validated ``special`` config; ``index``/``methods``: where the
+    step sits in its section's recipe (``methods`` as written); ``section``: ``"quant"`` or
+    ``"sparse"``; ``config``: the whole typed config, for keys beyond the specs.
+    """
+
+    specs: RunSpecs
+    special: SpecialConfig
+    index: int
+    methods: tuple[str, ...]
+    section: str
+    config: RunConfig
+
+    @property
+    def method_path(self) -> str:
+        """``quant.method``, or ``quant.method[i]`` in a list."""
+        base = f"{self.section}.method"
+        return base + (f"[{self.index}]" if len(self.methods) > 1 else "")
+
+    @property
+    def special_path(self) -> str:
+        """``quant.special``, or ``quant.special.<method>`` in a list."""
+        base = f"{self.section}.special"
+        return base + (f".{self.methods[self.index]}" if len(self.methods) > 1 else "")
+
+    def key(self, name: str) -> str:
+        """The full path of one of the step's special keys (for error messages)."""
+        return f"{self.special_path}.{name}"
+
+    @property
+    def quant(self) -> QuantSection | None:
+        return self.config.quant
+
+
 @dataclass(frozen=True, kw_only=True)
 class AlgorithmSpec(PluginSpec):
     """An algorithm (``quant.method`` or ``sparse.method``).
 
-    Override :meth:`check` to refuse unsupported settings at config time, before any model is
-    loaded. ``impl`` names an :class:`llmcq.algorithm.Algorithm` subclass.
+    Declarations (all read at config time, before any model is loaded):
+
+    * :meth:`check`: refuse settings the algorithm cannot honour;
+    * :meth:`produces`: the record features (:data:`llmcq.capabilities.RECORD_FEATURES`)
+      its results contain with these settings; backends that cannot write one are refused;
+    * :meth:`needs`: the layout facts (:data:`llmcq.capabilities.LAYOUT_FEATURES`) it uses;
+      adapters that do not provide one are refused;
+    * :meth:`wants_calibration`: whether this run of it needs calibration data.
+
+    ``impl`` names an :class:`llmcq.algorithm.Algorithm` subclass.
     """
 
     group: ClassVar[str] = "llmcq.algorithms"
@@ -103,8 +154,8 @@ class AlgorithmSpec(PluginSpec):
     special: type[SpecialConfig] = NoSpecial
     #: whether the algorithm needs calibration data at all (RTN weight-only does not).
     needs_calibration: bool = False
-    #: whether it accepts activation quantization (``quant.act``).
-    supports_act: bool = True
+    #: whether it accepts activation quantization (``quant.act``); off unless declared.
+    supports_act: bool = False
     #: weight ``calib_algo`` values it understands.
     weight_calib_algos: tuple[str, ...] = ("minmax", "mse")
     #: element types it can quantize to: "int" (integer grids, ``quant_type: int-quant``)
@@ -113,36 +164,69 @@ class AlgorithmSpec(PluginSpec):
     #: spec-aware functions (``fit_weight_qparams``, ``quantize_weight``,
     #: ``fake_quantize_weight``, ``fake_quantize_act``, ``llmcq.quant.clip``).
     weight_formats: tuple[str, ...] = ("int",)
+    #: sparse algorithms: the keys of :data:`llmcq.sparsity.SPARSE_KEYS` it honours; a key
+    #: set in the config and honoured by no step is refused
+    sparse_keys: tuple[str, ...] = ()
+    #: quantizing algorithms: whether ``quantize`` keeps the pruned weights of an earlier
+    #: sparse step at zero while it optimizes (``block.masks``); core zeroes them in the
+    #: records either way, and notes when the algorithm ignored them
+    uses_masks: bool = False
+    #: layout facts (:data:`llmcq.capabilities.LAYOUT_FEATURES`) every run of the algorithm
+    #: needs; override :meth:`needs` when it depends on the settings
+    layout_needs: tuple[str, ...] = ()
 
-    def check(self, quant: QuantSection, special: SpecialConfig, *, path: str) -> None:
-        """Raise :class:`ConfigError` for settings this algorithm cannot honour."""
-        if quant.weight is None and self.kind == "quant" and not self.supports_weightless():
+    def check(self, step: StepSettings) -> None:
+        """Raise :class:`ConfigError` for settings this algorithm cannot honour. Overrides
+        call ``super().check(step)`` first."""
+        specs, quant = step.specs, step.quant
+        if self.kind == "quant" and specs.weight is None and not self.supports_weightless():
             raise ConfigError("quant.weight", None, reason=f"{self.name} needs a quant.weight "
                               "section (bit, symmetric, granularity, group_size)",
                               show_value=False)
-        if quant.act is not None and not self.supports_act:
+        if specs.act is not None and not self.supports_act:
             raise ConfigError("quant.act", "present",
                               reason=f"{self.name} is weight-only; remove quant.act",
                               show_value=False)
-        for sec_path, sec in (("quant.weight", quant.weight), ("quant.act", quant.act)):
+        for sec_path, sec in (("quant.weight", specs.weight), ("quant.act", specs.act)):
             kind = "float" if sec is not None and sec.is_float else "int"
             if sec is not None and kind not in self.weight_formats:
                 allowed = tuple(f"{k}-quant" for k in self.weight_formats)
-                raise ConfigError(f"{sec_path}.quant_type", sec.quant_type, allowed=allowed,
-                                  reason=f"{self.name} does not quantize to "
+                raise ConfigError(f"{sec_path}.quant_type",
+                                  "float-quant" if kind == "float" else "int-quant",
+                                  allowed=allowed, reason=f"{self.name} does not quantize to "
                                   f"{'FP8' if kind == 'float' else 'integer'} grids")
-        if quant.weight is not None and quant.weight.calib_algo not in self.weight_calib_algos:
+        if quant is not None and quant.weight is not None and \
+                quant.weight.calib_algo not in self.weight_calib_algos:
             raise ConfigError("quant.weight.calib_algo", quant.weight.calib_algo,
                               allowed=self.weight_calib_algos,
                               reason=f"not supported by {self.name}")
+
+    def produces(self, step: StepSettings) -> list[Feature]:
+        """Record features this step's results contain (beyond what the specs bring)."""
+        return []
+
+    def needs(self, step: StepSettings) -> list[Need]:
+        """Layout facts this step uses with these settings (default: ``layout_needs``)."""
+        from llmcq.capabilities import Need
+
+        return [Need(n, step.method_path, step.methods[step.index], source=self.name)
+                for n in self.layout_needs]
 
     def supports_weightless(self) -> bool:
         """True for transforms that quantize nothing themselves (e.g. a pure smoothing pass)."""
         return False
 
-    def wants_calibration(self, quant: QuantSection | None, special: SpecialConfig) -> bool:
+    def wants_calibration(self, step: StepSettings) -> bool:
         """Whether this run of the algorithm needs calibration data."""
         return self.needs_calibration
+
+    def describe(self) -> dict[str, Any]:
+        """What ``llmcq plugins --describe`` prints: keys and declared capabilities."""
+        return {"kind": self.kind, "needs_calibration": self.needs_calibration,
+                "supports_act": self.supports_act, "weight_formats": list(self.weight_formats),
+                "weight_calib_algos": list(self.weight_calib_algos),
+                "sparse_keys": list(self.sparse_keys), "uses_masks": self.uses_masks,
+                "layout_needs": list(self.layout_needs)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,6 +236,25 @@ class ModelSpec(PluginSpec):
     group: ClassVar[str] = "llmcq.models"
     #: Hugging Face ``config.model_type`` values served when ``model.type`` is absent.
     model_types: tuple[str, ...] = ()
+    #: layout facts (:data:`llmcq.capabilities.LAYOUT_FEATURES`) the adapter provides, checked
+    #: at config time; ``None``: known only once the model is loaded (tracing adapters), then
+    #: checked before calibration. Core also checks the loaded layout itself either way.
+    provides: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class ExportTarget:
+    """What a backend's :meth:`BackendSpec.supports` checks (torch-free): the typed config,
+    the run's typed specs, the save key that selected the backend (``path``) and the record
+    features the run will produce (already checked against ``accepts``)."""
+
+    config: RunConfig
+    specs: RunSpecs
+    path: str
+    features: tuple[Feature, ...] = ()
+
+    def has(self, name: str) -> bool:
+        return any(f.name == name for f in self.features)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,24 +271,25 @@ class BackendSpec(PluginSpec):
     #: "transformed": exported before fake quantization (the float, transformed model);
     #: "quantized": exported after, from the quantized-linear records.
     stage: str = "quantized"
-    #: record element types it writes: "int" (integer codes) and/or "float" (FP8 codes,
-    #: ``quant_type: float-quant``); the default refuses FP8 runs at config time.
-    weight_formats: tuple[str, ...] = ("int",)
+    #: record features (:data:`llmcq.capabilities.RECORD_FEATURES`) this backend writes
+    #: faithfully; every other feature a run produces is refused at config time
+    accepts: frozenset[str] = frozenset()
+    #: features accepted only with some details, e.g. ``{"sparsity_mask": ("2:4",)}``
+    accepts_detail: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: the backend's own sentence for refusing a feature (shown instead of the generic one)
+    refusals: Mapping[str, str] = field(default_factory=dict)
 
-    def supports(self, config: RunConfig, *, path: str) -> None:
-        """Raise :class:`ConfigError` if the run's settings cannot be exported here."""
-        if self.stage == "quantized" and config.quant is None:
-            raise ConfigError(path, True, reason=f"backend {self.name!r} exports a quantized "
-                              "model, but the config has no quant section")
-        if self.stage != "quantized" or config.quant is None:
-            return
-        for sec_path, sec in (("quant.weight", config.quant.weight),
-                              ("quant.act", config.quant.act)):
-            if sec is not None and sec.is_float and "float" not in self.weight_formats:
-                raise ConfigError(f"{sec_path}.quant_type", sec.quant_type,
-                                  allowed=tuple(f"{k}-quant" for k in self.weight_formats),
-                                  reason=f"backend {self.name!r} writes integer codes only; "
-                                  "FP8 (float-quant) runs export through vllm, sglang or fake")
+    def supports(self, target: ExportTarget) -> None:
+        """Raise :class:`ConfigError` if the run's grids cannot be exported here (record
+        features were already checked against :attr:`accepts`). Overrides call
+        ``super().supports(target)`` first."""
+        if self.stage == "quantized" and target.specs.weight is None:
+            raise ConfigError(target.path, True, reason=f"backend {self.name!r} exports a "
+                              "quantized model, but the config has no quant.weight section")
+
+    def describe(self) -> dict[str, Any]:
+        return {"stage": self.stage, "folder": self.folder, "accepts": sorted(self.accepts),
+                "accepts_detail": {k: list(v) for k, v in self.accepts_detail.items()}}
 
     @staticmethod
     def linear_in_features(config: RunConfig) -> dict[str, int] | None:

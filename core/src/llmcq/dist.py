@@ -22,7 +22,8 @@ from typing import TypeVar
 import torch
 
 __all__ = ["active", "rank", "local_rank", "world_size", "is_main", "init_from_env", "shutdown",
-           "shard", "all_reduce_sum", "weighted_mean"]
+           "shard", "all_reduce_sum", "all_reduce_max", "all_reduce_min", "all_gather_rows",
+           "weighted_mean", "broadcast_"]
 
 T = TypeVar("T")
 
@@ -92,13 +93,56 @@ def shard(items: Sequence[T]) -> list[T]:
     return items[rank()::world_size()]
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks in place (and return it)."""
+def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
     if active():
         import torch.distributed as dist
 
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks **in place** and return the same tensor (so
+    ``total = all_reduce_sum(t)`` and ``all_reduce_sum(t)`` both work). A no-op returning
+    ``t`` unchanged in a single process."""
+    return _all_reduce(t, "SUM")
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over ranks, in place; returns ``t``."""
+    return _all_reduce(t, "MAX")
+
+
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise minimum over ranks, in place; returns ``t``."""
+    return _all_reduce(t, "MIN")
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``t`` on every rank with rank ``src``'s values, in place; returns ``t``."""
+    if active():
+        import torch.distributed as dist
+
+        dist.broadcast(t, src=src)
+    return t
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` (``[n_r, ...]``, ``n_r`` may differ between ranks) concatenated
+    along dim 0 in rank order, on every rank. Returns ``t`` itself in a single process."""
+    if not active():
+        return t
+    import torch.distributed as dist
+
+    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    top = int(max(int(s) for s in sizes))
+    pad = t.new_zeros((top, *t.shape[1:]))
+    pad[: t.shape[0]] = t
+    parts = [torch.zeros_like(pad) for _ in range(world_size())]
+    dist.all_gather(parts, pad.contiguous())
+    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes, strict=True)])
 
 
 def weighted_mean(mean: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:

@@ -13,6 +13,7 @@ from typing import Any
 __all__ = [
     "LlmcqError",
     "ConfigError",
+    "ConfigErrors",
     "PluginLoadError",
     "PluginError",
     "DataError",
@@ -78,6 +79,22 @@ class ConfigError(LlmcqError):
         if suggestion:
             msg += f"; did you mean {suggestion!r}?"
         super().__init__(msg)
+
+
+class ConfigErrors(ConfigError):
+    """Several independent config mistakes, reported together (``llmcq validate`` lists
+    every one instead of stopping at the first). ``errors`` holds them in config order."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        flat: list[ConfigError] = []
+        for e in errors:
+            flat.extend(e.errors if isinstance(e, ConfigErrors) else [e])
+        self.errors = flat
+        first = flat[0]
+        LlmcqError.__init__(self, f"{len(flat)} problems in the config:\n" + "\n".join(
+            f"  - {e}" for e in flat) if len(flat) > 1 else str(first))
+        self.path, self.value, self.allowed = first.path, first.value, first.allowed
+        self.reason, self.suggestion = first.reason, first.suggestion
 
 
 class PluginLoadError(LlmcqError):

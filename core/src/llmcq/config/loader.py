@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,14 +20,23 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from llmcq.api import AlgorithmSpec, BackendSpec, EvaluatorSpec, ModelSpec
+from llmcq.api import (
+    AlgorithmSpec,
+    BackendSpec,
+    EvaluatorSpec,
+    ExportTarget,
+    ModelSpec,
+    StepSettings,
+)
+from llmcq.capabilities import Feature, Need, check_backend, check_layout, spec_features
 from llmcq.config.schema import FLOAT_BITS, SAVE_FLAGS, QuantSection, RunConfig, SpecialConfig
 from llmcq.data.datasets import DatasetSpec
 from llmcq.data.preproc import PREPROCESSORS
-from llmcq.errors import ConfigError, OutputExistsError, closest
+from llmcq.errors import ConfigError, ConfigErrors, OutputExistsError, closest
 from llmcq.model.loading import ModelSource, locate, peek_model_type
 from llmcq.plugins import registry
 from llmcq.plugins.registry import EntryPointInfo
+from llmcq.specs import RunSpecs
 
 __all__ = ["ResolvedConfig", "ResolvedStep", "ResolvedBackend", "load_config",
            "resolve_config", "parse_overrides", "apply_overrides", "validate_special",
@@ -67,6 +78,7 @@ class ResolvedStep:
     info: EntryPointInfo
     special: SpecialConfig
     section: str  # "quant" or "sparse"
+    settings: StepSettings
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,12 @@ class ResolvedConfig:
     overwrite: bool
     config_path: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: the typed specs every stage uses (resolved once, here)
+    specs: RunSpecs = field(default_factory=RunSpecs)
+    #: record features the recipe produces (checked against every backend)
+    features: list[Feature] = field(default_factory=list)
+    #: layout facts the recipe needs (checked against the adapter, at load if not before)
+    needs: list[Need] = field(default_factory=list)
 
     @property
     def save_dir(self) -> Path:
@@ -205,26 +223,36 @@ def _section_type(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
     return None, False
 
 
-def check_keys(raw: dict[str, Any], model: type[BaseModel], path: str = "") -> None:
-    """Unknown keys anywhere in ``raw`` -> ConfigError with the closest allowed key."""
+def check_keys(raw: dict[str, Any], model: type[BaseModel], path: str = "",
+               errors: list[ConfigError] | None = None) -> None:
+    """Unknown keys anywhere in ``raw`` -> ConfigError with the closest allowed key.
+
+    With ``errors``, every unknown key is appended there instead of raising at the first."""
+    collect = errors is not None
+    found: list[ConfigError] = errors if errors is not None else []
     fields = model.model_fields
     for key, value in raw.items():
         here = f"{path}.{key}" if path else str(key)
         if key not in fields:
             if here in LLMC_UNSUPPORTED:
-                raise ConfigError(here, value, reason=f"{LLMC_UNSUPPORTED[here]} is not "
+                err = ConfigError(here, value, reason=f"{LLMC_UNSUPPORTED[here]} is not "
                                   "supported by llmcq yet; remove the key", show_value=False)
-            raise ConfigError(here, value, reason="unknown key", allowed=sorted(fields),
-                              suggestion=closest(str(key), fields), show_value=False)
+            else:
+                err = ConfigError(here, value, reason="unknown key", allowed=sorted(fields),
+                                  suggestion=closest(str(key), fields), show_value=False)
+            if not collect:
+                raise err
+            found.append(err)
+            continue
         cls, is_list = _section_type(fields[key].annotation)
         if cls is None:
             continue
         if isinstance(value, dict):
-            check_keys(value, cls, here)
+            check_keys(value, cls, here, errors)
         elif is_list and isinstance(value, list):
             for i, item in enumerate(value):
                 if isinstance(item, dict):
-                    check_keys(item, cls, f"{here}[{i}]")
+                    check_keys(item, cls, f"{here}[{i}]", errors)
 
 
 def _error_path(loc: tuple[Any, ...], raw: Any, prefix: str) -> tuple[str, Any]:
@@ -248,8 +276,19 @@ def _error_path(loc: tuple[Any, ...], raw: Any, prefix: str) -> tuple[str, Any]:
     return ".".join(parts) or prefix or "config", node
 
 
-def validation_to_config_error(exc: ValidationError, raw: Any, prefix: str = "") -> ConfigError:
-    err = exc.errors()[0]
+def validation_to_config_error(exc: ValidationError, raw: Any, prefix: str = "",
+                               *, skip_extra: bool = False) -> ConfigError:
+    """Every error pydantic found, as one :class:`ConfigError` (a :class:`ConfigErrors`
+    when there are several). ``skip_extra``: drop "extra key" errors (already reported by
+    :func:`check_keys`)."""
+    errors = [_one_error(err, raw, prefix) for err in exc.errors()
+              if not (skip_extra and err.get("type") == "extra_forbidden")]
+    if not errors:
+        errors = [_one_error(exc.errors()[0], raw, prefix)]
+    return errors[0] if len(errors) == 1 else ConfigErrors(errors)
+
+
+def _one_error(err: Any, raw: Any, prefix: str) -> ConfigError:
     path, value = _error_path(tuple(err.get("loc", ())), raw, prefix)
     msg = str(err.get("msg", "invalid value"))
     msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
@@ -270,24 +309,36 @@ def validate_special(spec: AlgorithmSpec, raw: Any, path: str) -> SpecialConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(path, raw, reason="must be a mapping of the algorithm's keys")
-    check_keys(raw, spec.special, path)
+    errors: list[ConfigError] = []
+    check_keys(raw, spec.special, path, errors)
     try:
-        return spec.special.model_validate(raw)
+        special = spec.special.model_validate(raw)
     except ValidationError as exc:
-        raise validation_to_config_error(exc, raw, path) from None
+        errors.append(validation_to_config_error(exc, raw, path, skip_extra=True))
+        raise ConfigErrors(errors) from None
+    if errors:
+        raise ConfigErrors(errors)
+    return special
 
 
 def parse_run_config(raw: dict[str, Any]) -> RunConfig:
-    check_keys(raw, RunConfig)
+    errors: list[ConfigError] = []
+    check_keys(raw, RunConfig, "", errors)
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise validation_to_config_error(exc, raw) from None
+        errors.append(validation_to_config_error(exc, raw, skip_extra=True))
+        raise ConfigErrors(errors) from None
+    if errors:
+        raise ConfigErrors(errors)
+    return cfg
 
 
 # --------------------------------------------------------------------------- plugin checks
 
-def _steps(section_name: str, section: Any, kind: str) -> list[ResolvedStep]:
+def _steps(section_name: str, section: Any, kind: str) -> list[tuple[str, AlgorithmSpec,
+                                                                 EntryPointInfo, SpecialConfig]]:
+    """The section's methods resolved to specs, each with its validated ``special``."""
     methods = section.methods
     steps: list[tuple[str, AlgorithmSpec, EntryPointInfo]] = []
     for i, method in enumerate(methods):
@@ -317,11 +368,40 @@ def _steps(section_name: str, section: Any, kind: str) -> list[ResolvedStep]:
                                   show_value=False)
             per_method[target] = value
     out = []
+    errors: list[ConfigError] = []
     for method, spec, info in steps:
         path = f"{section_name}.special" + (f".{method}" if len(steps) > 1 else "")
-        special_cfg = validate_special(spec, per_method.get(spec.name, {}), path)
-        out.append(ResolvedStep(method, spec, info, special_cfg, section_name))
+        try:
+            special_cfg = validate_special(spec, per_method.get(spec.name, {}), path)
+        except ConfigError as exc:
+            errors.append(exc)
+            continue
+        out.append((method, spec, info, special_cfg))
+    if errors:
+        raise ConfigErrors(errors)
     return out
+
+
+def _sparse_keys(cfg: RunConfig, steps: list[ResolvedStep]) -> None:
+    """Refuse ``sparse`` keys that no sparse step of the recipe honours."""
+    sp = cfg.sparse
+    if sp is None:
+        return
+    honoured = {k for st in steps if st.section == "sparse" for k in st.spec.sparse_keys}
+    names = ", ".join(st.spec.name for st in steps if st.section == "sparse")
+    w = sp.weight
+    given: list[tuple[str, str, Any]] = []
+    if w is not None:
+        if "sparsity" in w.model_fields_set:
+            given.append(("sparsity", "sparse.weight.sparsity", w.sparsity))
+        if w.mask_structure != "unstructured":
+            given.append(("mask_structure", "sparse.weight.mask_structure", w.mask_structure))
+        if w.n_prune_layers is not None:
+            given.append(("n_prune_layers", "sparse.weight.n_prune_layers", w.n_prune_layers))
+    for key, path, value in given:
+        if key not in honoured:
+            raise ConfigError(path, value, reason=f"not used by {names} (it honours: "
+                              f"{', '.join(sorted(honoured)) or 'none of the sparse keys'})")
 
 
 def check_quant_types(quant: QuantSection) -> None:
@@ -367,129 +447,253 @@ def _check_path(path: str | None, field_path: str) -> None:
         raise ConfigError(field_path, path, reason="no such file or folder")
 
 
+class _Collector:
+    """Gathers independent config errors so one ``validate`` reports every one."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    @contextmanager
+    def part(self) -> Iterator[None]:
+        try:
+            yield
+        except ConfigError as exc:
+            self.errors.append(exc)
+
+    def raise_any(self) -> None:
+        if self.errors:
+            raise ConfigErrors(self.errors)
+
+
 def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
                    config_path: str | None = None) -> ResolvedConfig:
+    """Validate ``raw`` and resolve every plugin it names; raises one :class:`ConfigError`
+    (a :class:`ConfigErrors` listing them all when several independent parts are wrong)."""
     cfg = parse_run_config(raw)
     notes: list[str] = []
+    errs = _Collector()
+    specs = RunSpecs()
+    with errs.part():
+        if cfg.quant is not None:
+            if cfg.quant.weight is None:
+                raise ConfigError("quant.weight", None, reason="required: bit, symmetric, "
+                                  "granularity and group_size of the weights", show_value=False)
+            check_quant_types(cfg.quant)
+        specs = _specs(cfg)
 
     # model
-    source = locate(cfg.model.path)
-    if cfg.model.type is not None:
-        mtype = cfg.model.type
-        if registry.normalize(mtype) in LLMC_AUTO_TYPES and not any(
-                registry.normalize(i.name) == registry.normalize(mtype)
-                for i in registry.discover("llmcq.models")):
-            notes.append(f"model.type {mtype!r} (llmc) has no family adapter here: using the "
-                         "automatic adapter ('auto')")
-            mtype = AUTO_ADAPTER
-        mspec, minfo = registry.load_spec("llmcq.models", mtype, field="model.type",
-                                          kind=ModelSpec)
-    else:
-        mspec, minfo = _adapter_for(source)
-        if mspec.name == AUTO_ADAPTER:
-            notes.append(f"no model.type and no family adapter serves model_type "
-                         f"{peek_model_type(source)!r}: using the automatic adapter ('auto')")
-    assert isinstance(mspec, ModelSpec)
+    source: ModelSource | None = None
+    model: tuple[ModelSpec, EntryPointInfo] | None = None
+    with errs.part():
+        source = locate(cfg.model.path)
+        model = _model_spec(cfg, source, notes)
 
-    # algorithms
+    # algorithms: each step checked with the run's typed specs
     steps: list[ResolvedStep] = []
-    if cfg.sparse is not None:
-        steps += _steps("sparse", cfg.sparse, "sparse")
-    if cfg.quant is not None:
-        if cfg.quant.weight is None:
-            raise ConfigError("quant.weight", None, reason="required: bit, symmetric, "
-                              "granularity and group_size of the weights", show_value=False)
-        check_quant_types(cfg.quant)
-        quant_steps = _steps("quant", cfg.quant, "quant")
-        for i, step in enumerate(quant_steps):
-            path = "quant.method" + (f"[{i}]" if len(quant_steps) > 1 else "")
-            step.spec.check(cfg.quant, step.special, path=path)
-        steps += quant_steps
+    for section_name, section in (("sparse", cfg.sparse), ("quant", cfg.quant)):
+        if section is None:
+            continue
+        with errs.part():
+            found = _steps(section_name, section, section_name)
+            methods = tuple(section.methods)
+            for i, (method, spec, info, special) in enumerate(found):
+                settings = StepSettings(specs=specs, special=special, index=i, methods=methods,
+                                        section=section_name, config=cfg)
+                with errs.part():
+                    spec.check(settings)
+                steps.append(ResolvedStep(method, spec, info, special, section_name, settings))
+    with errs.part():
+        _sparse_keys(cfg, steps)
+    if cfg.sparse is not None and cfg.quant is not None:
+        quantizer = next((st for st in reversed(steps) if st.section == "quant"
+                          and not st.spec.supports_weightless()), None)
+        if quantizer is not None and not quantizer.spec.uses_masks:
+            notes.append(f"{quantizer.spec.name} does not use the pruning masks while it "
+                         "quantizes; the pruned weights are set to zero in its records after")
+
+    # what the records will hold, and what the layout must provide
+    features: list[Feature] = []
+    needs: list[Need] = []
+    with errs.part():
+        features = spec_features(specs)
+        for st in steps:
+            features += st.spec.produces(st.settings)
+            needs += st.spec.needs(st.settings)
+    if model is not None and model[0].provides is not None:
+        with errs.part():
+            check_layout(model[0].name, model[0].provides, needs)
 
     # calibration
-    needs_calib = any(s.spec.wants_calibration(cfg.quant, s.special) for s in steps)
-    if cfg.quant is not None and cfg.quant.act is not None and cfg.quant.act.static:
-        needs_calib = True
+    needs_calib = False
     calib = None
-    if needs_calib and cfg.calib is None:
-        who = [s.spec.name for s in steps if s.spec.wants_calibration(cfg.quant, s.special)]
-        reason = (f"{', '.join(who)} needs calibration data" if who
-                  else "static activation quantization needs calibration data")
-        raise ConfigError("calib", None, reason=f"{reason}; add a calib section (name, path, "
-                          "n_samples, seq_len, preproc)", show_value=False)
-    if cfg.calib is not None:
-        c = cfg.calib
-        if c.download:
-            raise ConfigError("calib.download", True, reason="downloads are not supported; "
-                              "set download: False and point calib.path at local data")
-        if c.padding:
-            raise ConfigError("calib.padding", True, reason="padded calibration batches are "
-                              "not supported yet", allowed="False")
-        if c.apply_chat_template:
-            raise ConfigError("calib.apply_chat_template", True, reason="chat-template "
-                              "calibration is not supported yet", allowed="False")
-        dspec, dinfo = registry.load_spec("llmcq.datasets", c.name, field="calib.name",
-                                          kind=DatasetSpec)
-        assert isinstance(dspec, DatasetSpec)
-        if c.preproc not in PREPROCESSORS:
-            raise ConfigError("calib.preproc", c.preproc, reason="unknown preprocessor",
-                              allowed=sorted(PREPROCESSORS),
-                              suggestion=closest(c.preproc, PREPROCESSORS))
-        if dspec.needs_path and c.path is None:
-            raise ConfigError("calib.path", None, reason=f"dataset {dspec.name} is read from "
-                              "a local file or folder", show_value=False)
-        _check_path(c.path, "calib.path")
-        calib = (dspec, dinfo)
-        if not needs_calib:
-            notes.append("calib section present but no step needs calibration; it is unused")
+    with errs.part():
+        needs_calib, calib = _calibration(cfg, steps, specs, notes)
 
     # evaluation
-    evals = []
+    evals: list[ResolvedEval] = []
     for i, e in enumerate(cfg.eval):
-        prefix = "eval" if len(cfg.eval) == 1 else f"eval[{i}]"
-        if e.download:
-            raise ConfigError(f"{prefix}.download", True, reason="downloads are not supported; "
-                              f"set download: False and point {prefix}.path at local data")
-        for pos in e.eval_pos:
-            if pos in ("fake_quant", "transformed") and cfg.quant is None and \
-                    not (pos == "transformed" and cfg.sparse is not None):
-                raise ConfigError(f"{prefix}.eval_pos", e.eval_pos, reason=f"position {pos!r} "
-                                  "needs a quant section", allowed="pretrain")
-        espec, einfo = registry.load_spec("llmcq.evaluators", e.type, field=f"{prefix}.type",
-                                          kind=EvaluatorSpec)
-        assert isinstance(espec, EvaluatorSpec)
-        datasets = []
-        for j, (name, path) in enumerate(zip(e.names, e.paths)):
-            npath = f"{prefix}.name" + (f"[{j}]" if isinstance(e.name, list) else "")
-            dspec, dinfo = registry.load_spec("llmcq.datasets", name, field=npath,
-                                              kind=DatasetSpec)
-            assert isinstance(dspec, DatasetSpec)
-            ppath = f"{prefix}.path" + (f"[{j}]" if isinstance(e.path, list) else "")
-            if dspec.needs_path and path is None:
-                raise ConfigError(ppath, None, reason=f"dataset {dspec.name} is read from a "
-                                  "local file or folder", show_value=False)
-            _check_path(path, ppath)
-            datasets.append((dspec, dinfo, path))
-        evals.append(ResolvedEval(i, espec, einfo, datasets))
+        with errs.part():
+            evals.append(_evaluation(cfg, i, e))
 
-    # export
+    # export: the record features first, then each backend's own grid checks
     backends = []
     flag_of = {v: k for k, v in SAVE_FLAGS.items()}
     for name in cfg.save.backend_names:
         field_path = f"save.{flag_of[name]}" if name in flag_of and \
             getattr(cfg.save, flag_of[name]) else "save.backends"
-        bspec, binfo = registry.load_spec("llmcq.backends", name, field=field_path,
-                                          kind=BackendSpec)
-        assert isinstance(bspec, BackendSpec)
-        bspec.supports(cfg, path=field_path)
-        backends.append(ResolvedBackend(name, bspec, binfo, field_path))
+        with errs.part():
+            bspec, binfo = registry.load_spec("llmcq.backends", name, field=field_path,
+                                              kind=BackendSpec)
+            assert isinstance(bspec, BackendSpec)
+            check_backend(bspec.name, bspec.accepts, features, path=field_path,
+                          accepts_detail=bspec.accepts_detail, reasons=bspec.refusals)
+            bspec.supports(ExportTarget(cfg, specs, field_path, tuple(features)))
+            backends.append(ResolvedBackend(name, bspec, binfo, field_path))
+
+    with errs.part():
+        _check_save_path(cfg)
+    errs.raise_any()
+    assert source is not None and model is not None
 
     overwrite = overwrite or cfg.save.overwrite
-    resolved = ResolvedConfig(cfg, raw, source, (mspec, minfo), steps, backends, calib, evals,
-                              needs_calib, overwrite, config_path, notes)
+    resolved = ResolvedConfig(cfg, raw, source, model, steps, backends, calib, evals,
+                              needs_calib, overwrite, config_path, notes, specs=specs,
+                              features=features, needs=needs)
     if not overwrite:
         _refuse_existing(resolved)
     return resolved
+
+
+def _specs(cfg: RunConfig) -> RunSpecs:
+    try:
+        return RunSpecs.from_config(cfg)
+    except ValueError as exc:  # a grid the section validators let through (should not happen)
+        raise ConfigError("quant", None, reason=str(exc), show_value=False) from None
+
+
+def _model_spec(cfg: RunConfig, source: ModelSource,
+                notes: list[str]) -> tuple[ModelSpec, EntryPointInfo]:
+    if cfg.model.type is None:
+        mspec, minfo = _adapter_for(source)
+        if mspec.name == AUTO_ADAPTER:
+            notes.append(f"no model.type and no family adapter serves model_type "
+                         f"{peek_model_type(source)!r}: using the automatic adapter ('auto')")
+        return mspec, minfo
+    mtype = cfg.model.type
+    infos = registry.discover("llmcq.models")
+    try:
+        registry.resolve("llmcq.models", mtype, field="model.type")
+    except ConfigError:
+        pass  # not an adapter name or alias
+    else:
+        spec, info = registry.load_spec("llmcq.models", mtype, field="model.type",
+                                        kind=ModelSpec)
+        assert isinstance(spec, ModelSpec)
+        return spec, info
+    # not an adapter name: a Hugging Face model_type one adapter serves, or the checkpoint's
+    # own model_type (or an llmc name) left to the automatic adapter
+    for info in infos:
+        try:
+            spec, info = registry.load_spec("llmcq.models", info.name, field="model.type",
+                                            kind=ModelSpec)
+        except Exception:
+            continue
+        assert isinstance(spec, ModelSpec)
+        if registry.normalize(mtype) in {registry.normalize(t) for t in spec.model_types}:
+            notes.append(f"model.type {mtype!r} is served by adapter {spec.name!r}")
+            return spec, info
+    checkpoint_type = peek_model_type(source)
+    same = checkpoint_type is not None and \
+        registry.normalize(checkpoint_type) == registry.normalize(mtype)
+    has_auto = any(registry.normalize(i.name) == AUTO_ADAPTER for i in infos)
+    if has_auto and (same or registry.normalize(mtype) in LLMC_AUTO_TYPES):
+        notes.append(f"model.type {mtype!r} has no family adapter here: using the automatic "
+                     "adapter ('auto')")
+        spec, info = registry.load_spec("llmcq.models", AUTO_ADAPTER, field="model.type",
+                                        kind=ModelSpec)
+        assert isinstance(spec, ModelSpec)
+        return spec, info
+    # unknown: the registry's error (allowed names, closest spelling)
+    spec, info = registry.load_spec("llmcq.models", mtype, field="model.type", kind=ModelSpec)
+    assert isinstance(spec, ModelSpec)
+    return spec, info
+
+
+def _calibration(cfg: RunConfig, steps: list[ResolvedStep], specs: RunSpecs, notes: list[str]
+                 ) -> tuple[bool, tuple[DatasetSpec, EntryPointInfo] | None]:
+    wanting = [s.spec.name for s in steps if s.spec.wants_calibration(s.settings)]
+    needs_calib = bool(wanting) or (specs.act is not None and specs.act.static)
+    if needs_calib and cfg.calib is None:
+        reason = (f"{', '.join(wanting)} needs calibration data" if wanting
+                  else "static activation quantization needs calibration data")
+        raise ConfigError("calib", None, reason=f"{reason}; add a calib section (name, path, "
+                          "n_samples, seq_len, preproc)", show_value=False)
+    if cfg.calib is None:
+        return needs_calib, None
+    c = cfg.calib
+    if c.download:
+        raise ConfigError("calib.download", True, reason="downloads are not supported; "
+                          "set download: False and point calib.path at local data")
+    if c.padding:
+        raise ConfigError("calib.padding", True, reason="padded calibration batches are "
+                          "not supported yet", allowed="False")
+    if c.apply_chat_template:
+        raise ConfigError("calib.apply_chat_template", True, reason="chat-template "
+                          "calibration is not supported yet", allowed="False")
+    dspec, dinfo = registry.load_spec("llmcq.datasets", c.name, field="calib.name",
+                                      kind=DatasetSpec)
+    assert isinstance(dspec, DatasetSpec)
+    if c.preproc not in PREPROCESSORS:
+        raise ConfigError("calib.preproc", c.preproc, reason="unknown preprocessor",
+                          allowed=sorted(PREPROCESSORS),
+                          suggestion=closest(c.preproc, PREPROCESSORS))
+    if dspec.needs_path and c.path is None:
+        raise ConfigError("calib.path", None, reason=f"dataset {dspec.name} is read from "
+                          "a local file or folder", show_value=False)
+    _check_path(c.path, "calib.path")
+    if not needs_calib:
+        notes.append("calib section present but no step needs calibration; it is unused")
+    return needs_calib, (dspec, dinfo)
+
+
+def _evaluation(cfg: RunConfig, i: int, e: Any) -> ResolvedEval:
+    prefix = "eval" if len(cfg.eval) == 1 else f"eval[{i}]"
+    if e.download:
+        raise ConfigError(f"{prefix}.download", True, reason="downloads are not supported; "
+                          f"set download: False and point {prefix}.path at local data")
+    for pos in e.eval_pos:
+        if pos in ("fake_quant", "transformed") and cfg.quant is None and \
+                not (pos == "transformed" and cfg.sparse is not None):
+            raise ConfigError(f"{prefix}.eval_pos", e.eval_pos, reason=f"position {pos!r} "
+                              "needs a quant section", allowed="pretrain")
+    espec, einfo = registry.load_spec("llmcq.evaluators", e.type, field=f"{prefix}.type",
+                                      kind=EvaluatorSpec)
+    assert isinstance(espec, EvaluatorSpec)
+    datasets = []
+    for j, (name, path) in enumerate(zip(e.names, e.paths)):
+        npath = f"{prefix}.name" + (f"[{j}]" if isinstance(e.name, list) else "")
+        dspec, dinfo = registry.load_spec("llmcq.datasets", name, field=npath, kind=DatasetSpec)
+        assert isinstance(dspec, DatasetSpec)
+        ppath = f"{prefix}.path" + (f"[{j}]" if isinstance(e.path, list) else "")
+        if dspec.needs_path and path is None:
+            raise ConfigError(ppath, None, reason=f"dataset {dspec.name} is read from a "
+                              "local file or folder", show_value=False)
+        _check_path(path, ppath)
+        datasets.append((dspec, dinfo, path))
+    return ResolvedEval(i, espec, einfo, datasets)
+
+
+def _check_save_path(cfg: RunConfig) -> None:
+    """``save.save_path`` must be a folder (created if absent), never an existing file, and
+    no parent of it may be a file: refused now, before anything is computed."""
+    path = Path(cfg.save.save_path).expanduser()
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            what = "is a file" if p == path else f"sits under {p}, which is a file"
+            raise ConfigError("save.save_path", cfg.save.save_path,
+                              reason=f"{what}; save_path must be a folder (created if absent)")
+        if p.exists():
+            break
 
 
 def _adapter_for(source: ModelSource) -> tuple[ModelSpec, EntryPointInfo]:

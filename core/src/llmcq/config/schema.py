@@ -8,6 +8,8 @@ imports torch.
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -38,10 +40,33 @@ _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16
                   "float": "float32"}
 
 
+def _is_tuple_type(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_tuple_type(a) for a in typing.get_args(annotation))
+    return annotation is tuple
+
+
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, types are strict, frozen."""
+    """Base of every config section: unknown keys are errors, types are strict, frozen.
+
+    YAML has no tuples: a list given for a field typed as a tuple is taken as that tuple
+    (strict mode would refuse it otherwise)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_lists_as_tuples(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, info in cls.model_fields.items():
+            if isinstance(out.get(name), list) and _is_tuple_type(info.annotation):
+                out[name] = tuple(out[name])
+        return out
 
 
 class SpecialConfig(Section):
@@ -254,15 +279,39 @@ class QuantSection(Section):
 
 
 class SparseWeightSection(Section):
+    #: fraction of each pruned linear's weights set to zero (unstructured masks)
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    #: llmcq: ``unstructured`` or ``N:M`` (at most N non-zeros in every M consecutive input
+    #: weights of a row: ``2:4``, ``4:8``); with N:M the sparsity is ``1 - N/M``
+    mask_structure: str = "unstructured"
+    #: whole blocks to remove (ShortGPT)
     n_prune_layers: int | None = Field(None, ge=1)
+
+    @field_validator("mask_structure")
+    @classmethod
+    def _structure(cls, v: str) -> str:
+        from llmcq.sparsity import parse_structure
+
+        try:
+            return str(parse_structure(v))
+        except ValueError:
+            raise ValueError("allowed: unstructured, N:M with 1 <= N < M (2:4, 4:8)") from None
 
 
 class SparseSection(Section):
+    #: a sparse algorithm from ``llmcq.algorithms`` (kind "sparse"), or a list run in order
     method: str | list[str]
     weight: SparseWeightSection | None = None
     special: dict[str, Any] = Field(default_factory=dict)
+    #: feed each block the pruned outputs of the block before it (llmc); False: the dense
+    #: block's outputs
     sparsity_out: bool = False
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> SparseSection:
+        if not self.methods:
+            raise ValueError("sparse.method is an empty list")
+        return self
 
     @property
     def methods(self) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -22,7 +22,35 @@ if TYPE_CHECKING:
     from llmcq.api import ModelSpec
     from llmcq.config.schema import ModelSection
 
-__all__ = ["ModelAdapter", "ResolvedGroup", "resolve_group", "resolve_block", "linear_names"]
+__all__ = ["ModelAdapter", "ResolvedGroup", "LinearRole", "ModelFacts", "resolve_group",
+           "resolve_block", "linear_names", "PROBE_TOKENS"]
+
+#: tokens of the probe input that checks an adapter's block-wise logits
+PROBE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class LinearRole:
+    """A linear's role (:data:`llmcq.model.layout.ROLES`) and, for an expert's linears, the
+    expert's index (the component a ``*`` of the layout pattern matched)."""
+
+    kind: str
+    expert: int | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.expert is None else f"{self.kind}[{self.expert}]"
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Facts of a loaded model that transforms of the whole residual stream need."""
+
+    hidden_size: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied_embeddings: bool
+    final_norm_kind: str | None
 
 
 @dataclass
@@ -35,6 +63,8 @@ class ResolvedGroup:
     inspect: nn.Module
     #: every inspect module when the layout names several (their outputs are added)
     inspect_all: tuple[nn.Module, ...] = ()
+    #: the declared role of each linear (empty when the layout declares none)
+    roles: dict[str, LinearRole] = field(default_factory=dict)
 
     def run_inspect(self, x: torch.Tensor, block_kwargs: dict[str, Any]) -> torch.Tensor:
         """Output of the ``inspect`` module on its input ``x`` (the linears' shared input),
@@ -63,9 +93,18 @@ def _expand(block: nn.Module, pattern: str) -> list[str]:
     return [n for n in names if n.count(".") == depth and fnmatch.fnmatchcase(n, pattern)]
 
 
+def _expert_index(pattern: str, name: str) -> int | None:
+    """The integer a ``*`` of ``pattern`` matched in ``name`` (``experts.*.up`` / ``experts.3.up``)."""
+    for p, n in zip(pattern.split("."), name.split("."), strict=False):
+        if p == "*" and n.isdigit():
+            return int(n)
+    return None
+
+
 def resolve_group(block: nn.Module, group: LinearGroup, *, where: str) -> ResolvedGroup:
     linears: dict[str, nn.Linear] = {}
-    for pattern in group.linears:
+    roles: dict[str, LinearRole] = {}
+    for k, pattern in enumerate(group.linears):
         hits = _expand(block, pattern)
         if not hits:
             raise PluginError(f"layout names {pattern!r}, which matches nothing in {where}",
@@ -80,10 +119,12 @@ def resolve_group(block: nn.Module, group: LinearGroup, *, where: str) -> Resolv
                 raise PluginError(f"{where}.{name} is a {type(mod).__name__}, not nn.Linear",
                                   stage="layout")
             linears[name] = mod
+            if group.roles:
+                roles[name] = LinearRole(group.roles[k], _expert_index(pattern, name))
     prev = block.get_submodule(group.prev_op) if group.prev_op else None
     inspect = tuple(block.get_submodule(n) for n in group.inspect_names)
     return ResolvedGroup(group, linears, prev, inspect[0],
-                         inspect if isinstance(group.inspect, tuple) else ())
+                         inspect if isinstance(group.inspect, tuple) else (), roles)
 
 
 def resolve_block(block: nn.Module, layout: BlockLayout, *, where: str) -> list[ResolvedGroup]:
@@ -170,3 +211,88 @@ class ModelAdapter:
         if self.layout.final_norm:
             hidden = model.get_submodule(self.layout.final_norm)(hidden)
         return model.get_submodule(self.layout.lm_head)(hidden)
+
+    # ------------------------------------------------------------------ checks and facts
+
+    def layout_facts(self, model: nn.Module) -> tuple[set[str], dict[str, str]]:
+        """The layout facts (:data:`llmcq.capabilities.LAYOUT_FEATURES`) this adapter's
+        layout provides for ``model``, and why each missing one is missing. Core checks
+        them against what the recipe needs before calibration, for every adapter."""
+        n = len(self.blocks(model))
+        layouts: dict[int, tuple[int, BlockLayout]] = {}
+        for i in range(n):
+            lay = self.block_layout(model, i)
+            layouts.setdefault(id(lay), (i, lay))
+        provides: set[str] = set()
+        reasons: dict[str, str] = {}
+        where = self.layout.blocks
+        no_roles = [f"{where}.{i}" for i, lay in layouts.values() if not lay.has_roles]
+        if no_roles:
+            reasons["roles"] = f"linears without a declared role in {', '.join(no_roles)}"
+        else:
+            provides.add("roles")
+        if any(g.prev_op for _, lay in layouts.values() for g in lay.groups):
+            provides.add("scaling_pairs")
+        else:
+            reasons["scaling_pairs"] = "no linear group declares a prev_op"
+        no_kinds = [f"{where}.{i}" for i, lay in layouts.values() if not lay.has_norm_kinds]
+        if no_kinds:
+            reasons["norm_kinds"] = f"norms without a declared kind in {', '.join(no_kinds)}"
+        else:
+            provides.add("norm_kinds")
+        stuck = [f"{where}.{i}" for i, lay in layouts.values() if not lay.rotatable]
+        if stuck or self.layout.final_norm_kind is None or "roles" not in provides:
+            reasons["rotation_points"] = (
+                f"blocks {', '.join(stuck)} lack roles or norm kinds, or normalize a "
+                "writer's output before the residual add" if stuck else
+                "the final norm's kind is not declared")
+        else:
+            provides.add("rotation_points")
+        return provides, reasons
+
+    @torch.no_grad()
+    def check_head(self, model: nn.Module) -> str | None:
+        """Whether block-by-block execution reproduces the model: the last block's output
+        through :meth:`head_logits` must give the model's own logits on a probe input.
+        Returns what is wrong, or None."""
+        blocks = self.blocks(model)
+        last: dict[str, torch.Tensor] = {}
+
+        def keep(_m: nn.Module, _a: Any, out: Any) -> None:
+            last["h"] = out[0] if isinstance(out, (tuple, list)) else out
+
+        vocab = model.get_input_embeddings().num_embeddings
+        gen = torch.Generator().manual_seed(0)
+        device = next(model.parameters()).device
+        ids = torch.randint(0, vocab, (1, PROBE_TOKENS), generator=gen).to(device)
+        handle = blocks[len(blocks) - 1].register_forward_hook(keep)
+        try:
+            logits = model(input_ids=ids, use_cache=False).logits
+        finally:
+            handle.remove()
+        try:
+            mine = self.head_logits(model, last["h"])
+        except Exception as exc:  # a broken override is reported, not raised
+            return f"head_logits failed on the probe input: {type(exc).__name__}: {exc}"
+        if mine.shape != logits.shape:
+            return f"head_logits gives shape {tuple(mine.shape)}, the model {tuple(logits.shape)}"
+        err = float((mine.float() - logits.float()).abs().max())
+        scale = float(logits.float().abs().max()) or 1.0
+        if err > 1e-3 * scale + 1e-4:
+            return (f"the block-wise logits (final norm -> head_logits) differ from the "
+                    f"model's by up to {err:.3g} (|logits| up to {scale:.3g}) on a "
+                    f"{PROBE_TOKENS}-token probe: the head does more than the adapter "
+                    "computes (logit scaling or soft-capping?)")
+        return None
+
+    def facts(self, model: nn.Module) -> ModelFacts:
+        """Sizes and ties of the loaded model (rotations need them)."""
+        cfg = model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        heads, kv = self.attention_heads(model)
+        hidden = int(getattr(cfg, "hidden_size"))
+        head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
+        emb = model.get_input_embeddings()
+        head = model.get_submodule(self.layout.lm_head)
+        tied = getattr(head, "weight", None) is getattr(emb, "weight", None)
+        return ModelFacts(hidden, heads, kv, head_dim, bool(tied), self.layout.final_norm_kind)

@@ -13,8 +13,42 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["LinearGroup", "BlockLayout", "ModelLayout", "attention_groups", "mlp_groups",
+__all__ = ["ROLES", "READER_ROLES", "WRITER_ROLES", "NORM_KINDS", "NORM_FEEDS", "NormSite",
+           "LinearGroup", "BlockLayout", "ModelLayout", "attention_groups", "mlp_groups",
            "prenorm_block", "llama_like_layout"]
+
+#: what a linear does in its block
+ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "router",
+         "expert_gate", "expert_up", "expert_down", "expert_gate_up",
+         "shared_gate", "shared_up", "shared_down", "shared_gate_up", "lm_head")
+#: roles whose linears read the (normalized) residual stream
+READER_ROLES = frozenset({"q", "k", "v", "qkv", "gate", "up", "gate_up", "router",
+                          "expert_gate", "expert_up", "expert_gate_up", "shared_gate",
+                          "shared_up", "shared_gate_up", "lm_head"})
+#: roles whose linears write into the residual stream
+WRITER_ROLES = frozenset({"o", "down", "expert_down", "shared_down"})
+#: norm kinds: RMSNorm (``y = x / rms(x) * w``), LayerNorm (mean-centred, weight and
+#: bias), Gemma's offset RMSNorm (``y = x / rms(x) * (1 + w)``)
+NORM_KINDS = ("rms", "layer", "rms_offset")
+#: what a norm's output feeds: attention or MLP inputs (pre-norms), both (parallel blocks),
+#: the attention or MLP output before the residual add (sandwich post-norms), q/k heads
+NORM_FEEDS = ("attn", "mlp", "attn_mlp", "attn_out", "mlp_out", "qk")
+
+
+@dataclass(frozen=True)
+class NormSite:
+    """A norm of the block: its name (relative to the block), kind and what it feeds."""
+
+    name: str
+    kind: str
+    feeds: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in NORM_KINDS:
+            raise ValueError(f"unknown norm kind {self.kind!r}; allowed {', '.join(NORM_KINDS)}")
+        if self.feeds not in NORM_FEEDS:
+            raise ValueError(f"unknown norm position {self.feeds!r}; allowed "
+                             f"{', '.join(NORM_FEEDS)}")
 
 
 @dataclass(frozen=True)
@@ -36,10 +70,19 @@ class LinearGroup:
     inspect: str | tuple[str, ...]
     prev_kind: Literal["norm", "linear", "none"] = "norm"
     inspect_kwargs: bool | tuple[bool, ...] = False
+    #: the role of each entry of ``linears`` (:data:`ROLES`); empty: not declared
+    roles: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.linears:
             raise ValueError("a LinearGroup needs at least one linear")
+        if self.roles:
+            if len(self.roles) != len(self.linears):
+                raise ValueError(f"roles {self.roles} need one entry per linear "
+                                 f"{self.linears}")
+            bad = [r for r in self.roles if r not in ROLES]
+            if bad:
+                raise ValueError(f"unknown roles {bad}; allowed {', '.join(ROLES)}")
         if self.prev_op is None and self.prev_kind != "none":
             object.__setattr__(self, "prev_kind", "none")
         if isinstance(self.inspect, tuple):
@@ -67,11 +110,57 @@ class BlockLayout:
     """The linear groups of one block, in execution order.
 
     ``float_linears`` are linears deliberately left unquantized (an MoE router, say); every
-    other linear of the block must appear in exactly one group.
+    other linear of the block must appear in exactly one group. ``float_roles``: their
+    roles, one each. ``norms``: the block's norms with kinds and positions.
     """
 
     groups: tuple[LinearGroup, ...]
     float_linears: tuple[str, ...] = ()
+    float_roles: tuple[str, ...] = ()
+    norms: tuple[NormSite, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.float_roles and len(self.float_roles) != len(self.float_linears):
+            raise ValueError("float_roles need one entry per float linear")
+        bad = [r for r in self.float_roles if r not in ROLES]
+        if bad:
+            raise ValueError(f"unknown roles {bad}; allowed {', '.join(ROLES)}")
+
+    @property
+    def has_roles(self) -> bool:
+        """Every linear (float ones included) has a declared role."""
+        return all(g.roles for g in self.groups) and \
+            (not self.float_linears or bool(self.float_roles))
+
+    def roles(self) -> dict[str, str]:
+        """Linear name pattern -> role, for every linear with a declared role."""
+        out = {}
+        for g in self.groups:
+            out.update(zip(g.linears, g.roles))
+        out.update(zip(self.float_linears, self.float_roles))
+        return out
+
+    def residual_readers(self) -> tuple[str, ...]:
+        """Patterns of the linears reading the residual stream (through a norm)."""
+        return tuple(n for n, r in self.roles().items() if r in READER_ROLES)
+
+    def residual_writers(self) -> tuple[str, ...]:
+        """Patterns of the linears writing into the residual stream."""
+        return tuple(n for n, r in self.roles().items() if r in WRITER_ROLES)
+
+    @property
+    def has_norm_kinds(self) -> bool:
+        """Every norm producing a group's input is declared with its kind."""
+        declared = {n.name for n in self.norms}
+        return bool(self.norms) and all(g.prev_op in declared for g in self.groups
+                                        if g.prev_kind == "norm" and g.prev_op)
+
+    @property
+    def rotatable(self) -> bool:
+        """The residual stream can be rotated through this block: roles and norm kinds
+        declared, and no norm on a writer's output before the residual add."""
+        return self.has_roles and self.has_norm_kinds and not any(
+            n.feeds in ("attn_out", "mlp_out") for n in self.norms)
 
 
 @dataclass(frozen=True)
@@ -87,6 +176,13 @@ class ModelLayout:
     rotary: str | None = None
     #: other modules a block-wise forward must run before the blocks (learned positions, ...)
     pre_block: tuple[str, ...] = field(default_factory=tuple)
+    #: kind of ``final_norm`` (:data:`NORM_KINDS`); None: not declared
+    final_norm_kind: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.final_norm_kind is not None and self.final_norm_kind not in NORM_KINDS:
+            raise ValueError(f"unknown norm kind {self.final_norm_kind!r}; allowed "
+                             f"{', '.join(NORM_KINDS)}")
 
 
 # --------------------------------------------------------------------------- builders
@@ -94,24 +190,34 @@ class ModelLayout:
 # out once so family adapters only name their modules.
 
 def attention_groups(*, norm: str | None, qkv: tuple[str, ...], out: str,
-                     attn: str = "self_attn", v: str | None = None) -> tuple[LinearGroup, ...]:
+                     attn: str = "self_attn", v: str | None = None,
+                     qkv_roles: tuple[str, ...] | None = None) -> tuple[LinearGroup, ...]:
     """Attention projections read ``norm``'s output; the output projection reads a per-channel
-    linear function of ``v`` (None when ``v`` is fused with q/k and cannot absorb a scale)."""
+    linear function of ``v`` (None when ``v`` is fused with q/k and cannot absorb a scale).
+    Roles: ``q, k, v`` for three projections, ``qkv`` for one fused projection, ``o``."""
+    if qkv_roles is None:
+        qkv_roles = ("q", "k", "v") if len(qkv) == 3 else ("qkv",) if len(qkv) == 1 else ()
     return (
         LinearGroup(linears=qkv, prev_op=norm, prev_kind="norm", inspect=attn,
-                    inspect_kwargs=True),
-        LinearGroup(linears=(out,), prev_op=v, prev_kind="linear", inspect=out),
+                    inspect_kwargs=True, roles=qkv_roles),
+        LinearGroup(linears=(out,), prev_op=v, prev_kind="linear", inspect=out, roles=("o",)),
     )
 
 
 def mlp_groups(*, norm: str | None, up: tuple[str, ...], down: str, mlp: str = "mlp",
-               down_prev: str | None = None) -> tuple[LinearGroup, ...]:
+               down_prev: str | None = None,
+               up_roles: tuple[str, ...] | None = None) -> tuple[LinearGroup, ...]:
     """MLP input projections read ``norm``'s output; ``down`` reads a per-channel linear
     function of ``down_prev`` (``up_proj`` of a gated MLP, ``fc1`` under ReLU; None under
-    GELU, whose output is not a per-channel scaling of its input)."""
+    GELU, whose output is not a per-channel scaling of its input). Roles: ``gate, up`` for
+    two input projections, ``up`` for one (or ``gate_up`` when fused: pass ``up_roles``),
+    ``down``."""
+    if up_roles is None:
+        up_roles = ("gate", "up") if len(up) == 2 else ("up",) if len(up) == 1 else ()
     return (
-        LinearGroup(linears=up, prev_op=norm, prev_kind="norm", inspect=mlp),
-        LinearGroup(linears=(down,), prev_op=down_prev, prev_kind="linear", inspect=down),
+        LinearGroup(linears=up, prev_op=norm, prev_kind="norm", inspect=mlp, roles=up_roles),
+        LinearGroup(linears=(down,), prev_op=down_prev, prev_kind="linear", inspect=down,
+                    roles=("down",)),
     )
 
 
@@ -119,9 +225,12 @@ def prenorm_block(*, attn: str = "self_attn", mlp: str = "mlp",
                   attn_norm: str = "input_layernorm", mlp_norm: str = "post_attention_layernorm",
                   q: str = "q_proj", k: str = "k_proj", v: str = "v_proj", o: str = "o_proj",
                   gate: str | None = "gate_proj", up: str = "up_proj", down: str = "down_proj",
-                  relu: bool = False) -> BlockLayout:
+                  relu: bool = False, norm_kind: str = "rms",
+                  extra_norms: tuple[NormSite, ...] = ()) -> BlockLayout:
     """A Llama-shaped block: ``attn_norm -> q,k,v``; ``v -> o``; ``mlp_norm -> gate,up``;
-    ``up -> down`` (gated MLP), or ``up -> down`` only when ``relu`` for an ungated MLP."""
+    ``up -> down`` (gated MLP), or ``up -> down`` only when ``relu`` for an ungated MLP.
+    ``norm_kind`` is the kind of both pre-norms; ``extra_norms`` adds other norms of the
+    block (sandwich post-norms, q/k norms)."""
     a = f"{attn}."
     m = f"{mlp}." if mlp else ""
     ups = (f"{m}{gate}", f"{m}{up}") if gate else (f"{m}{up}",)
@@ -131,13 +240,16 @@ def prenorm_block(*, attn: str = "self_attn", mlp: str = "mlp",
                           v=a + v),
         *mlp_groups(norm=mlp_norm, up=ups, down=f"{m}{down}", mlp=mlp or f"{m}{up}",
                     down_prev=down_prev),
-    ))
+    ), norms=(NormSite(attn_norm, norm_kind, "attn"), NormSite(mlp_norm, norm_kind, "mlp"),
+              *extra_norms))
 
 
-def llama_like_layout(block: BlockLayout | None = None) -> ModelLayout:
+def llama_like_layout(block: BlockLayout | None = None, *,
+                      final_norm_kind: str = "rms") -> ModelLayout:
     """Where things are in the many ``*ForCausalLM`` classes that copy Llama's module names
     (``model.layers``, ``model.embed_tokens``, ``model.rotary_emb``, ``model.norm``,
     ``lm_head``); ``block`` defaults to the pre-norm Llama block."""
     return ModelLayout(blocks="model.layers", embeddings=("model.embed_tokens",),
                        rotary="model.rotary_emb", final_norm="model.norm", lm_head="lm_head",
-                       block=block if block is not None else prenorm_block())
+                       block=block if block is not None else prenorm_block(),
+                       final_norm_kind=final_norm_kind)

@@ -10,26 +10,32 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from llmcq.errors import DataError
-from llmcq.model.adapter import ModelAdapter, ResolvedGroup
+from llmcq.model.adapter import LinearRole, ModelAdapter, ResolvedGroup
 
 __all__ = ["Block", "BlockInputs", "capture_block_inputs", "on_device", "block_output"]
 
 
 @dataclass
 class Block:
-    """One decoder block being processed: its index, dotted name, module and linear groups."""
+    """One decoder block being processed: its index, dotted name, module and linear groups.
+
+    ``masks``: keep-masks of the linears pruned by earlier sparse steps of the recipe
+    (relative name -> bool ``[out, in]``, on the block's device); a quantizer that declares
+    ``uses_masks`` keeps those weights at zero while it optimizes.
+    """
 
     index: int
     name: str
     module: nn.Module
     groups: list[ResolvedGroup]
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def linears(self) -> dict[str, nn.Linear]:
         """Every quantizable linear of the block (relative name -> module), in group order."""
@@ -40,6 +46,23 @@ class Block:
 
     def full_name(self, relative: str) -> str:
         return f"{self.name}.{relative}"
+
+    def role(self, name: str) -> LinearRole | None:
+        """The declared role of the linear ``name`` (relative), None when undeclared."""
+        for g in self.groups:
+            if name in g.roles:
+                return g.roles[name]
+        return None
+
+    def by_role(self, *kinds: str) -> dict[str, nn.Linear]:
+        """The block's linears whose role is one of ``kinds`` (e.g. ``"q", "k"``)."""
+        out: dict[str, nn.Linear] = {}
+        for g in self.groups:
+            for name, lin in g.linears.items():
+                r = g.roles.get(name)
+                if r is not None and r.kind in kinds:
+                    out[name] = lin
+        return out
 
 
 def block_output(out: Any) -> torch.Tensor:
@@ -90,6 +113,13 @@ class BlockInputs:
     def forward(self, module: nn.Module) -> list[torch.Tensor]:
         """Outputs of ``module`` (a whole block) on every batch."""
         return [block_output(module(h, **kw)) for h, kw in self.batches()]
+
+    def replace(self, hidden: list[torch.Tensor]) -> None:
+        """Use ``hidden`` (one tensor per batch, e.g. outputs kept from earlier) as the
+        inputs from now on."""
+        if len(hidden) != len(self.hidden):
+            raise ValueError("one tensor per batch is required")
+        self.hidden = list(hidden)
 
     @torch.no_grad()
     def advance(self, module: nn.Module, *, check: str = "") -> None:

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from llmcq.artefacts import ArtefactStore
 from llmcq.pipeline.blockwise import Block, BlockInputs
 
 if TYPE_CHECKING:
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from llmcq.plugins.registry import EntryPointInfo
     from llmcq.quant.record import QuantizedLinear
     from llmcq.quant.spec import ActQuantSpec, WeightQuantSpec
+    from llmcq.specs import RunSpecs
 
 __all__ = ["Step", "RunContext", "Block", "BlockInputs"]
 
@@ -53,6 +55,7 @@ class RunContext:
     steps: list[Step] = field(default_factory=list)
     #: the step whose ``quantize`` makes the records (None: core's round-to-nearest)
     quantizer: Step | None = None
+    #: the run's typed specs (``resolved.specs``); ``weight``/``act`` are its two grids
     weight: WeightQuantSpec | None = None
     act: ActQuantSpec | None = None
     #: records by full module name, filled block by block (kept on the CPU)
@@ -63,11 +66,27 @@ class RunContext:
     #: memo for values computed once per run (tokenized evaluation text, ...)
     cache: dict[Any, Any] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("llmcq"))
+    #: (zeros, weights) of every pruned linear, by full name (``compression.sparsity``)
+    pruned: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: typed hand-off between recipe steps (AWQ's scales and clips, ...)
+    artefacts: ArtefactStore = field(default_factory=lambda: ArtefactStore())
     _scratch: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        specs = self.resolved.specs
+        if self.weight is None:
+            self.weight = specs.weight
+        if self.act is None:
+            self.act = specs.act
 
     @property
     def config(self) -> RunConfig:
         return self.resolved.config
+
+    @property
+    def specs(self) -> RunSpecs:
+        """The typed specs of the run (resolved once at config time)."""
+        return self.resolved.specs
 
     def scratch(self, block_index: int) -> dict[str, Any]:
         """A per-block dict for statistics shared between stages and plugins."""

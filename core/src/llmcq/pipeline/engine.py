@@ -69,10 +69,71 @@ def _check_records(run: RunContext, block: Block, records: Any,
                                                    not torch.isfinite(rec.zero).all()):
             raise PluginError("NaN/Inf in scales or zero points", plugin=plugin,
                               stage="quantize", where=where)
+        problems = rec.problems()
+        if problems:
+            raise PluginError("; ".join(problems), plugin=plugin, stage="quantize", where=where)
         if not torch.isfinite(rec.dequantize()).all():
             raise PluginError("NaN/Inf in the quantized weight", plugin=plugin,
                               stage="quantize", where=where)
     return records
+
+
+def _check_masks(run: RunContext, block: Block, masks: Any, step: Step) -> dict[str, torch.Tensor]:
+    """A sparse step's masks: bool, the weight's shape, the run's structure."""
+    from llmcq.sparsity.masks import structure_violations
+
+    plugin = step.label
+    if not isinstance(masks, dict):
+        raise PluginError(f"prune returned {type(masks).__name__}, expected a dict of bool "
+                          "masks", plugin=plugin, stage="prune", where=block.name)
+    linears = block.linears()
+    structure = run.specs.sparsity.structure if run.specs.sparsity is not None else None
+    for name, mask in masks.items():
+        where = block.full_name(name)
+        if name not in linears:
+            raise PluginError(f"mask for {name!r}, which is not a linear of the block",
+                              plugin=plugin, stage="prune", where=block.name)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or \
+                tuple(mask.shape) != tuple(linears[name].weight.shape):
+            raise PluginError("a mask is a bool tensor of the weight's shape", plugin=plugin,
+                              stage="prune", where=where)
+        if structure is not None and structure_violations(mask, structure):
+            raise PluginError(f"mask breaks the {structure} structure", plugin=plugin,
+                              stage="prune", where=where)
+    return masks
+
+
+def _prune(run: RunContext, step: Step, block: Block, inputs: BlockInputs | None) -> Any:
+    assert step.algorithm is not None
+    return step.algorithm.prune(block, inputs)
+
+
+def _apply_masks(block: Block, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the pruned weights in place and combine with earlier steps' masks."""
+    linears = block.linears()
+    for name, mask in masks.items():
+        w = linears[name].weight
+        mask = mask.to(w.device)
+        prev = block.masks.get(name)
+        mask = mask if prev is None else (mask & prev)
+        w.data.mul_(mask.to(w.dtype))
+        block.masks[name] = mask
+
+
+def _mask_records(run: RunContext, block: Block, records: dict[str, QuantizedLinear],
+                  step: Step | None) -> None:
+    """Pruned weights stay pruned: every record of a masked linear carries its mask."""
+    structure = run.specs.sparsity.structure if run.specs.sparsity is not None else None
+    for name, mask in block.masks.items():
+        rec = records.get(name)
+        if rec is None:
+            continue
+        if rec.mask is not None and not torch.equal(rec.mask.to(mask.device), mask):
+            raise PluginError("the record's mask differs from the pruning mask",
+                              plugin=step.label if step else "llmcq core", stage="quantize",
+                              where=block.full_name(name))
+        rec.mask = mask
+        rec.mask_structure = structure
 
 
 def _attach_act(run: RunContext, block: Block, inputs: BlockInputs | None,
@@ -100,7 +161,7 @@ def _attach_act(run: RunContext, block: Block, inputs: BlockInputs | None,
 
 @torch.no_grad()
 def quantize_model(run: RunContext, batches: list[torch.Tensor] | None) -> None:
-    """Run the recipe over every block; fills ``run.records``."""
+    """Run the recipe over every block; fills ``run.records`` (and ``run.pruned``)."""
     from tqdm.auto import tqdm
 
     model, adapter = run.model, run.adapter
@@ -114,31 +175,53 @@ def quantize_model(run: RunContext, batches: list[torch.Tensor] | None) -> None:
     inputs = capture_block_inputs(model, adapter, batches, run.device) if batches else None
     blocks = adapter.blocks(model)
     quantizing = run.weight is not None
+    sparse = run.specs.sparsity
+    quant_out = run.specs.quant_out
+    # the dense block's outputs feed the next block unless pruned outputs are asked for
+    # (sparse.sparsity_out) or quantized ones (quant.quant_out)
+    dense_next = sparse is not None and not sparse.sparsity_out and not (quantizing and
+                                                                         quant_out)
     for i in tqdm(range(len(blocks)), desc="blocks", disable=not run.progress):
         module: nn.Module = blocks[i]
         name = f"{adapter.layout.blocks}.{i}"
         resident = _upload(module, run.device)
         block = Block(i, name, module, resolve_block(module, adapter.block_layout(model, i),
                                                      where=name))
+        last = i == len(blocks) - 1
+        dense_out = inputs.forward(module) if dense_next and inputs is not None and \
+            not last else None
         for step in run.steps:
             call_stage(run, "calibrate", hook.llmcq_calibrate, step=step, where=name,
                        block=block, inputs=inputs)
             call_stage(run, "transform", hook.llmcq_transform, step=step, where=name,
                        block=block, inputs=inputs)
+            if step.spec.kind == "sparse":
+                assert step.algorithm is not None
+                masks = call_stage(run, "prune", _prune, step=step, where=name,
+                                   block=block, inputs=inputs)
+                if masks:
+                    _apply_masks(block, _check_masks(run, block, masks, step))
         records: dict[str, QuantizedLinear] = {}
         if quantizing:
             result = call_stage(run, "quantize", hook.llmcq_quantize, step=run.quantizer,
                                 where=name, block=block, inputs=inputs)
             records = _check_records(run, block, result, run.quantizer)
+            _mask_records(run, block, records, run.quantizer)
             _attach_act(run, block, inputs, records)
-        if inputs is not None and i < len(blocks) - 1:
-            if run.config.quant is not None and run.config.quant.quant_out and records:
+        if inputs is not None and not last:
+            if dense_out is not None:
+                inputs.replace(dense_out)
+            elif quant_out and records:
                 with fake_quantized(module, records):
                     inputs.advance(module, check=name)
             else:
                 inputs.advance(module, check=name)
+        del dense_out
+        for rel, mask in block.masks.items():
+            run.pruned[block.full_name(rel)] = (int((~mask).sum()), int(mask.numel()))
         for rel, rec in records.items():
             run.records[block.full_name(rel)] = rec.to("cpu")
+        block.masks.clear()
         _offload(module, resident)
         run.drop_scratch(i)
         if run.device.type == "cuda":

@@ -28,14 +28,15 @@ import torch
 from llmcq import dist
 from llmcq.config.loader import RESULTS_FILE, ResolvedConfig
 from llmcq.data.datasets import DatasetSpec
-from llmcq.errors import ConfigError, DataError
+from llmcq.capabilities import check_layout, check_records
+from llmcq.errors import ConfigError, DataError, PluginError
 from llmcq.io.atomic import atomic_dir, atomic_write_text
 from llmcq.model.adapter import ModelAdapter
 from llmcq.pipeline.builtin import Builtin
 from llmcq.pipeline.context import RunContext, Step
 from llmcq.pipeline.engine import call_stage, deploy_fake_quant, quantize_model
 from llmcq.plugins.manager import make_plugin_manager
-from llmcq.quant.spec import ActQuantSpec, WeightQuantSpec
+from llmcq.quant.compression import compression_summary
 
 __all__ = ["run", "pick_device", "calibration_batches"]
 
@@ -156,20 +157,45 @@ def _evaluate(run: RunContext, stages: _Stages, position: str,
                     entry[extra] = m[extra]
 
 
-def _export(run: RunContext, stages: _Stages, stage: str, written: dict[str, str]) -> None:
+def check_adapter(run: RunContext) -> None:
+    """The loaded layout against what the recipe needs (every adapter, hand-written ones
+    too): layout facts (:func:`llmcq.capabilities.check_layout`), and, when an evaluation
+    runs block by block, that the adapter's block-wise logits reproduce the model's own."""
+    adapter = run.adapter
+    assert adapter is not None
+    provides, reasons = adapter.layout_facts(run.model)
+    check_layout(run.resolved.model[0].name, provides, run.resolved.needs, reasons=reasons)
+    if any(run.config.eval[e.index].inference_per_block for e in run.resolved.evals):
+        problem = adapter.check_head(run.model)
+        if problem:
+            raise PluginError(f"model adapter {run.resolved.model[0].name!r}: {problem}; "
+                              "per-block evaluation would report wrong perplexities (fix "
+                              "the adapter's head_logits, or set eval.inference_per_block: "
+                              "False)", stage="load")
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _export(run: RunContext, stages: _Stages, stage: str, written: dict[str, str],
+            sizes: dict[str, int]) -> None:
     if not dist.is_main():
         return  # every rank holds the same records; rank 0 writes them
     for b in run.resolved.backends:
         if b.spec.stage != stage:
             continue
         final = run.resolved.save_dir / b.folder
+        records = run.records if stage == "quantized" else {}
+        check_records(b.name, b.spec.accepts, records,
+                      plugin=run.quantizer.label if run.quantizer else "llmcq core")
         with stages(f"export_{b.name}"):
             with atomic_dir(final, overwrite=run.resolved.overwrite) as tmp:
-                records = run.records if stage == "quantized" else {}
                 run.pm.hook.llmcq_export(run=run, backend=b.name, model=run.model,
                                          records=records, out_dir=Path(tmp))
         written[b.name] = str(final)
-        log.info("exported %s to %s", b.name, final)
+        sizes[b.name] = _folder_bytes(final)
+        log.info("exported %s to %s (%d bytes)", b.name, final, sizes[b.name])
 
 
 def run(resolved: ResolvedConfig, *, progress: bool = True,
@@ -187,10 +213,6 @@ def run(resolved: ResolvedConfig, *, progress: bool = True,
     stages = _Stages(device)
     pm = make_plugin_manager(builtin=Builtin(), extra=extra_plugins)
     ctx = RunContext(resolved=resolved, device=device, pm=pm, progress=progress)
-    if cfg.quant is not None:
-        assert cfg.quant.weight is not None
-        ctx.weight = WeightQuantSpec.from_section(cfg.quant.weight)
-        ctx.act = ActQuantSpec.from_section(cfg.quant.act) if cfg.quant.act else None
     results: dict[str, Any] = {"eval": {}}
     total_start = time.perf_counter()
 
@@ -204,6 +226,7 @@ def run(resolved: ResolvedConfig, *, progress: bool = True,
         else:
             ctx.model, ctx.tokenizer = adapter.load(resolved.source)
     log.info("loaded %s with adapter %s", resolved.source.display, mspec.name)
+    check_adapter(ctx)
     _build_steps(ctx)
 
     _evaluate(ctx, stages, "pretrain", results)
@@ -224,12 +247,13 @@ def run(resolved: ResolvedConfig, *, progress: bool = True,
 
     _evaluate(ctx, stages, "transformed", results)
     written: dict[str, str] = {}
-    _export(ctx, stages, "transformed", written)
+    sizes: dict[str, int] = {}
+    _export(ctx, stages, "transformed", written, sizes)
     if ctx.records:
         with stages("deploy"):
             deploy_fake_quant(ctx.model, ctx.records)
     _evaluate(ctx, stages, "fake_quant", results)
-    _export(ctx, stages, "quantized", written)
+    _export(ctx, stages, "quantized", written, sizes)
 
     stages.seconds["total"] = time.perf_counter() - total_start
     cuda_peak = max(stages.cuda_peak.values()) if stages.cuda_peak else None
@@ -245,6 +269,8 @@ def run(resolved: ResolvedConfig, *, progress: bool = True,
         "recipe": [{"method": s.spec.name, "quantizes": s is ctx.quantizer,
                     **(s.algorithm.summary() if s.algorithm else {})} for s in ctx.steps],
         "quantized_linears": len(ctx.records),
+        "compression": {**compression_summary(ctx.model, ctx.records, ctx.pruned),
+                        "export_bytes": sizes},
         "device": str(device),
         "outputs": written,
         "model_source": resolved.source.display,

@@ -18,17 +18,21 @@ from torch.nn import functional as F
 from llmcq.quant.qparams import fake_quantize_act, grid_qparams, minmax_qparams
 from llmcq.quant.record import QuantizedLinear
 from llmcq.quant.spec import ActQuantSpec
+from llmcq.quant.transform import OnlineTransform
+from llmcq.stats import ChannelRange
 
 __all__ = ["FakeQuantLinear", "ActRangeObserver", "swap_in_fake_quant", "fake_quantized",
            "set_module"]
 
 
 class FakeQuantLinear(nn.Module):
-    """``y = fq_act(x) @ W_hat.T + b`` with ``W_hat`` from a :class:`QuantizedLinear`."""
+    """``y = fq_act(T(x)) @ W_hat.T + b`` with ``W_hat`` from a :class:`QuantizedLinear` and
+    ``T`` its online input transform (identity when the record has none)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *,
                  act: ActQuantSpec | None = None, act_scale: torch.Tensor | None = None,
-                 act_zero: torch.Tensor | None = None, label: str = "") -> None:
+                 act_zero: torch.Tensor | None = None, label: str = "",
+                 input_transform: OnlineTransform | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         self.weight = nn.Parameter(weight, requires_grad=False)
@@ -40,6 +44,8 @@ class FakeQuantLinear(nn.Module):
         self.act: ActQuantSpec | None = act
         self.register_buffer("act_scale", _opt(act_scale, weight.device), persistent=False)
         self.register_buffer("act_zero", _opt(act_zero, weight.device), persistent=False)
+        self.input_transform = None if input_transform is None else \
+            input_transform.to(weight.device)
         self.label = label
 
     @classmethod
@@ -49,9 +55,12 @@ class FakeQuantLinear(nn.Module):
         if device is not None:
             weight = weight.to(device)
         return cls(weight, record.bias, act=record.act, act_scale=record.act_scale,
-                   act_zero=record.act_zero, label=record.describe())
+                   act_zero=record.act_zero, label=record.describe(),
+                   input_transform=record.input_transform)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform.apply(x)
         if self.act is not None:
             x = fake_quantize_act(x, self.act, self.act_scale, self.act_zero)
         return F.linear(x, self.weight, self.bias)
@@ -65,22 +74,21 @@ def _opt(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
 
 
 class ActRangeObserver:
-    """Running min/max of a layer's input over calibration batches (static per-tensor)."""
+    """Running min/max of a layer's input over calibration batches (static per-tensor),
+    combined over data-parallel ranks (:class:`llmcq.stats.ChannelRange`) before the scale
+    is fitted, so every rank fixes the scale on every rank's tokens."""
 
     def __init__(self) -> None:
-        self.lo: torch.Tensor | None = None
-        self.hi: torch.Tensor | None = None
+        self.range = ChannelRange(per_tensor=True)
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().float()
-        lo, hi = x.amin(), x.amax()
-        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
-        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+        self.range.update(x)
 
     def qparams(self, spec: ActQuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.lo is None or self.hi is None:
+        if self.range.count == 0:
             raise RuntimeError("observer saw no data")
-        rng = torch.stack([self.lo, self.hi]).reshape(1, 1, 2)
+        lo, hi = self.range.reduce().value
+        rng = torch.stack([lo.reshape(()), hi.reshape(())]).reshape(1, 1, 2)
         if spec.is_float:  # FP8: max|x| / 448
             scale, zero = grid_qparams(rng, spec)
         else:

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Union
 if TYPE_CHECKING:
     from llmcq.config.schema import ActQuantSection, WeightQuantSection
 
-__all__ = ["SYM_RANGES", "PerTensor", "PerChannel", "PerGroup", "PerToken", "Granularity",
-           "WeightQuantSpec", "ActQuantSpec", "FLOAT_FORMATS", "INT"]
+__all__ = ["SYM_RANGES", "PerTensor", "PerChannel", "PerGroup", "PerToken", "PerHead",
+           "Granularity", "WeightQuantSpec", "ActQuantSpec", "KVQuantSpec", "FLOAT_FORMATS",
+           "INT"]
 
 #: symmetric integer scale conventions: "restricted" (llmc: absmax / (2^(b-1) - 1)) and
 #: "full" (compressed-tensors / llm-compressor: absmax / (2^(b-1) - 1/2))
@@ -72,7 +73,15 @@ class PerToken:
         return "per_token"
 
 
-Granularity = Union[PerTensor, PerChannel, PerGroup, PerToken]
+@dataclass(frozen=True)
+class PerHead:
+    """KV cache: one scale per attention head of each token."""
+
+    def __str__(self) -> str:
+        return "per_head"
+
+
+Granularity = Union[PerTensor, PerChannel, PerGroup, PerToken, PerHead]
 
 
 def _granularity(name: str, group_size: int) -> Granularity:
@@ -84,6 +93,8 @@ def _granularity(name: str, group_size: int) -> Granularity:
         return PerGroup(group_size)
     if name == "per_token":
         return PerToken()
+    if name == "per_head":
+        return PerHead()
     raise ValueError(f"unknown granularity {name!r}")
 
 
@@ -154,9 +165,10 @@ class WeightQuantSpec(_IntGrid):
         self._check_grid()
 
     @property
-    def group_size(self) -> int:
-        """``group_size`` in llmc's sense: the group width, or -1 when not per-group."""
-        return self.granularity.size if isinstance(self.granularity, PerGroup) else -1
+    def group_size(self) -> int | None:
+        """The group width, or ``None`` when the grid is not per-group (no ``-1``
+        sentinel: formats that spell per-channel as ``-1`` convert at their boundary)."""
+        return self.granularity.size if isinstance(self.granularity, PerGroup) else None
 
     @classmethod
     def from_section(cls, s: WeightQuantSection) -> WeightQuantSpec:
@@ -167,7 +179,7 @@ class WeightQuantSpec(_IntGrid):
                    calib_algo=calib, round_zp=s.round_zp, fmt=fmt, sym_range=s.sym_range)
 
     def describe(self) -> str:
-        g = f"g{self.group_size}" if self.group_size > 0 else str(self.granularity)
+        g = f"g{self.group_size}" if self.group_size is not None else str(self.granularity)
         if self.is_float:
             return f"w-fp8({self.fmt}) {g}"
         return f"w{self.bits} {g} {_sym_label(self)}"
@@ -203,7 +215,7 @@ class ActQuantSpec(_IntGrid):
         g = self.granularity
         out: dict[str, object] = {
             "bits": self.bits, "symmetric": self.symmetric, "granularity": str(g).split("(")[0],
-            "group_size": g.size if isinstance(g, PerGroup) else -1, "static": self.static}
+            "group_size": g.size if isinstance(g, PerGroup) else None, "static": self.static}
         if self.is_float:
             out["fmt"] = self.fmt
         if self.full_range:
@@ -213,9 +225,42 @@ class ActQuantSpec(_IntGrid):
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> ActQuantSpec:
         return cls(bits=int(d["bits"]), symmetric=bool(d["symmetric"]),  # type: ignore[arg-type]
-                   granularity=_granularity(str(d["granularity"]), int(d["group_size"])),  # type: ignore[arg-type]
+                   granularity=_granularity(str(d["granularity"]),
+                                            int(d.get("group_size") or 0)),  # type: ignore[arg-type]
                    static=bool(d["static"]), fmt=str(d.get("fmt", INT)),
                    sym_range=str(d.get("sym_range", "restricted")))
+
+
+@dataclass(frozen=True)
+class KVQuantSpec(_IntGrid):
+    """KV-cache quantization: the keys' and values' grids as the attention stores them.
+
+    ``method``: "naive" (one grid for keys and values) or "kivi" (keys per channel, values
+    per token, the last ``residual`` tokens kept in float, as the KIVI paper). The config
+    section (llmc's ``quant.kvcache``) arrives with the rotations issue; the spec is part of
+    the contract already so that backends can declare whether they store a quantized cache.
+    """
+
+    key_granularity: Granularity = PerToken()
+    value_granularity: Granularity = PerToken()
+    static: bool = False
+    method: str = "naive"
+    #: KIVI: most recent tokens kept in float
+    residual: int = 0
+    fmt: str = INT
+    sym_range: str = "restricted"
+
+    def __post_init__(self) -> None:
+        self._check_grid()
+        if self.method not in ("naive", "kivi"):
+            raise ValueError(f"unknown KV-cache method {self.method!r}: allowed naive, kivi")
+        if self.residual < 0:
+            raise ValueError("residual must be >= 0")
+
+    def describe(self) -> str:
+        kind = "static" if self.static else "dynamic"
+        return (f"kv{self.bits} {self.method} k:{self.key_granularity} "
+                f"v:{self.value_granularity} {kind}")
 
 
 def _sym_label(spec: _IntGrid) -> str:

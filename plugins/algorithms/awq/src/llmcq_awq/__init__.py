@@ -20,16 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import Field
 
-from llmcq.api import AlgorithmSpec
+from llmcq.api import AlgorithmSpec, StepSettings
+from llmcq.capabilities import Need
 from llmcq.config.schema import SpecialConfig
 from llmcq.errors import ConfigError
-
-if TYPE_CHECKING:
-    from llmcq.config.schema import QuantSection
 
 __all__ = ["SPEC", "AwqSpecial", "AwqSpec", "SCALES_FILE", "CLIPS_FILE"]
 
@@ -79,22 +77,15 @@ class AwqSpecial(SpecialConfig):
     n_grid: int = Field(20, ge=1, le=1000)
 
 
-def _special_path(quant: QuantSection, path: str) -> str:
-    """``quant.special`` or ``quant.special.<method>`` for the step at ``path``."""
-    if "[" in path:
-        index = int(path.rsplit("[", 1)[1].rstrip("]"))
-        return f"quant.special.{quant.methods[index]}"
-    return "quant.special"
-
-
 @dataclass(frozen=True, kw_only=True)
 class AwqSpec(AlgorithmSpec):
     """AWQ's spec: refuses unsupported combinations before any model is loaded."""
 
-    def check(self, quant: QuantSection, special: object, *, path: str) -> None:
-        super().check(quant, special, path=path)  # type: ignore[arg-type]
-        assert isinstance(special, AwqSpecial)
-        sp = _special_path(quant, path)
+    def check(self, step: StepSettings) -> None:
+        super().check(step)
+        special, quant = step.special, step.quant
+        assert isinstance(special, AwqSpecial) and quant is not None
+        sp = step.special_path
         s = special
         if s.awq_bs is not None:
             raise ConfigError(f"{sp}.awq_bs", s.awq_bs, reason="not supported: the scale "
@@ -141,7 +132,20 @@ class AwqSpec(AlgorithmSpec):
                 raise ConfigError(f"{sp}.{kind}_path", where, reason=f"no {fname} in this "
                                   f"folder (write one with save_{kind}: True)")
 
-    def wants_calibration(self, quant: QuantSection | None, special: object) -> bool:
+    def needs(self, step: StepSettings) -> list[Need]:
+        special = step.special
+        assert isinstance(special, AwqSpecial)
+        out = []
+        if special.trans:
+            out.append(Need("scaling_pairs", step.key("trans"), True, source=self.name,
+                            hint="set trans: False, or use an adapter that declares them"))
+        if special.weight_clip:
+            out.append(Need("roles", step.key("weight_clip"), True, source=self.name,
+                            hint="queries and keys are left unclipped, found by their roles"))
+        return out
+
+    def wants_calibration(self, step: StepSettings) -> bool:
+        special = step.special
         assert isinstance(special, AwqSpecial)
         return (special.trans and not special.load_scale) or \
             (special.weight_clip and not special.load_clip)

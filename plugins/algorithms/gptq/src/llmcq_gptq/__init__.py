@@ -10,9 +10,11 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from llmcq.api import AlgorithmSpec
-from llmcq.config.schema import QuantSection, SpecialConfig
+from llmcq.api import AlgorithmSpec, StepSettings
+from llmcq.capabilities import Feature
+from llmcq.config.schema import SpecialConfig
 from llmcq.errors import ConfigError
+from llmcq.quant.spec import PerGroup
 
 __all__ = ["SPEC", "GPTQSpecial", "GPTQSpec"]
 
@@ -59,40 +61,45 @@ class GPTQSpecial(SpecialConfig):
 
 
 class GPTQSpec(AlgorithmSpec):
-    """Config-time checks of the OWQ keys."""
+    """Config-time checks of the OWQ keys, and what GPTQ's records hold."""
 
-    def check(self, quant: QuantSection, special: SpecialConfig, *, path: str) -> None:
-        super().check(quant, special, path=path)
+    def check(self, step: StepSettings) -> None:
+        super().check(step)
+        special = step.special
         assert isinstance(special, GPTQSpecial)
-        base = _special_path(quant, path)
         if special.owq:
             given = [k for k in ("n_outs", "owq_ratio") if getattr(special, k) is not None]
             if len(given) != 1:
-                raise ConfigError(f"{base}.owq", True, reason="OWQ needs the number of float "
+                raise ConfigError(step.key("owq"), True, reason="OWQ needs the number of float "
                                   "columns: give exactly one of n_outs (one count per linear "
                                   "of a block) or owq_ratio (a fraction of the input columns)",
                                   allowed="n_outs: [..] or owq_ratio: 0.0-1.0", show_value=False)
             if special.n_outs is not None and len(special.n_outs) == 0:
-                raise ConfigError(f"{base}.n_outs", [], reason="needs one count per linear "
+                raise ConfigError(step.key("n_outs"), [], reason="needs one count per linear "
                                   "of a block")
         else:
             for key in ("n_outs", "owq_ratio"):
                 if getattr(special, key) is not None:
-                    raise ConfigError(f"{base}.{key}", getattr(special, key),
+                    raise ConfigError(step.key(key), getattr(special, key),
                                       reason="only used by OWQ; set owq: True or remove it")
 
-    def wants_calibration(self, quant: QuantSection | None, special: SpecialConfig) -> bool:
+    def produces(self, step: StepSettings) -> list[Feature]:
+        special = step.special
+        assert isinstance(special, GPTQSpecial)
+        out = []
+        w = step.specs.weight
+        if w is not None and isinstance(w.granularity, PerGroup) and special.actorder \
+                and not special.static_groups:
+            out.append(Feature("g_idx", step.key("actorder"), True, source=self.name,
+                               hint="set static_groups: True (act-order kept, groups "
+                                    "contiguous) or actorder: False"))
+        if special.owq:
+            out.append(Feature("float_columns", step.key("owq"), True, source=self.name,
+                               hint="set owq: False"))
+        return out
+
+    def wants_calibration(self, step: StepSettings) -> bool:
         return True
-
-
-def _special_path(quant: QuantSection, method_path: str) -> str:
-    """``quant.special`` or ``quant.special.<method>`` when several methods run."""
-    methods = quant.methods
-    if len(methods) == 1:
-        return "quant.special"
-    index = method_path.rsplit("[", 1)[-1].rstrip("]")
-    name = methods[int(index)] if index.isdigit() and int(index) < len(methods) else "gptq"
-    return f"quant.special.{name}"
 
 
 SPEC = GPTQSpec(
@@ -105,4 +112,5 @@ SPEC = GPTQSpec(
     needs_calibration=True,
     supports_act=True,
     weight_calib_algos=("minmax", "mse"),
+    uses_masks=True,
 )

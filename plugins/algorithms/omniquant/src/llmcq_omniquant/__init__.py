@@ -8,15 +8,12 @@ the config-time checks, and imports no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from llmcq.api import AlgorithmSpec
+from llmcq.api import AlgorithmSpec, StepSettings
+from llmcq.capabilities import Need
 from llmcq.config.schema import SpecialConfig
 from llmcq.errors import ConfigError
 from pydantic import Field
-
-if TYPE_CHECKING:
-    from llmcq.config.schema import QuantSection
 
 __all__ = ["SPEC", "OmniQuantSpecial", "OmniQuantSpec"]
 
@@ -62,12 +59,12 @@ class OmniQuantSpecial(SpecialConfig):
 class OmniQuantSpec(AlgorithmSpec):
     """Refuses at config time what the implementation cannot honour."""
 
-    def check(self, quant: QuantSection, special: SpecialConfig, *, path: str) -> None:
-        super().check(quant, special, path=path)
-        assert isinstance(special, OmniQuantSpecial)
-        index = _step_index(path)
-        methods = quant.methods
-        sp = "quant.special" + (f".{methods[index]}" if len(methods) > 1 else "")
+    def check(self, step: StepSettings) -> None:
+        super().check(step)
+        special, quant = step.special, step.quant
+        assert isinstance(special, OmniQuantSpecial) and quant is not None
+        index = step.index
+        sp = step.special_path
         weight = quant.weight
         assert weight is not None
         if special.lwc and weight.calib_algo != "learnable":
@@ -109,15 +106,22 @@ class OmniQuantSpec(AlgorithmSpec):
             raise ConfigError("quant.act.static", True, allowed="False", reason="OmniQuant "
                               "trains with dynamic activation quantization")
 
-    def wants_calibration(self, quant: QuantSection | None, special: SpecialConfig) -> bool:
+    def needs(self, step: StepSettings) -> list[Need]:
+        special = step.special
+        assert isinstance(special, OmniQuantSpecial)
+        out = []
+        if special.let:
+            out.append(Need("scaling_pairs", step.key("let"), True, source=self.name,
+                            hint="set let: False (learnable clipping alone needs no pairs)"))
+            out.append(Need("roles", step.key("let"), True, source=self.name,
+                            hint="LET's value -> output pair is found by the linears' roles"))
+        if special.lwc and special.search_clip_init:
+            out.append(Need("roles", step.key("search_clip_init"), True, source=self.name,
+                            hint="queries and keys keep min-max, found by their roles"))
+        return out
+
+    def wants_calibration(self, step: StepSettings) -> bool:
         return True
-
-
-def _step_index(path: str) -> int:
-    """``quant.method[2]`` -> 2; ``quant.method`` -> 0."""
-    if path.endswith("]") and "[" in path:
-        return int(path[path.rindex("[") + 1:-1])
-    return 0
 
 
 SPEC = OmniQuantSpec(

@@ -52,4 +52,5 @@ SPEC = AlgorithmSpec(
     special=OsPlusSpecial,
     needs_calibration=True,
     supports_act=True,
+    layout_needs=("scaling_pairs",),
 )

@@ -43,6 +43,7 @@ SPEC = AlgorithmSpec(
     special=SmoothQuantSpecial,
     needs_calibration=True,
     supports_act=True,
+    layout_needs=("scaling_pairs",),
     # scales come from max|X| and max|W| only; its fake quantization (true_sequential) and
     # the run's quantizer go through core's spec-aware functions: FP8 works too
     weight_formats=("int", "float"),

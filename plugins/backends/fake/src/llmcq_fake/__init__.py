@@ -11,7 +11,15 @@ SPEC = BackendSpec(
     impl="llmcq_fake.export:export",
     folder="fake_quant_model",
     stage="quantized",
-    weight_formats=("int", "float"),
+    # the dequantized weight holds every grid feature exactly (zeros of pruned weights
+    # included); activation settings go to llmcq_quant.json. An online input transform
+    # would need code at load time, and a quantized KV cache a runtime: both refused.
+    accepts=frozenset({"g_idx", "group_bits", "float_columns", "sparse_outliers",
+                       "sparsity_mask", "act_quant", "float_format", "fractional_zero",
+                       "quantized_scales"}),
+    refusals={"input_transform": "writes dequantized weights only; an online input "
+                                 "transform would have to run at load time",
+              "kv_cache_quant": "has no KV-cache runtime"},
 )
 
 

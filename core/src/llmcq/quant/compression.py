@@ -13,7 +13,9 @@
 * ``params_quantized``: weights on a grid; ``params_total``: every parameter of the model
   (tied weights once); ``linears_quantized``.
 * ``sparsity``: fraction of exact zeros in the weights of the pruned linears, measured on
-  the final weights (``None`` without pruning); ``linears_pruned``.
+  the final weights (``None`` without pruning; after quantization it can exceed the masks'
+  share, when kept weights round to zero); ``mask_sparsity``: the masks' share of pruned
+  weights; ``linears_pruned``.
 """
 
 from __future__ import annotations
@@ -93,11 +95,12 @@ def compression_summary(model: nn.Module, records: Mapping[str, QuantizedLinear]
         code += b["code_bits"]
         storage += b["storage_bits"]
         weights += b["weights"]
-    zeros = total = 0
-    for name in pruned:
+    zeros = total = masked = 0
+    for name, (n_pruned, _n) in pruned.items():
         w = model.get_submodule(name).weight
         zeros += int((w == 0).sum())
         total += int(w.numel())
+        masked += int(n_pruned)
     return {
         "weight_bits_mean": round(code / grid, 6) if grid else None,
         "bits_per_param": round(storage / weights, 6) if weights else None,
@@ -105,5 +108,6 @@ def compression_summary(model: nn.Module, records: Mapping[str, QuantizedLinear]
         "params_total": int(params_total),
         "linears_quantized": len(records),
         "sparsity": round(zeros / total, 6) if total else None,
+        "mask_sparsity": round(masked / total, 6) if total else None,
         "linears_pruned": len(pruned),
     }

@@ -202,12 +202,13 @@ class GPTQ(Algorithm):
 
     def _solve(self, label: str, W: torch.Tensor, H: torch.Tensor,
                weak: torch.Tensor | None = None,
-               float_dtype: torch.dtype | None = None) -> GPTQResult:
+               float_dtype: torch.dtype | None = None,
+               mask: torch.Tensor | None = None) -> GPTQResult:
         sp = self.special
         assert self.weight is not None
         res = gptq_quantize(W, H, self.weight, blocksize=sp.blocksize, percdamp=sp.percdamp,
                             actorder=sp.actorder, static_groups=sp.static_groups, weak=weak,
-                            float_dtype=float_dtype, retries=sp.damp_retries)
+                            float_dtype=float_dtype, retries=sp.damp_retries, mask=mask)
         if res.fallback:
             self._fallbacks.append(label)
             log.warning("GPTQ %s: the damped Hessian could not be factorized even with %gx "
@@ -256,13 +257,19 @@ class GPTQ(Algorithm):
                     weak = (owq_weak_columns(W, H, self.weight, n_out, metric=sp.owq_metric)
                             if n_out else None)
                     fp = W.dtype if sp.fp_dtype == "auto" else _FP_DTYPES[sp.fp_dtype]
-                    res = self._solve(block.full_name(nm), W, H, weak, fp)
+                    res = self._solve(block.full_name(nm), W, H, weak, fp,
+                                      block.masks.get(nm))
                     self._float_columns += n_out
                     out[nm] = self._record(lin, res)
             elif len(lins) > 1 and not isinstance(self.weight.granularity, PerTensor):
                 W = torch.cat([lin.weight.data for lin in lins], dim=0)
                 label = ", ".join(block.full_name(nm) for nm in names)
-                res = self._solve(label, W, H)
+                mask = None
+                if any(nm in block.masks for nm in names):
+                    mask = torch.cat([block.masks[nm] if nm in block.masks else
+                                      torch.ones_like(lin.weight, dtype=torch.bool)
+                                      for nm, lin in zip(names, lins)], dim=0)
+                res = self._solve(label, W, H, mask=mask)
                 r0 = 0
                 for nm, lin in zip(names, lins):
                     r1 = r0 + lin.weight.shape[0]
@@ -271,5 +278,9 @@ class GPTQ(Algorithm):
             else:
                 for nm, lin in zip(names, lins):
                     out[nm] = self._record(lin, self._solve(block.full_name(nm),
-                                                            lin.weight.data, H))
+                                                            lin.weight.data, H,
+                                                            mask=block.masks.get(nm)))
+        for nm, rec in out.items():  # pruned weights stay zero in the later groups' inputs too
+            if nm in block.masks:
+                rec.mask = block.masks[nm]
         return out

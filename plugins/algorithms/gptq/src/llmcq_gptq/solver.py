@@ -156,8 +156,12 @@ def _fit_columns(Wcols: torch.Tensor, spec: WeightQuantSpec
 
 
 def _quantize_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, q: torch.Tensor,
-                     d: torch.Tensor, qmin: int, qmax: int) -> None:
-    """Codes of one column into ``q`` and ``w - Q(w)`` into ``d`` (llmcq's grid formulas)."""
+                     d: torch.Tensor, qmin: int, qmax: int,
+                     keep: torch.Tensor | None = None) -> None:
+    """Codes of one column into ``q`` and ``w - Q(w)`` into ``d`` (llmcq's grid formulas).
+    ``keep``: the column's pruning mask; a pruned weight's target is exactly 0, so its whole
+    (updated) value is the error passed on to the columns after it (SparseGPT's joint
+    pruning and quantization)."""
     if z is None:
         torch.div(w, s, out=q)
         q.round_().clamp_(qmin, qmax)
@@ -166,6 +170,8 @@ def _quantize_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, q
         torch.addcdiv(z, w, s, out=q)
         q.round_().clamp_(qmin, qmax)
         torch.sub(q, z, out=d).mul_(s)
+    if keep is not None:
+        d.mul_(keep)
     torch.sub(w, d, out=d)
 
 
@@ -175,8 +181,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
                   static_groups: bool = False, weak: torch.Tensor | None = None,
                   float_dtype: torch.dtype | None = None, retries: int = 4,
                   return_dequant: bool = False, fused: bool | None = None,
-                  kernel: bool | None = None) -> GPTQResult:
+                  kernel: bool | None = None, mask: torch.Tensor | None = None) -> GPTQResult:
     """Quantize ``W`` (``[d_row, d_col]``) column by column, compensating with ``H``.
+
+    ``mask`` (bool ``[d_row, d_col]``, True = kept): weights an earlier sparse step pruned
+    stay exactly zero; their error (the whole updated value) is compensated by the columns
+    swept after them, and grids are fitted with them at zero. The Triton kernel does not
+    take a mask: masked sweeps use the torch loop.
 
     ``weak``: OWQ columns kept in float; they are swept last, so they absorb the error of
     every quantized column, and are returned in ``float_columns`` (cast to ``float_dtype``).
@@ -315,6 +326,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
 
     WT = W.T[perm].contiguous()  # [d_col, d_row]: column j of W is row j here
     del W
+    KT = None if mask is None else mask.to(dev).T[perm].to(dt).contiguous()  # 1 = kept
     Qc = torch.empty(n_q, R, dtype=dt, device=dev)
     loss = torch.zeros((), dtype=dt, device=dev)
     gpu_style = dev.type != "cpu" if fused is None else fused
@@ -324,13 +336,18 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
     zero_row = torch.zeros(R, dtype=dt, device=dev) if Z is None else None
     qlo, qhi = spec.qmin, spec.qmax
 
-    use_kernel = kernel is not False and not fused and triton_sweep.available(WT)
+    use_kernel = kernel is not False and not fused and KT is None and \
+        triton_sweep.available(WT)
     if kernel is True and not use_kernel:
-        raise RuntimeError("kernel=True needs triton, a float32 CUDA weight and fused off")
+        raise RuntimeError("kernel=True needs triton, a float32 CUDA weight, fused off and "
+                           "no mask")
 
     def fit_group(W1: torch.Tensor, b0: int, i: int, length: int, gi: int) -> None:
         """A group begins at block column ``i``: fit its grid on the updated weights."""
-        s_new, z_new = _fit_columns(W1[i:i + length].T, col_spec)
+        cols_w = W1[i:i + length]
+        if KT is not None:
+            cols_w = cols_w * KT[b0 + i:b0 + i + length]
+        s_new, z_new = _fit_columns(cols_w.T, col_spec)
         S[b0 + i:b0 + i + length] = s_new
         scale_tab[:, gi] = s_new
         if z_new is not None:
@@ -363,6 +380,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
         rows_w, rows_d = W1.unbind(0), D1.unbind(0)
         rows_s = S[b0:b1].unbind(0)
         rows_z = Z[b0:b1].unbind(0) if Z is not None else None
+        rows_k = KT[b0:b1].unbind(0) if KT is not None else None
         # on a GPU, one update of the whole block with a strictly upper row of U (zeros up to
         # the diagonal) costs fewer launches than slicing; on a CPU slicing costs less work
         rows_u = U1.triu(1).unbind(0) if gpu_style else None
@@ -375,10 +393,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
                 q = torch.fake_quantize_per_channel_affine(
                     w, rows_s[i], zero_row if rows_z is None else rows_z[i], 0, qlo, qhi)
                 deq.append(q)
-                torch.sub(w, q, out=d)
+                torch.sub(w, q if rows_k is None else q * rows_k[i], out=d)
             else:
                 _quantize_column(w, rows_s[i], None if rows_z is None else rows_z[i],
-                                 Qc[b0 + i], d, qlo, qhi)
+                                 Qc[b0 + i], d, qlo, qhi,
+                                 None if rows_k is None else rows_k[i])
             if rows_u is not None:
                 W1.addr_(rows_u[i], d, alpha=-1.0)
             elif i + 1 < n:
@@ -399,10 +418,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
     w_hat = None
     if return_dequant:
         deq = Qc * S if Z is None else (Qc - Z) * S
+        if KT is not None:
+            deq = deq * KT[:n_q]
         w_hat = torch.empty(R, C, dtype=dt, device=dev)
         w_hat[:, keep] = deq.T
     if k:
         values = WT[n_q:].T
+        if KT is not None:
+            values = values * KT[n_q:].T
         if float_dtype is not None:
             values = values.to(float_dtype)
         s_w = scale_tab[:, group_of[weak]]

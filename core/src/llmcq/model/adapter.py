@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -65,6 +66,10 @@ class ResolvedGroup:
     inspect_all: tuple[nn.Module, ...] = ()
     #: the declared role of each linear (empty when the layout declares none)
     roles: dict[str, LinearRole] = field(default_factory=dict)
+    #: the declared kind (:data:`llmcq.model.layout.NORM_KINDS`) of ``prev_op`` when it is
+    #: a norm listed in the block's ``norms``; None: not declared (folding then divides its
+    #: weight and bias, right for RMSNorm and LayerNorm)
+    prev_norm_kind: str | None = None
 
     def run_inspect(self, x: torch.Tensor, block_kwargs: dict[str, Any]) -> torch.Tensor:
         """Output of the ``inspect`` module on its input ``x`` (the linears' shared input),
@@ -93,15 +98,24 @@ def _expand(block: nn.Module, pattern: str) -> list[str]:
     return [n for n in names if n.count(".") == depth and fnmatch.fnmatchcase(n, pattern)]
 
 
-def _expert_index(pattern: str, name: str) -> int | None:
-    """The integer a ``*`` of ``pattern`` matched in ``name`` (``experts.*.up`` / ``experts.3.up``)."""
+def _expert_index(pattern: str, name: str, role: str = "") -> int | None:
+    """The integer a ``*`` of ``pattern`` matched in ``name`` (``experts.*.up`` /
+    ``experts.3.up``); for an expert's role (``expert_*``) named without a ``*``, the last
+    integer component of the name (its index in the expert list)."""
     for p, n in zip(pattern.split("."), name.split("."), strict=False):
         if p == "*" and n.isdigit():
             return int(n)
+    if role.startswith("expert_"):
+        digits = [n for n in name.split(".") if n.isdigit()]
+        if digits:
+            return int(digits[-1])
     return None
 
 
-def resolve_group(block: nn.Module, group: LinearGroup, *, where: str) -> ResolvedGroup:
+def resolve_group(block: nn.Module, group: LinearGroup, *, where: str,
+                  norm_kinds: Mapping[str, str] | None = None) -> ResolvedGroup:
+    """Bind one group to ``block``'s modules. ``norm_kinds`` (norm name -> kind, from
+    :meth:`BlockLayout.norm_kinds`) gives ``prev_norm_kind`` when the producer is a norm."""
     linears: dict[str, nn.Linear] = {}
     roles: dict[str, LinearRole] = {}
     for k, pattern in enumerate(group.linears):
@@ -120,16 +134,30 @@ def resolve_group(block: nn.Module, group: LinearGroup, *, where: str) -> Resolv
                                   stage="layout")
             linears[name] = mod
             if group.roles:
-                roles[name] = LinearRole(group.roles[k], _expert_index(pattern, name))
+                roles[name] = LinearRole(group.roles[k],
+                                         _expert_index(pattern, name, group.roles[k]))
     prev = block.get_submodule(group.prev_op) if group.prev_op else None
     inspect = tuple(block.get_submodule(n) for n in group.inspect_names)
+    kind = (norm_kinds or {}).get(group.prev_op) \
+        if group.prev_op and group.prev_kind == "norm" else None
     return ResolvedGroup(group, linears, prev, inspect[0],
-                         inspect if isinstance(group.inspect, tuple) else (), roles)
+                         inspect if isinstance(group.inspect, tuple) else (), roles, kind)
 
 
 def resolve_block(block: nn.Module, layout: BlockLayout, *, where: str) -> list[ResolvedGroup]:
-    """Bind a block layout to a block and check it covers every linear exactly once."""
-    groups = [resolve_group(block, g, where=where) for g in layout.groups]
+    """Bind a block layout to a block and check it covers every linear exactly once (and
+    that the norms it declares exist)."""
+    absent = []
+    for site in layout.norms:
+        try:
+            block.get_submodule(site.name)
+        except AttributeError:
+            absent.append(site.name)
+    if absent:
+        raise PluginError(f"block layout declares norms absent from {where}: "
+                          f"{', '.join(absent)}", stage="layout")
+    kinds = layout.norm_kinds()
+    groups = [resolve_group(block, g, where=where, norm_kinds=kinds) for g in layout.groups]
     seen: dict[str, int] = {}
     for g in groups:
         for name in g.linears:
@@ -160,6 +188,9 @@ class ModelAdapter:
 
     #: transformers auto class the family loads with (vision-language models differ)
     auto_class: ClassVar[str] = "AutoModelForCausalLM"
+    #: whether :meth:`load` fails without tokenizer files (core sets it per run: False when
+    #: no dataset of the run tokenizes text)
+    require_tokenizer: bool = True
 
     def load(self, source: ModelSource) -> tuple[Any, Any]:
         """``(model, tokenizer)`` on the CPU in eval mode, prepared (:meth:`prepare`)."""
@@ -170,6 +201,7 @@ class ModelAdapter:
             use_fast=(cfg.tokenizer_mode == "fast") if cfg else True,
             trust_remote_code=cfg.trust_remote_code if cfg else False,
             auto_class=self.auto_class,
+            require_tokenizer=self.require_tokenizer,
         )
         self.ensure_prepared(model)
         return model, tokenizer
@@ -241,10 +273,14 @@ class ModelAdapter:
         else:
             provides.add("norm_kinds")
         stuck = [f"{where}.{i}" for i, lay in layouts.values() if not lay.rotatable]
-        if stuck or self.layout.final_norm_kind is None or "roles" not in provides:
+        blockers = self.layout.rotation_blockers
+        if stuck or blockers or self.layout.final_norm_kind is None or \
+                "roles" not in provides:
             reasons["rotation_points"] = (
-                f"blocks {', '.join(stuck)} lack roles or norm kinds, or normalize a "
-                "writer's output before the residual add" if stuck else
+                "; ".join(blockers) if blockers else
+                f"blocks {', '.join(stuck)} lack roles or norm kinds, or hold a norm on a "
+                "writer's output before the residual add (sandwich norms) or on the residual "
+                "stream itself (post-LN)" if stuck else
                 "the final norm's kind is not declared")
         else:
             provides.add("rotation_points")

@@ -13,26 +13,36 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["ROLES", "READER_ROLES", "WRITER_ROLES", "NORM_KINDS", "NORM_FEEDS", "NormSite",
-           "LinearGroup", "BlockLayout", "ModelLayout", "attention_groups", "mlp_groups",
-           "prenorm_block", "llama_like_layout"]
+__all__ = ["ROLES", "READER_ROLES", "WRITER_ROLES", "SCORE_ROLES", "NORM_KINDS", "NORM_FEEDS",
+           "NormSite", "LinearGroup", "BlockLayout", "ModelLayout", "attention_groups",
+           "mlp_groups", "prenorm_block", "llama_like_layout"]
 
-#: what a linear does in its block
-ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "router",
-         "expert_gate", "expert_up", "expert_down", "expert_gate_up",
+#: what a linear does in its block. Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3):
+#: ``q_a`` / ``q_b`` the low-rank query down / up projections, ``kv_a`` the latent (and
+#: rotary key) down projection, ``kv_b`` the latent's up projection to keys and values.
+#: ``router``: a linear whose output weighs or selects experts (kept float).
+ROLES = ("q", "k", "v", "o", "qkv", "q_a", "q_b", "kv_a", "kv_b", "gate", "up", "down",
+         "gate_up", "router", "expert_gate", "expert_up", "expert_down", "expert_gate_up",
          "shared_gate", "shared_up", "shared_down", "shared_gate_up", "lm_head")
 #: roles whose linears read the (normalized) residual stream
-READER_ROLES = frozenset({"q", "k", "v", "qkv", "gate", "up", "gate_up", "router",
-                          "expert_gate", "expert_up", "expert_gate_up", "shared_gate",
-                          "shared_up", "shared_gate_up", "lm_head"})
+READER_ROLES = frozenset({"q", "k", "v", "qkv", "q_a", "kv_a", "gate", "up", "gate_up",
+                          "router", "expert_gate", "expert_up", "expert_gate_up",
+                          "shared_gate", "shared_up", "shared_gate_up", "lm_head"})
+#: roles whose outputs reach the attention scores (an error there passes through the
+#: softmax: AWQ and OmniQuant leave their clipping to min-max)
+SCORE_ROLES = frozenset({"q", "k", "qkv", "q_a", "q_b", "kv_a", "kv_b"})
 #: roles whose linears write into the residual stream
 WRITER_ROLES = frozenset({"o", "down", "expert_down", "shared_down"})
 #: norm kinds: RMSNorm (``y = x / rms(x) * w``), LayerNorm (mean-centred, weight and
 #: bias), Gemma's offset RMSNorm (``y = x / rms(x) * (1 + w)``)
 NORM_KINDS = ("rms", "layer", "rms_offset")
-#: what a norm's output feeds: attention or MLP inputs (pre-norms), both (parallel blocks),
-#: the attention or MLP output before the residual add (sandwich post-norms), q/k heads
-NORM_FEEDS = ("attn", "mlp", "attn_mlp", "attn_out", "mlp_out", "qk")
+#: where a norm sits: on the residual stream's copy that feeds attention or MLP inputs
+#: (pre-norms: ``attn``, ``mlp``, both in parallel blocks: ``attn_mlp``), on the attention
+#: or MLP output before the residual add (sandwich post-norms: ``attn_out``, ``mlp_out``),
+#: on query / key heads (``qk``), on a low-rank latent inside attention (MLA's
+#: ``q_a_layernorm`` / ``kv_a_layernorm``: ``latent``), or on the residual stream itself, its
+#: output being the residual too (post-LN blocks: ``residual``)
+NORM_FEEDS = ("attn", "mlp", "attn_mlp", "attn_out", "mlp_out", "qk", "latent", "residual")
 
 
 @dataclass(frozen=True)
@@ -155,12 +165,17 @@ class BlockLayout:
         return bool(self.norms) and all(g.prev_op in declared for g in self.groups
                                         if g.prev_kind == "norm" and g.prev_op)
 
+    def norm_kinds(self) -> dict[str, str]:
+        """Norm name -> kind, for every declared norm."""
+        return {n.name: n.kind for n in self.norms}
+
     @property
     def rotatable(self) -> bool:
         """The residual stream can be rotated through this block: roles and norm kinds
-        declared, and no norm on a writer's output before the residual add."""
+        declared, no norm on a writer's output before the residual add (sandwich post-norms)
+        and none on the residual stream itself (post-LN)."""
         return self.has_roles and self.has_norm_kinds and not any(
-            n.feeds in ("attn_out", "mlp_out") for n in self.norms)
+            n.feeds in ("attn_out", "mlp_out", "residual") for n in self.norms)
 
 
 @dataclass(frozen=True)
@@ -178,6 +193,10 @@ class ModelLayout:
     pre_block: tuple[str, ...] = field(default_factory=tuple)
     #: kind of ``final_norm`` (:data:`NORM_KINDS`); None: not declared
     final_norm_kind: str | None = None
+    #: why the residual stream cannot be rotated whatever the blocks declare (a LayerNorm
+    #: on the embeddings' output, learned positions also written into the stream, ...): one
+    #: sentence each; any withholds ``rotation_points``
+    rotation_blockers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.final_norm_kind is not None and self.final_norm_kind not in NORM_KINDS:

@@ -94,9 +94,12 @@ def unfuse_experts(model: nn.Module, *, names: tuple[str, str, str] = ("gate_pro
 
 
 def expert_groups(prefix: str, *, names: tuple[str, str, str] = ("gate_proj", "up_proj",
-                                                                 "down_proj")) -> tuple[Any, ...]:
+                                                                 "down_proj"),
+                  role: str = "expert") -> tuple[Any, ...]:
     """Linear groups of one gated expert MLP at ``prefix`` (an :class:`Expert` or a shared
     expert): ``gate, up`` read the expert's input, ``up -> down`` is an exact scaling pair.
+    ``role``: ``"expert"`` (roles ``expert_gate/up/down``, the index read from ``prefix``)
+    or ``"shared"`` (``shared_gate/up/down``).
 
     The input group has no producer: in a sparse MoE block the router reads the same norm
     output as the experts, so a scale folded into that norm would change the routing (the
@@ -104,19 +107,27 @@ def expert_groups(prefix: str, *, names: tuple[str, str, str] = ("gate_proj", "u
     """
     from llmcq.model.layout import LinearGroup
 
+    if role not in ("expert", "shared"):
+        raise ValueError(f"role must be 'expert' or 'shared', not {role!r}")
     g, u, d = (f"{prefix}.{n}" for n in names)
     return (
-        LinearGroup(linears=(g, u), prev_op=None, inspect=prefix),
-        LinearGroup(linears=(d,), prev_op=u, prev_kind="linear", inspect=d),
+        LinearGroup(linears=(g, u), prev_op=None, inspect=prefix,
+                    roles=(f"{role}_gate", f"{role}_up")),
+        LinearGroup(linears=(d,), prev_op=u, prev_kind="linear", inspect=d,
+                    roles=(f"{role}_down",)),
     )
 
 
 def sparse_moe_block(block: nn.Module, *, attn_groups: tuple[Any, ...], mlp: str = "mlp",
                      names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
-                     shared: str | None = None, float_linears: tuple[str, ...] = ()) -> Any:
+                     shared: str | None = None, float_linears: tuple[str, ...] = (),
+                     float_roles: tuple[str, ...] | None = None,
+                     norms: tuple[Any, ...] = ()) -> Any:
     """The :class:`~llmcq.model.layout.BlockLayout` of a block whose ``mlp`` holds an
     :class:`ExpertList` at ``mlp.experts`` (and optionally a shared expert at
-    ``mlp.<shared>`` with the usual gate/up/down names)."""
+    ``mlp.<shared>`` with the usual gate/up/down names). ``float_linears`` (a one-output
+    shared-expert gate, say) are routers unless ``float_roles`` says otherwise; ``norms``:
+    the block's :class:`~llmcq.model.layout.NormSite` s."""
     from llmcq.model.layout import BlockLayout
 
     experts = block.get_submodule(f"{mlp}.experts")
@@ -124,8 +135,11 @@ def sparse_moe_block(block: nn.Module, *, attn_groups: tuple[Any, ...], mlp: str
     for e in range(len(experts)):
         groups += expert_groups(f"{mlp}.experts.{e}", names=names)
     if shared is not None:
-        groups += expert_groups(f"{mlp}.{shared}")
-    return BlockLayout(groups=tuple(groups), float_linears=float_linears)
+        groups += expert_groups(f"{mlp}.{shared}", role="shared")
+    if float_roles is None:
+        float_roles = ("router",) * len(float_linears)
+    return BlockLayout(groups=tuple(groups), float_linears=float_linears,
+                       float_roles=float_roles, norms=tuple(norms))
 
 
 def checkpoint_expert_names(model_type: str | None) -> tuple[str, str, str] | None:

@@ -5,8 +5,12 @@ For a :class:`~llmcq.model.layout.LinearGroup` whose linears all read ``x = prev
 ``W (x / s) * s = W x``. AWQ, SmoothQuant, OS+ and OmniQuant's LET all move quantization
 difficulty this way; this module is the one implementation they share.
 
-The producer is a norm (its weight, and bias if any, divided by ``s``) or a linear (its
-output rows and bias divided by ``s``). With grouped-query attention, ``v_proj`` has
+The producer is a norm or a linear (its output rows and bias divided by ``s``). How a norm
+absorbs ``1 / s`` depends on its kind, declared in the block layout's ``norms``
+(:data:`llmcq.model.layout.NORM_KINDS`, carried as ``ResolvedGroup.prev_norm_kind``): an
+RMSNorm's weight (``rms``) and a LayerNorm's weight and bias (``layer``) are divided by
+``s``; Gemma's offset RMSNorm computes ``x / rms(x) * (1 + w)``, so its weight becomes
+``w' = (1 + w) / s - 1`` (``rms_offset``). An undeclared kind is treated as ``rms``/``layer``. With grouped-query attention, ``v_proj`` has
 ``kv_heads * head_dim`` outputs while ``o_proj`` reads ``heads * head_dim`` inputs: each
 query head reuses its kv head's values, so a scale on ``v_proj``'s outputs is repeated over
 the query heads of that kv head on ``o_proj``'s columns (:func:`expand_kv_scale`).
@@ -38,12 +42,20 @@ def reduce_to_kv(stat: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.Ten
     return stat.view(n_kv_heads, n_heads // n_kv_heads, head_dim).mean(dim=1).reshape(-1)
 
 
-def scale_norm_(norm: nn.Module, s: torch.Tensor) -> None:
-    """Make a norm's output ``y / s`` (weight and bias divided by ``s``)."""
+def scale_norm_(norm: nn.Module, s: torch.Tensor, kind: str | None = None) -> None:
+    """Make a norm's output ``y / s``: weight and bias divided by ``s`` (``rms``, ``layer``,
+    or ``None``: undeclared), or for ``rms_offset`` (``y = x / rms(x) * (1 + w)``) the weight
+    set to ``(1 + w) / s - 1`` (computed in float32)."""
     weight = getattr(norm, "weight", None)
-    if weight is None:
+    if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{type(norm).__name__} has no weight to absorb a scale")
-    weight.data.div_(s.to(weight.dtype))
+    if kind == "rms_offset":
+        w = weight.data.float()
+        weight.data.copy_(((1.0 + w) / s.to(w.device) - 1.0).to(weight.dtype))
+    elif kind in (None, "rms", "layer"):
+        weight.data.div_(s.to(weight.dtype))
+    else:
+        raise ValueError(f"unknown norm kind {kind!r}")
     bias = getattr(norm, "bias", None)
     if isinstance(bias, torch.Tensor):
         bias.data.div_(s.to(bias.dtype))
@@ -61,7 +73,8 @@ def fold_scale(group: ResolvedGroup, s: torch.Tensor, *, n_heads: int | None = N
                n_kv_heads: int | None = None) -> None:
     """Divide ``group.prev_op``'s outputs by ``s`` and multiply the linears' inputs by ``s``.
 
-    ``s`` has one entry per producer output channel. When the producer is a linear with fewer
+    ``s`` has one entry per producer output channel; a norm producer absorbs it according to
+    ``group.prev_norm_kind`` (see the module docstring). When the producer is a linear with fewer
     outputs than the consumers read (GQA ``v_proj`` -> ``o_proj``), pass ``n_heads`` and
     ``n_kv_heads`` and give ``s`` over the producer's channels.
     """
@@ -87,7 +100,7 @@ def fold_scale(group: ResolvedGroup, s: torch.Tensor, *, n_heads: int | None = N
     else:
         if s.numel() != width:
             raise ValueError(f"scale has {s.numel()} entries; consumers read {width}")
-        scale_norm_(prev, s)
+        scale_norm_(prev, s, group.prev_norm_kind)
         consumer_s = s
     for lin in group.linears.values():
         lin.weight.data.mul_(consumer_s.to(lin.weight.dtype).view(1, -1))

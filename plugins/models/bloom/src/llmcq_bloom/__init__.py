@@ -10,4 +10,5 @@ SPEC = ModelSpec(
     summary="BLOOM / BLOOMZ (BloomForCausalLM): ALiBi, fused QKV, embedding LayerNorm",
     impl="llmcq_bloom.adapter:BloomAdapter",
     model_types=("bloom",),
+    provides=frozenset({"scaling_pairs", "roles", "norm_kinds"}),
 )

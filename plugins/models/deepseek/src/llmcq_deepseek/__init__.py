@@ -11,6 +11,7 @@ DEEPSEEK_V2 = ModelSpec(
             "blocks, routed + shared experts; router float",
     impl="llmcq_deepseek.adapter:DeepseekAdapter",
     model_types=("deepseek_v2",),
+    provides=frozenset({"scaling_pairs", "roles", "norm_kinds", "rotation_points"}),
 )
 
 DEEPSEEK_V3 = ModelSpec(
@@ -20,4 +21,5 @@ DEEPSEEK_V3 = ModelSpec(
             "queries, routed + shared experts; router float",
     impl="llmcq_deepseek.adapter:DeepseekAdapter",
     model_types=("deepseek_v3",),
+    provides=frozenset({"scaling_pairs", "roles", "norm_kinds", "rotation_points"}),
 )

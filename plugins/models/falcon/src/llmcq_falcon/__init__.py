@@ -9,4 +9,5 @@ SPEC = ModelSpec(
     summary="Falcon (FalconForCausalLM): parallel attention, multi-query, fused QKV",
     impl="llmcq_falcon.adapter:FalconAdapter",
     model_types=("falcon",),
+    provides=frozenset({"scaling_pairs", "roles", "norm_kinds", "rotation_points"}),
 )

@@ -21,7 +21,7 @@ from __future__ import annotations
 from torch import nn
 
 from llmcq.model.adapter import ModelAdapter
-from llmcq.model.layout import BlockLayout, LinearGroup, ModelLayout
+from llmcq.model.layout import BlockLayout, LinearGroup, ModelLayout, NormSite
 
 __all__ = ["FalconAdapter", "FALCON_LAYOUT", "falcon_block"]
 
@@ -30,21 +30,26 @@ UP, DOWN = "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"
 
 
 def falcon_block(wiring: str) -> BlockLayout:
-    tail = (LinearGroup(linears=(DENSE,), prev_op=None, inspect=DENSE),
-            LinearGroup(linears=(DOWN,), prev_op=None, inspect=DOWN))
+    """Roles ``qkv`` (fused), ``o`` (``dense``), ``up``, ``down``; LayerNorms."""
+    tail = (LinearGroup(linears=(DENSE,), prev_op=None, inspect=DENSE, roles=("o",)),
+            LinearGroup(linears=(DOWN,), prev_op=None, inspect=DOWN, roles=("down",)))
     if wiring == "parallel":
         return BlockLayout(groups=(
             LinearGroup(linears=(QKV, UP), prev_op="input_layernorm",
-                        inspect=("self_attention", "mlp"), inspect_kwargs=(True, False)),
-            *tail))
+                        inspect=("self_attention", "mlp"), inspect_kwargs=(True, False),
+                        roles=("qkv", "up")),
+            *tail), norms=(NormSite("input_layernorm", "layer", "attn_mlp"),))
     attn_norm, mlp_norm = {"two_norms": ("ln_attn", "ln_mlp"),
                            "sequential": ("input_layernorm", "post_attention_layernorm")}[wiring]
     return BlockLayout(groups=(
         LinearGroup(linears=(QKV,), prev_op=attn_norm, inspect="self_attention",
-                    inspect_kwargs=True),
+                    inspect_kwargs=True, roles=("qkv",)),
         tail[0],
-        LinearGroup(linears=(UP,), prev_op=mlp_norm, inspect="mlp"),
-        tail[1]))
+        LinearGroup(linears=(UP,), prev_op=mlp_norm, inspect="mlp", roles=("up",)),
+        tail[1]), norms=(NormSite(attn_norm, "layer", "attn"), NormSite(mlp_norm, "layer", "mlp")))
+
+
+_BLOCKS = {w: falcon_block(w) for w in ("parallel", "two_norms", "sequential")}
 
 
 def wiring(config: object) -> str:
@@ -62,7 +67,8 @@ FALCON_LAYOUT = ModelLayout(
     rotary="transformer.rotary_emb",
     final_norm="transformer.ln_f",
     lm_head="lm_head",
-    block=falcon_block("parallel"),
+    block=_BLOCKS["parallel"],
+    final_norm_kind="layer",
 )
 
 
@@ -70,7 +76,7 @@ class FalconAdapter(ModelAdapter):
     layout = FALCON_LAYOUT
 
     def block_layout(self, model: nn.Module, index: int) -> BlockLayout:
-        return falcon_block(wiring(model.config))
+        return _BLOCKS[wiring(model.config)]
 
     def attention_heads(self, model: nn.Module) -> tuple[int, int]:
         cfg = model.config

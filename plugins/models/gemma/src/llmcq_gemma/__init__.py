@@ -9,6 +9,7 @@ GEMMA2 = ModelSpec(
     summary="Gemma 2 (Gemma2ForCausalLM): 1 + weight RMSNorms, sandwich norms, soft-capping",
     impl="llmcq_gemma.adapter:GemmaAdapter",
     model_types=("gemma2",),
+    provides=frozenset({"scaling_pairs", "roles", "norm_kinds"}),
 )
 
 GEMMA3 = ModelSpec(
@@ -17,4 +18,5 @@ GEMMA3 = ModelSpec(
             "norms",
     impl="llmcq_gemma.adapter:GemmaAdapter",
     model_types=("gemma3_text",),
+    provides=frozenset({"scaling_pairs", "roles", "norm_kinds"}),
 )

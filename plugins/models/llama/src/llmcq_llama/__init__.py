@@ -10,4 +10,5 @@ SPEC = ModelSpec(
     summary="Llama 1/2/3/3.x and SmolLM (LlamaForCausalLM)",
     impl="llmcq_llama.adapter:LlamaAdapter",
     model_types=("llama",),
+    provides=frozenset({"scaling_pairs", "roles", "norm_kinds", "rotation_points"}),
 )

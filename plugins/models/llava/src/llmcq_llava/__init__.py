@@ -11,4 +11,5 @@ SPEC = ModelSpec(
             "quantized, the vision tower and projector stay float",
     impl="llmcq_llava.adapter:LlavaAdapter",
     model_types=("llava",),
+    provides=frozenset({"scaling_pairs", "roles", "norm_kinds", "rotation_points"}),
 )

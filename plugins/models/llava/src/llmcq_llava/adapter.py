@@ -25,6 +25,7 @@ LLAVA_LAYOUT = ModelLayout(
     final_norm=f"{LM}.norm",
     lm_head="lm_head",
     block=prenorm_block(),
+    final_norm_kind="rms",
 )
 
 

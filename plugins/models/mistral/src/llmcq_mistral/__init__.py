@@ -10,4 +10,5 @@ SPEC = ModelSpec(
     summary="Mistral 7B and Mistral-architecture models (MistralForCausalLM)",
     impl="llmcq_mistral.adapter:MistralAdapter",
     model_types=("mistral", "ministral"),
+    provides=frozenset({"scaling_pairs", "roles", "norm_kinds", "rotation_points"}),
 )

@@ -9,4 +9,5 @@ SPEC = ModelSpec(
     summary="Mixtral 8x7B / 8x22B (MixtralForCausalLM): experts quantized, router float",
     impl="llmcq_mixtral.adapter:MixtralAdapter",
     model_types=("mixtral",),
+    provides=frozenset({"scaling_pairs", "roles", "norm_kinds", "rotation_points"}),
 )

@@ -9,4 +9,5 @@ SPEC = ModelSpec(
     summary="OPT (OPTForCausalLM): learned positions, biases, ReLU MLP, pre- or post-LN",
     impl="llmcq_opt.adapter:OptAdapter",
     model_types=("opt",),
+    provides=frozenset({"scaling_pairs", "roles", "norm_kinds"}),
 )

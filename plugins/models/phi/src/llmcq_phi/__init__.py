@@ -10,6 +10,7 @@ PHI = ModelSpec(
     summary="Phi-1.5 / Phi-2 (PhiForCausalLM): parallel attention and MLP on one LayerNorm",
     impl="llmcq_phi.adapter:PhiAdapter",
     model_types=("phi",),
+    provides=frozenset({"scaling_pairs", "roles", "norm_kinds", "rotation_points"}),
 )
 
 PHI3 = ModelSpec(
@@ -18,4 +19,5 @@ PHI3 = ModelSpec(
     summary="Phi-3 / Phi-3.5 (Phi3ForCausalLM): fused qkv_proj and gate_up_proj",
     impl="llmcq_phi.adapter:Phi3Adapter",
     model_types=("phi3",),
+    provides=frozenset({"scaling_pairs", "roles", "norm_kinds", "rotation_points"}),
 )

@@ -10,4 +10,5 @@ SPEC = ModelSpec(
     summary="Qwen2 and Qwen2.5 dense models (Qwen2ForCausalLM; q/k/v biases)",
     impl="llmcq_qwen2.adapter:Qwen2Adapter",
     model_types=("qwen2",),
+    provides=frozenset({"scaling_pairs", "roles", "norm_kinds", "rotation_points"}),
 )

@@ -9,4 +9,5 @@ SPEC = ModelSpec(
     summary="Qwen3 dense models (Qwen3ForCausalLM; per-head RMSNorm on queries and keys)",
     impl="llmcq_qwen3.adapter:Qwen3Adapter",
     model_types=("qwen3",),
+    provides=frozenset({"scaling_pairs", "roles", "norm_kinds", "rotation_points"}),
 )

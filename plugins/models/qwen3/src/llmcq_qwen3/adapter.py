@@ -5,11 +5,14 @@ so ``input_layernorm -> q,k,v`` and ``v_proj -> o_proj`` stay exact scaling pair
 from __future__ import annotations
 
 from llmcq.model.adapter import ModelAdapter
-from llmcq.model.layout import llama_like_layout
+from llmcq.model.layout import NormSite, llama_like_layout, prenorm_block
 
-__all__ = ["Qwen3Adapter", "QWEN3_LAYOUT"]
+__all__ = ["Qwen3Adapter", "QWEN3_LAYOUT", "QK_NORMS"]
 
-QWEN3_LAYOUT = llama_like_layout()
+#: per-head RMSNorms on the projected queries and keys
+QK_NORMS = (NormSite("self_attn.q_norm", "rms", "qk"), NormSite("self_attn.k_norm", "rms", "qk"))
+
+QWEN3_LAYOUT = llama_like_layout(prenorm_block(extra_norms=QK_NORMS))
 
 
 class Qwen3Adapter(ModelAdapter):

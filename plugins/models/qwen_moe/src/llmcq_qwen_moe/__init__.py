@@ -11,6 +11,7 @@ QWEN2_MOE = ModelSpec(
             "quantized; router and shared-expert gate float",
     impl="llmcq_qwen_moe.adapter:QwenMoeAdapter",
     model_types=("qwen2_moe",),
+    provides=frozenset({"scaling_pairs", "roles", "norm_kinds", "rotation_points"}),
 )
 
 QWEN3_MOE = ModelSpec(
@@ -18,4 +19,5 @@ QWEN3_MOE = ModelSpec(
     summary="Qwen3-MoE (Qwen3MoeForCausalLM): experts quantized, router float",
     impl="llmcq_qwen_moe.adapter:QwenMoeAdapter",
     model_types=("qwen3_moe",),
+    provides=frozenset({"scaling_pairs", "roles", "norm_kinds", "rotation_points"}),
 )

@@ -10,4 +10,5 @@ SPEC = ModelSpec(
     summary="StableLM / StableLM-2 (StableLmForCausalLM; LayerNorm, partial rotary)",
     impl="llmcq_stablelm.adapter:StableLmAdapter",
     model_types=("stablelm",),
+    provides=frozenset({"scaling_pairs", "roles", "norm_kinds", "rotation_points"}),
 )

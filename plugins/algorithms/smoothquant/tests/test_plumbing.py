@@ -105,7 +105,7 @@ def _block0(tiny_llama_dir: Path) -> tuple[Any, Block, Any]:
 
 def _algo(alpha: float, act: ActQuantSpec | None = None, **special: Any) -> SmoothQuant:
     weight = WeightQuantSpec(bits=8, symmetric=True, granularity=PerChannel())
-    run_ctx = SimpleNamespace(weight=weight, act=act)
+    run_ctx = SimpleNamespace(weight=weight, act=act, specs=SimpleNamespace(sparsity=None))
     step = SimpleNamespace(special=SmoothQuantSpecial(alpha=alpha, **special),
                            name="smoothquant")
     return SmoothQuant(run=run_ctx, step=step)

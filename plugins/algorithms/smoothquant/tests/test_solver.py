@@ -21,8 +21,10 @@ def test_running_absmax_equals_absmax_of_all_batches() -> None:
     for batch in x.split(1):  # three batches of [1, 50, 16]
         acc.update(batch)
     acc.update(torch.zeros(7, 16))  # 2-D batches (OPT's fc1 input) work too
-    assert torch.equal(acc.value, x.reshape(-1, 16).abs().amax(0))
-    assert acc.tokens == 3 * 50 + 7
+    with pytest.raises(RuntimeError, match="before reduce"):
+        acc.value  # noqa: B018 - a forgotten reduction fails loudly
+    assert torch.equal(acc.reduce().value, x.reshape(-1, 16).abs().amax(0))
+    assert acc.count == 4  # batches seen
 
 
 def test_weight_absmax_is_over_rows_of_every_linear() -> None:

@@ -1,7 +1,9 @@
 """SmoothQuant's plumbing: measure each smoothable group's input, fold the scales.
 
 Per block: ``calibrate`` runs the block once over the calibration batches and keeps a
-running ``max|X_j|`` for the input of every group whose producer is a norm (llmc smooths
+running ``max|X_j|`` (:class:`llmcq.stats.ChannelAbsMax`, max-reduced over the ranks under
+``torchrun``: every rank gets one process's statistic exactly, hence the same scales) for
+the input of every group whose producer is a norm (llmc smooths
 exactly those: ``input_layernorm -> q/k/v`` and ``post_attention_layernorm -> gate/up`` in
 Llama; never ``v -> o`` nor ``up -> down``, as in the paper and llmc). ``transform``
 computes the scales (:mod:`llmcq_smoothquant.solver`) and folds them with core's
@@ -11,7 +13,8 @@ group's weight columns multiplied by ``s``. Quantization is left to the run's qu
 
 With ``true_sequential`` every group after the first is measured again with the groups
 before it fake-quantized (round-to-nearest weights and the run's activation quantizer;
-static activation settings are applied as dynamic per-tensor ones there), as llmc does.
+static activation settings are applied as dynamic per-tensor ones there), as llmc does;
+those measurements are max-reduced over the ranks too.
 """
 
 from __future__ import annotations
@@ -61,12 +64,12 @@ class SmoothQuant(Algorithm):
         targets = {str(k): _first_linear(block.groups[k]) for k in ks}
         inputs.observe(block.module, targets, lambda name, x, _y: stats[name].update(x))
         out = {}
-        for k in ks:
-            value = stats[str(k)].value
-            if value is None:
+        for k in ks:  # the same groups in the same order on every rank
+            stat = stats[str(k)]
+            if stat.count == 0:
                 raise PluginError(f"{block.full_name(_name(block.groups[k]))} never ran on the "
                                   "calibration batches", stage="calibrate", where=block.name)
-            out[k] = value
+            out[k] = stat.reduce().value  # max over every rank's tokens (torchrun)
         return out
 
     def _earlier_fake_quant(self, block: Block, k: int) -> dict[str, QuantizedLinear]:

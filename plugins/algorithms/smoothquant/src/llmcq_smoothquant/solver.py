@@ -8,9 +8,12 @@ Eq. 4 picks
 
 so that after smoothing ``max|X_j / s_j| = max|X_j|^(1-alpha) max|W_j|^(1-alpha)`` and
 ``max|W_j s_j| = max|X_j|^alpha max|W_j|^alpha``: with ``alpha = 0.5`` both ranges equal
-``sqrt(max|X_j| max|W_j|)``. ``max|X_j|`` is over every calibration token; ``max|W_j|`` is
-over the output rows of every linear reading ``X`` (q, k and v share one scale). As in the
-reference implementation, ``max|W_j|`` and ``s`` are clamped below at ``1e-5``.
+``sqrt(max|X_j| max|W_j|)``. ``max|X_j|`` is over every calibration token (core's
+:class:`llmcq.stats.ChannelAbsMax`, re-exported here: under ``torchrun`` its ``reduce()``
+takes the maximum over every rank's tokens, so the scales are exactly one process's);
+``max|W_j|`` is over the output rows of every linear reading ``X`` (q, k and v share one
+scale). As in the reference implementation, ``max|W_j|`` and ``s`` are clamped below at
+``1e-5``.
 """
 
 from __future__ import annotations
@@ -18,26 +21,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from llmcq.stats import ChannelAbsMax
 
 __all__ = ["ChannelAbsMax", "weight_absmax", "smooth_scales", "CLAMP"]
 
 #: lower clamp of ``max|W_j|`` and of ``s`` (the reference implementation's)
 CLAMP = 1e-5
-
-
-class ChannelAbsMax:
-    """Running ``max|X_j|`` per input channel over batches of any leading shape."""
-
-    def __init__(self) -> None:
-        self.value: torch.Tensor | None = None
-        self.tokens = 0
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
-        cur = x.abs().amax(dim=0).float()
-        self.value = cur if self.value is None else torch.maximum(self.value, cur)
-        self.tokens += int(x.shape[0])
 
 
 @torch.no_grad()

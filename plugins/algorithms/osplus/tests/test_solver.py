@@ -10,6 +10,7 @@ from llmcq.quant.spec import ActQuantSpec, PerChannel, WeightQuantSpec
 from llmcq_osplus.solver import (
     FLOOR,
     ChannelRange,
+    batch_totals,
     candidate_thresholds,
     channel_shift,
     migration_scale,
@@ -33,8 +34,9 @@ def test_running_range_equals_range_of_all_batches() -> None:
     for batch in x.split(1):
         r.update(batch)
     flat = x.reshape(-1, 12)
-    assert torch.equal(r.lo, flat.amin(0)) and torch.equal(r.hi, flat.amax(0))
-    assert r.tokens == 4 * 32
+    lo, hi = r.reduce().value
+    assert torch.equal(lo, flat.amin(0)) and torch.equal(hi, flat.amax(0))
+    assert r.count == 4  # batches seen
 
 
 def test_shift_centres_every_channel() -> None:
@@ -90,6 +92,27 @@ def test_search_picks_the_brute_force_minimum() -> None:
     none = search_threshold(torch.tensor([-0.2]), torch.tensor([0.3]),
                             lambda s: calls.append(s) or s.sum())
     assert torch.equal(none.scale, torch.ones(1)) and not calls and none.loss_ratio == 1.0
+
+
+def test_per_batch_losses_are_added_in_batch_order() -> None:
+    """A loss may return one value per scored batch; the default total adds them one at a
+    time in column order (the order a torchrun gather restores), and a custom ``total``
+    replaces it (the algorithm's cross-rank sum)."""
+    flat = _acts().reshape(-1, 12)
+    lo, hi = flat.amin(0), flat.amax(0)
+    parts = lambda s: torch.stack([(s.max() - 3.3).abs(), 0.01 * s.sum(), s[3]])  # noqa: E731
+    mig = search_threshold(lo, hi, parts, steps=20)
+    m = torch.stack([parts(migration_scale(lo, hi, float(t))) for t in
+                     candidate_thresholds(lo, hi, 20)])
+    assert torch.equal(batch_totals(m), (m[:, 0] + m[:, 1]) + m[:, 2])
+    assert torch.equal(mig.losses, batch_totals(m))
+    seen = []
+    custom = search_threshold(lo, hi, parts, steps=20,
+                              total=lambda per: seen.append(per.shape) or -per[:, 2])
+    assert seen == [(21, 3)] and custom.threshold == float(candidate_thresholds(lo, hi, 20)[-1])
+    empty = search_threshold(lo, hi, lambda s: torch.zeros(0), steps=5,
+                             total=lambda per: per.sum(1) + torch.arange(6.0))
+    assert empty.threshold == float(candidate_thresholds(lo, hi, 5)[0])  # a rank with no batch
 
 
 def test_search_reduces_quantized_output_error_of_a_linear() -> None:

@@ -5,7 +5,8 @@ Per block, for every group whose producer is a norm (llmc transforms exactly tho
 ``input_layernorm -> q/k/v`` and ``post_attention_layernorm -> gate/up`` in Llama):
 
 1. ``calibrate``: one pass over the calibration batches keeps each group input's running
-   per-channel min/max, and the inputs of the first ``search_batches`` batches;
+   per-channel min/max (:class:`llmcq.stats.ChannelRange`), and the inputs of the first
+   ``search_batches`` batches;
 2. ``transform``: the shift ``z`` (only where the norm and every linear have a bias, see
    ``use_shift``), then the threshold search (:mod:`llmcq_osplus.solver`): each candidate
    scale is scored by running the group's ``inspect`` module (``ResolvedGroup.run_inspect``:
@@ -17,6 +18,17 @@ Per block, for every group whose producer is a norm (llmc transforms exactly tho
 Quantization is left to the run's quantizer. Static activation settings are scored as
 dynamic per-tensor ones (their calibrated scale is not known yet); without ``quant.act``
 (weight-only) only the weights are fake-quantized in the score.
+
+Data-parallel calibration (``torchrun``, rank ``r`` of ``w`` holding batches
+``r, r + w, ...``, see :func:`llmcq.dist.shard`): the channel ranges are min/max-reduced
+over the ranks, and "the first ``search_batches`` batches" are those of the whole
+calibration set, as on one process: each rank scores the ones in its share (possibly none),
+and the per-batch losses of every candidate are gathered and added in global batch order
+(:func:`_sum_over_ranks`). Every rank then picks the threshold, shift and scale one process
+picks, bit for bit (the per-batch losses are computed on the same inputs by the same code).
+A rank-local reading of ``search_batches`` (each rank's own first batches) would score
+``w`` times the tokens on different data than one process, and a process-count-dependent
+choice is what data-parallel calibration must not make.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from llmcq import dist
 from llmcq.algorithm import Algorithm
 from llmcq.errors import ConfigError, PluginError
 from llmcq.model.adapter import ResolvedGroup
@@ -37,7 +50,13 @@ from llmcq.quant.rtn import rtn_records
 from llmcq.transforms.scaling import fold_scale
 from torch import nn
 
-from llmcq_osplus.solver import ChannelRange, channel_shift, output_error, search_threshold
+from llmcq_osplus.solver import (
+    ChannelRange,
+    batch_totals,
+    channel_shift,
+    output_error,
+    search_threshold,
+)
 
 __all__ = ["OsPlus", "norm_fed_groups", "shift_blocker", "absorb_shift"]
 
@@ -65,6 +84,30 @@ def absorb_shift(group: ResolvedGroup, z: torch.Tensor) -> None:
     norm_bias.data.sub_(z.to(norm_bias.dtype))
     for lin in group.linears.values():
         lin.bias.data.add_((lin.weight.data.float() @ z.float()).to(lin.bias.dtype))
+
+
+def scored_here(search_batches: int, local_batches: int) -> int:
+    """How many of this rank's batches (its first ones) are among the first
+    ``search_batches`` calibration batches of the whole set: local batch ``i`` is global
+    batch ``rank + i * world`` (:func:`llmcq.dist.shard`). All of ``min(search_batches,
+    local_batches)`` on one process; may be 0 on a rank > 0."""
+    r, w = dist.rank(), dist.world_size()
+    return max(0, min(local_batches, -(-(search_batches - r) // w)))
+
+
+def _sum_over_ranks(per_batch: torch.Tensor) -> torch.Tensor:
+    """``[candidates, local scored batches]`` -> ``[candidates]``: every rank's per-batch
+    losses, gathered, put in global batch order and added as one process adds its own
+    (:func:`~llmcq_osplus.solver.batch_totals`); the same result on every rank. In one
+    process: ``batch_totals(per_batch)``."""
+    if not dist.active():
+        return batch_totals(per_batch)
+    rows = per_batch.T.contiguous()  # one row per scored batch of this rank
+    r, w = dist.rank(), dist.world_size()
+    index = torch.tensor([r + i * w for i in range(rows.shape[0])], dtype=torch.int64,
+                         device=rows.device)
+    rows, index = dist.all_gather_rows(rows), dist.all_gather_rows(index)
+    return batch_totals(rows[torch.argsort(index)].T)
 
 
 class _Observed:
@@ -95,14 +138,15 @@ class OsPlus(Algorithm):
     # -- statistics ------------------------------------------------------------------------
 
     def _observe(self, block: Block, inputs: BlockInputs, ks: list[int]) -> dict[int, _Observed]:
-        keep = min(int(self.special.search_batches), len(inputs))
+        keep = scored_here(int(self.special.search_batches), len(inputs))
         obs = {str(k): _Observed(keep) for k in ks}
         targets = {str(k): next(iter(block.groups[k].linears.values())) for k in ks}
         inputs.observe(block.module, targets, lambda name, x, _y: obs[name].update(x))
-        for k in ks:
-            if obs[str(k)].range.lo is None:
+        for k in ks:  # the same groups in the same order on every rank
+            if obs[str(k)].range.count == 0:
                 raise PluginError(f"the input of group {k} never ran on the calibration "
                                   "batches", stage="calibrate", where=block.name)
+            obs[str(k)].range.reduce()  # min/max over every rank's tokens (torchrun)
         return {int(k): v for k, v in obs.items()}
 
     def _earlier_fake_quant(self, block: Block, k: int) -> dict[str, QuantizedLinear]:
@@ -138,7 +182,8 @@ class OsPlus(Algorithm):
 
     def _loss(self, group: ResolvedGroup, xs: list[torch.Tensor], kwargs: list[dict[str, Any]],
               z: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``s -> sum over scored batches of output_error(inspect(X), inspect_q(X; s))``."""
+        """``s -> [output_error(inspect(X_b), inspect_q(X_b; s)) for each scored batch b]``
+        (empty on a rank that scores none of the first ``search_batches`` batches)."""
         assert self.weight is not None
         wspec, act = self.weight, self._act_dynamic()
         lins = list(group.linears.values())
@@ -150,19 +195,21 @@ class OsPlus(Algorithm):
             xs = [x - z.to(x.dtype) for x in xs]
 
         def loss(s: torch.Tensor) -> torch.Tensor:
+            if not xs:
+                return torch.zeros(0, device=s.device)
             try:
                 for i, lin in enumerate(lins):
                     scaled = (w0[i].float() * s.view(1, -1)).to(w0[i].dtype)
                     lin.weight.data = fake_quantize_weight(scaled, wspec)
                     if z is not None:
                         lin.bias.data = b_shift[i]
-                total = torch.zeros((), device=s.device)
+                errs = []
                 for x, ref, kw in zip(xs, refs, kwargs, strict=True):
                     xin = x / s.to(x.dtype)
                     if act is not None:
                         xin = fake_quantize_act(xin, act)
-                    total = total + output_error(ref, group.run_inspect(xin, kw))
-                return total
+                    errs.append(output_error(ref, group.run_inspect(xin, kw)))
+                return torch.stack(errs)
             finally:
                 for i, lin in enumerate(lins):
                     lin.weight.data = w0[i]
@@ -188,8 +235,7 @@ class OsPlus(Algorithm):
                 with fake_quantized(block.module, self._earlier_fake_quant(block, k)):
                     self._obs.update(self._observe(block, inputs, [k]))
             group, obs = block.groups[k], self._obs.pop(k)
-            lo, hi = obs.range.lo, obs.range.hi
-            assert lo is not None and hi is not None
+            lo, hi = obs.range.value
             z = channel_shift(lo, hi) if self._use_shift(block, group) else None
             if z is not None:
                 lo, hi = lo - z, hi - z
@@ -199,7 +245,7 @@ class OsPlus(Algorithm):
                    for i in range(len(xs))]
             mig = search_threshold(lo.to(device), hi.to(device),
                                    self._loss(group, xs, kws, None if z is None else z.to(device)),
-                                   steps=self.special.search_steps)
+                                   steps=self.special.search_steps, total=_sum_over_ranks)
             if z is not None:
                 absorb_shift(group, z.to(device))
                 self._shifted += 1

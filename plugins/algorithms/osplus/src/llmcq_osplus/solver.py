@@ -15,7 +15,13 @@ per-channel minimum ``m_j`` and maximum ``M_j`` over the calibration tokens:
   error ``mean_tokens sum_channels (Y - Y_hat)^2`` of the group's inspected module with
   fake-quantized weights ``Q(W diag(s))`` and activations ``Q((X - z) / s)``; the first
   minimum wins. The first candidate scales nothing (``s = 1``), so the result is never worse
-  than no scaling on the scored data.
+  than no scaling on the scored data. A candidate's loss is the sum of its scored batches'
+  errors, added in batch order (:func:`batch_totals`).
+
+Data-parallel calibration: the ranges come from core's :class:`llmcq.stats.ChannelRange`
+(re-exported here), min/max-reduced over the ranks, and the search's ``total`` hook lets the
+algorithm add every rank's per-batch losses in the global batch order, so every rank picks
+exactly the threshold one process picks.
 """
 
 from __future__ import annotations
@@ -24,29 +30,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from llmcq.stats import ChannelRange
 
 __all__ = ["ChannelRange", "channel_shift", "migration_scale", "candidate_thresholds",
-           "search_threshold", "output_error", "Migration", "FLOOR"]
+           "search_threshold", "output_error", "batch_totals", "Migration", "FLOOR"]
 
 #: lowest threshold of llmc's grid
 FLOOR = 1.0
-
-
-class ChannelRange:
-    """Running per-channel minimum and maximum over batches of any leading shape."""
-
-    def __init__(self) -> None:
-        self.lo: torch.Tensor | None = None
-        self.hi: torch.Tensor | None = None
-        self.tokens = 0
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
-        lo, hi = x.amin(dim=0).float(), x.amax(dim=0).float()
-        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
-        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
-        self.tokens += int(x.shape[0])
 
 
 def channel_shift(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -81,6 +71,16 @@ def output_error(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return (ref.float() - out.float()).pow(2).sum(-1).mean()
 
 
+def batch_totals(per_batch: torch.Tensor) -> torch.Tensor:
+    """``[candidates, batches]`` losses -> ``[candidates]``: the batches added one at a time
+    in column order, so the same per-batch losses always give the same bits (however many
+    processes computed them)."""
+    total = torch.zeros(per_batch.shape[0], dtype=per_batch.dtype, device=per_batch.device)
+    for j in range(per_batch.shape[1]):
+        total = total + per_batch[:, j]
+    return total
+
+
 @dataclass
 class Migration:
     """The search's outcome: threshold, scale, its loss and every candidate's loss."""
@@ -102,20 +102,25 @@ class Migration:
 @torch.no_grad()
 def search_threshold(lo: torch.Tensor, hi: torch.Tensor,
                      loss: Callable[[torch.Tensor], torch.Tensor], *,
-                     steps: int | None = None, floor: float = FLOOR) -> Migration:
+                     steps: int | None = None, floor: float = FLOOR,
+                     total: Callable[[torch.Tensor], torch.Tensor] = batch_totals
+                     ) -> Migration:
     """Grid search of ``t`` minimizing ``loss(migration_scale(lo, hi, t))``.
 
-    ``loss`` maps a scale ``[C]`` to a scalar tensor; losses stay on their device until the
-    single ``argmin`` at the end.
+    ``loss`` maps a scale ``[C]`` to a scalar tensor or to one loss per scored batch
+    (``[B]``, ``B`` may be 0); ``total`` turns the ``[candidates, B]`` losses into one loss
+    per candidate (default :func:`batch_totals`; under ``torchrun`` the algorithm passes one
+    that adds every rank's batches). Losses stay on their device until the single
+    ``argmin`` at the end.
     """
     cands = candidate_thresholds(lo, hi, steps, floor)
     if cands.numel() == 0:
         ones = torch.ones_like(hi, dtype=torch.float32)
         return Migration(float(max(float(hi.max()), -float(lo.min()))), ones, float("nan"),
                          torch.empty(0), cands)
-    losses = torch.stack([loss(migration_scale(lo, hi, float(t))).float().reshape(())
-                          for t in cands])
-    losses = torch.nan_to_num(losses, nan=float("inf"))
+    per_batch = torch.stack([loss(migration_scale(lo, hi, float(t))).float().reshape(-1)
+                             for t in cands])
+    losses = torch.nan_to_num(total(per_batch), nan=float("inf"))
     best = int(torch.argmin(losses))  # the first minimum, as llmc's strict comparison
     t = float(cands[best])
     return Migration(t, migration_scale(lo, hi, t), float(losses[best]), losses.cpu(), cands)

@@ -93,6 +93,8 @@ def run(config: str, overrides: tuple[str, ...], overwrite: bool, progress: bool
         click.echo(f"note: {note}", err=True)
     if progress is None:
         progress = sys.stderr.isatty()
+    if not progress:
+        _quiet_library_bars()
 
     main_rank = True
 
@@ -125,6 +127,19 @@ def run(config: str, overrides: tuple[str, ...], overwrite: bool, progress: bool
     click.echo(f"results: {resolved.save_dir / RESULTS_FILE}")
 
 
+def _quiet_library_bars() -> None:
+    """``--no-progress`` also silences the bars transformers, huggingface_hub and datasets
+    draw themselves (loading and writing checkpoints)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        pass
+
+
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @_set_option
@@ -140,13 +155,11 @@ def validate(config: str, overrides: tuple[str, ...], overwrite: bool, debug: bo
     click.echo(f"model:   {resolved.source.display} (adapter {resolved.model[0].name})")
     for step in resolved.steps:
         click.echo(f"{step.section}:   {step.spec.name} ({step.info.label})")
-    if cfg.quant is not None and cfg.quant.weight is not None:
-        from llmcq.quant.spec import ActQuantSpec, WeightQuantSpec
-
-        text = WeightQuantSpec.from_section(cfg.quant.weight).describe()
-        if cfg.quant.act is not None:
-            text += ", " + ActQuantSpec.from_section(cfg.quant.act).describe()
-        click.echo(f"grid:    {text}")
+    if cfg.quant is not None or cfg.sparse is not None:
+        click.echo(f"grid:    {resolved.specs.describe()}")
+    if resolved.features:
+        names = ", ".join(sorted({f.name for f in resolved.features}))
+        click.echo(f"records: {names}")
     if resolved.calib is not None and cfg.calib is not None:
         click.echo(f"calib:   {resolved.calib[0].name} {cfg.calib.path} ({cfg.calib.n_samples} x "
                    f"{cfg.calib.seq_len}, {cfg.calib.preproc}, seed {cfg.calib.seed})")
@@ -166,11 +179,16 @@ def validate(config: str, overrides: tuple[str, ...], overwrite: bool, debug: bo
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--check", is_flag=True,
               help="Also import each plugin's implementation (imports torch).")
-def plugins(as_json: bool, check: bool) -> None:
-    """List discovered plugins: group, name, distribution, version, and whether they load.
-
-    A plugin that fails to import is listed with its error; the command still succeeds.
+@click.option("--describe", "describe", metavar="NAME", default=None,
+              help="Show one plugin's keys (type, default, doc) and what it declares.")
+def plugins(as_json: bool, check: bool, describe: str | None) -> None:
+    """List discovered plugins: group, name, distribution, version, whether they load, and
+    a one-line summary each. A plugin that fails to import is listed with its error; the
+    command still succeeds.
     """
+    if describe is not None:
+        _describe(describe, as_json)
+        return
     rows = _plugin_rows(check)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -184,6 +202,58 @@ def plugins(as_json: bool, check: bool) -> None:
         dist = f"{r['distribution']} {r['version']}" if r["distribution"] else "in-process"
         alias = f" (aliases: {', '.join(r['aliases'])})" if r.get("aliases") else ""
         click.echo(f"{r['kind']:9s} {r['name']:{width}s}  {dist:24s} {status}{alias}")
+        if r.get("summary"):
+            click.echo(f"{'':9s} {'':{width}s}  {r['summary']}")
+
+
+def _describe(name: str, as_json: bool) -> None:
+    """Find ``name`` in every plugin group and print what it declares."""
+    from llmcq.config.describe import describe_spec
+    from llmcq.errors import ConfigError, LlmcqError
+    from llmcq.plugins import registry
+
+    found = []
+    for group, kind in GROUP_LABELS.items():
+        if group == "llmcq.hooks":
+            continue
+        try:
+            spec, info = registry.load_spec(group, name, field="--describe")
+        except ConfigError:
+            continue
+        except LlmcqError as exc:
+            _fail(exc, False)
+        found.append({"kind": kind, "distribution": info.distribution,
+                      "version": info.version, **describe_spec(spec)})
+    if not found:
+        names = sorted({i.name for g in GROUP_LABELS if g != "llmcq.hooks"
+                        for i in registry.discover(g)})
+        from llmcq.errors import closest
+
+        _fail(ConfigError("--describe", name, reason="no plugin of that name",
+                          allowed=names, suggestion=closest(name, names)), False)
+    if as_json:
+        click.echo(json.dumps(found, indent=2, default=str))
+        return
+    for d in found:
+        click.echo(f"{d['kind']} {d['name']} ({d['distribution']} {d['version']}): "
+                   f"{d['summary']}")
+        if d.get("aliases"):
+            click.echo(f"  aliases: {', '.join(d['aliases'])}")
+        if d.get("paper"):
+            click.echo(f"  paper: {d['paper']}")
+        keys = d.get("keys")
+        if keys is not None:
+            section = "sparse" if d["declares"].get("kind") == "sparse" else "quant"
+            click.echo(f"  {section}.special keys:" if keys else f"  {section}.special: no keys")
+            for k in keys:
+                click.echo(f"    {k['key']}: {k['type']} = {k['default']!r}")
+                if k["doc"]:
+                    click.echo(f"        {k['doc']}")
+        click.echo("  declares:")
+        for key, value in d["declares"].items():
+            click.echo(f"    {key}: {value}")
+        if d.get("with_defaults"):
+            click.echo(f"  with its defaults: {d['with_defaults']}")
 
 
 def _plugin_rows(check: bool) -> list[dict[str, Any]]:

@@ -125,6 +125,14 @@ class ResolvedConfig:
     needs: list[Need] = field(default_factory=list)
 
     @property
+    def needs_tokenizer(self) -> bool:
+        """Whether any dataset of the run tokenizes text (random token ids do not)."""
+        used = [d[0] for e in self.evals for d in e.datasets]
+        if self.calib is not None and self.needs_calibration:
+            used.append(self.calib[0])
+        return any(getattr(d, "needs_tokenizer", True) for d in used)
+
+    @property
     def save_dir(self) -> Path:
         return Path(self.config.save.save_path).expanduser()
 

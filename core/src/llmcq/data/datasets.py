@@ -42,6 +42,9 @@ class DatasetSpec(PluginSpec):
     eval_windows: int | None = None
     #: whether a path is required (False for synthetic data)
     needs_path: bool = True
+    #: whether the text is tokenized (False for synthetic token ids, which then receive the
+    #: vocabulary size, an ``int``, in place of a tokenizer)
+    needs_tokenizer: bool = True
 
     def corpus(self, path: str, *, purpose: str) -> Corpus:
         return read_corpus(path, field=self.text_field, separator=self.separator,
@@ -87,21 +90,27 @@ CUSTOM_TXT = DatasetSpec(name="custom_txt", summary="your own text: .txt, .jsonl
 
 @dataclass(frozen=True, kw_only=True)
 class RandomTokens(DatasetSpec):
-    """Uniformly random token ids from the tokenizer's vocabulary, seeded: for plumbing tests
-    and speed benchmarks where the text does not matter. ``calib.n_samples`` samples of
-    ``calib.seq_len`` tokens from ``calib.seed`` (``calib.preproc`` and ``path`` are unused);
-    for evaluation, ``eval_windows`` windows of ``seq_len`` tokens from seed 0."""
+    """Uniformly random token ids, seeded: for plumbing tests and speed benchmarks where the
+    text does not matter, and for checkpoints shipped without tokenizer files.
+
+    Keys (``calib:``): ``name: random``, ``n_samples`` samples of ``seq_len`` tokens drawn
+    from ``seed``; ``path`` and ``preproc`` are not used. As an ``eval`` dataset:
+    ``eval_windows`` (32) windows of ``eval.seq_len`` tokens from seed 0. Ids are drawn from
+    ``[0, vocab)`` where ``vocab`` is the smaller of the tokenizer's vocabulary and the model's
+    input-embedding rows (core passes that bound as an ``int``), so no id can index past the
+    embedding; no tokenizer is needed."""
 
     needs_path: bool = False
+    needs_tokenizer: bool = False
     eval_windows: int | None = 32
 
     @staticmethod
-    def _ids(tokenizer: Any, n: int, seed: int) -> list[int]:
+    def _ids(vocab: Any, n: int, seed: int) -> list[int]:
         import torch
 
-        vocab = len(tokenizer)
+        size = vocab if isinstance(vocab, int) else len(vocab)
         gen = torch.Generator().manual_seed(int(seed))
-        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+        return torch.randint(0, size, (n,), generator=gen).tolist()
 
     def calibration_ids(self, tokenizer: Any, calib: CalibSection) -> list[list[int]]:
         flat = self._ids(tokenizer, calib.n_samples * calib.seq_len, calib.seed)

@@ -112,7 +112,7 @@ def evaluate(run: RunContext, model: nn.Module, resolved_eval: ResolvedEval,
         key = ("eval_ids", dspec.name, path, cfg.seq_len)
         ids = run.cache.get(key)
         if ids is None:
-            ids = dspec.evaluation_ids(run.tokenizer, path, cfg.seq_len)
+            ids = dspec.evaluation_ids(run.token_source(dspec), path, cfg.seq_len)
             run.cache[key] = ids
         ppl, n = perplexity(model, ids, cfg.seq_len, bs=cfg.bs, device=run.device,
                             max_windows=cfg.num_samples, per_block=cfg.inference_per_block,

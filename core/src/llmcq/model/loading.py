@@ -143,11 +143,14 @@ def _torch_dtype(name: str, *, gguf: bool) -> Any:
 
 def load_pretrained(source: ModelSource, *, torch_dtype: str = "auto", use_fast: bool = True,
                     trust_remote_code: bool = False,
-                    auto_class: str = "AutoModelForCausalLM") -> tuple[Any, Any]:
+                    auto_class: str = "AutoModelForCausalLM",
+                    require_tokenizer: bool = True) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` on the CPU, in eval mode, without gradients.
 
     ``auto_class`` names the transformers auto class (``AutoModelForImageTextToText`` for a
-    vision-language model whose language model is quantized)."""
+    vision-language model whose language model is quantized). ``require_tokenizer=False``:
+    a checkpoint without tokenizer files loads with ``tokenizer`` None (runs that read no
+    text: random calibration ids, no text evaluation)."""
     import transformers
     from transformers import AutoTokenizer
 
@@ -164,8 +167,10 @@ def load_pretrained(source: ModelSource, *, torch_dtype: str = "auto", use_fast:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source.folder), use_fast=use_fast, **kwargs)
     except Exception as exc:
-        raise DataError(f"cannot load the tokenizer of {source.display}: "
-                        f"{type(exc).__name__}: {exc}") from exc
+        if require_tokenizer:
+            raise DataError(f"cannot load the tokenizer of {source.display}: "
+                            f"{type(exc).__name__}: {exc}") from exc
+        tokenizer = None
     try:
         model = AutoModelForCausalLM.from_pretrained(str(source.folder), **kwargs, **model_kwargs)
     except Exception as exc:

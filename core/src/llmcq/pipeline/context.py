@@ -88,6 +88,20 @@ class RunContext:
         """The typed specs of the run (resolved once at config time)."""
         return self.resolved.specs
 
+    def token_source(self, dataset: Any) -> Any:
+        """What a dataset spec tokenizes with: the tokenizer, or for synthetic token ids
+        (``needs_tokenizer = False``) the vocabulary bound as an ``int``: the smaller of the
+        tokenizer's vocabulary and the model's input-embedding rows."""
+        from llmcq.errors import DataError
+
+        if getattr(dataset, "needs_tokenizer", True):
+            if self.tokenizer is None:
+                raise DataError(f"dataset {dataset.name} needs a tokenizer and the checkpoint "
+                                "has none")
+            return self.tokenizer
+        rows = int(self.model.get_input_embeddings().num_embeddings)
+        return rows if self.tokenizer is None else min(rows, len(self.tokenizer))
+
     def scratch(self, block_index: int) -> dict[str, Any]:
         """A per-block dict for statistics shared between stages and plugins."""
         return self._scratch.setdefault(block_index, {})

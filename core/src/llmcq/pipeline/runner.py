@@ -220,12 +220,16 @@ def run(resolved: ResolvedConfig, *, progress: bool = True,
         mspec = resolved.model[0]
         adapter_cls = mspec.load_impl()
         adapter: ModelAdapter = adapter_cls(mspec, cfg.model)
+        adapter.require_tokenizer = resolved.needs_tokenizer
         ctx.adapter = adapter
         if model is not None:
             ctx.model, ctx.tokenizer = model, tokenizer
         else:
             ctx.model, ctx.tokenizer = adapter.load(resolved.source)
     log.info("loaded %s with adapter %s", resolved.source.display, mspec.name)
+    if ctx.tokenizer is None:
+        log.info("the checkpoint has no tokenizer and no step needs one; exports are saved "
+                 "without tokenizer files")
     check_adapter(ctx)
     _build_steps(ctx)
 
@@ -237,7 +241,7 @@ def run(resolved: ResolvedConfig, *, progress: bool = True,
             with stages("calib_data"):
                 assert resolved.calib is not None and cfg.calib is not None
                 dspec: DatasetSpec = resolved.calib[0]
-                samples = dspec.calibration_ids(ctx.tokenizer, cfg.calib)
+                samples = dspec.calibration_ids(ctx.token_source(dspec), cfg.calib)
                 batches = calibration_batches(samples, cfg.calib.bs)
             results["calibration"] = {"samples": sum(int(b.shape[0]) for b in batches),
                                       "tokens": sum(int(b.numel()) for b in batches),

@@ -2,85 +2,100 @@
 
 Torch-free: ``llmcq validate`` imports this module to run :meth:`CompressedTensorsSpec.supports`
 before any model is loaded.
+
+What the records hold beyond a uniform grid is declared in ``accepts`` (core refuses every
+other record feature a run produces, at config time, with the producing algorithm's hint);
+``supports`` checks the grids themselves through the run's typed specs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from llmcq.api import BackendSpec
 from llmcq.errors import ConfigError
+from llmcq.quant.spec import PerChannel, PerGroup, PerTensor, PerToken
 
 if TYPE_CHECKING:
-    from llmcq.config.schema import RunConfig
+    from llmcq.api import ExportTarget
+    from llmcq.quant.spec import Granularity
 
 __all__ = ["VLLM_SPEC", "SGL_SPEC", "LIGHTLLM_SPEC", "CompressedTensorsSpec", "LightLLMSpec",
-           "check_config"]
+           "check_grids", "ACCEPTS", "REFUSALS"]
 
 #: weight bits vLLM's compressed-tensors schemes read (WNA16: 4 and 8; W8A8; W4A8)
 WEIGHT_ONLY_BITS = (4, 8)
 #: group sizes vLLM's Marlin / machete kernels accept for grouped int weights
 VLLM_GROUP_SIZES = (32, 64, 128)
 
+#: record features the compressed-tensors writer holds: quantized activations (static
+#: ``input_scale``/``input_zero_point`` or dynamic schemes) and FP8 codes (float-quantized)
+ACCEPTS = frozenset({"act_quant", "float_format"})
+#: why the others cannot be written (the generic sentence serves the rest)
+REFUSALS = {
+    "g_idx": "cannot write columns quantized out of group order (g_idx): compressed-tensors "
+             "(>=0.20) stores no g_idx, its groups are consecutive columns",
+    "fractional_zero": "cannot write fractional zero points: compressed-tensors stores "
+                       "integer (int8) zero points",
+    "sparsity_mask": "cannot write a sparsity mask: this exporter writes dense "
+                     "compressed-tensors layouts only (no sparsity_config)",
+}
 
-def _gptq_writes_g_idx(config: RunConfig) -> bool:
-    """GPTQ with act-order and dynamic groups stores ``g_idx`` (columns out of group order)."""
-    sp = None if config.quant is None else config.quant.special_of("gptq")
-    if sp is None or config.quant is None or config.quant.weight is None:
-        return False
-    return (config.quant.weight.granularity == "per_group" and sp.get("actorder", True)
-            and not sp.get("static_groups", False))
+
+def gran_name(g: Granularity) -> str:
+    """The YAML spelling of a granularity (``per_group``, not ``per_group(128)``)."""
+    return str(g).split("(")[0]
 
 
-def check_config(config: RunConfig, *, path: str, name: str) -> None:
-    """Refuse, naming the field, what the compressed-tensors schemes vLLM reads cannot hold."""
-    quant = config.quant
-    if quant is None or quant.weight is None:
-        raise ConfigError(path, True, reason=f"backend {name!r} exports quantized linears; "
-                          "the config needs quant.weight")
-    w, a = quant.weight, quant.act
+def check_grids(target: ExportTarget, *, name: str) -> None:
+    """Refuse, naming the YAML key, grids the compressed-tensors schemes vLLM reads cannot
+    hold (read from the run's typed specs)."""
+    w, a = target.specs.weight, target.specs.act
+    assert w is not None  # BackendSpec.supports refused a run without quant.weight
     if w.is_float:
         # FP8 (e4m3): core already holds the section to what compressed-tensors'
         # float-quantized format and vLLM's FP8 schemes read (symmetric; weights per channel
         # or tensor; inputs absent (W8A16-FP8), dynamic per token or tensor, or static per
         # tensor; the same element type for both); nothing else to refuse.
         return
+    wg = w.granularity
     if a is None:
-        if w.bit not in WEIGHT_ONLY_BITS:
-            raise ConfigError("quant.weight.bit", w.bit, allowed=WEIGHT_ONLY_BITS,
+        if w.bits not in WEIGHT_ONLY_BITS:
+            raise ConfigError("quant.weight.bit", w.bits, allowed=WEIGHT_ONLY_BITS,
                               reason=f"{name}: vLLM's weight-only int kernels (WNA16) read "
                               "4- and 8-bit weights only")
-        if w.granularity not in ("per_channel", "per_group"):
-            raise ConfigError("quant.weight.granularity", w.granularity,
+        if not isinstance(wg, (PerChannel, PerGroup)):
+            raise ConfigError("quant.weight.granularity", gran_name(wg),
                               allowed=("per_channel", "per_group"),
                               reason=f"{name}: weight-only int weights need a scale per "
                               "channel or per group")
     else:
-        if a.bit != 8:
-            raise ConfigError("quant.act.bit", a.bit, allowed=(8,),
+        if a.bits != 8:
+            raise ConfigError("quant.act.bit", a.bits, allowed=(8,),
                               reason=f"{name}: vLLM quantizes activations to int8 only")
-        if w.bit not in (4, 8):
-            raise ConfigError("quant.weight.bit", w.bit, allowed=(4, 8),
+        if w.bits not in (4, 8):
+            raise ConfigError("quant.weight.bit", w.bits, allowed=(4, 8),
                               reason=f"{name}: with int8 activations vLLM reads W8A8 and W4A8")
         if not w.symmetric:
             raise ConfigError("quant.weight.symmetric", w.symmetric, allowed=(True,),
                               reason=f"{name}: vLLM's W8A8/W4A8 int kernels need symmetric "
                               "weights (zero points are supported for activations only)")
-        if a.granularity == "per_group":
-            raise ConfigError("quant.act.granularity", a.granularity,
+        if isinstance(a.granularity, PerGroup):
+            raise ConfigError("quant.act.granularity", gran_name(a.granularity),
                               allowed=("per_token", "per_tensor"),
                               reason=f"{name}: no per-group activation scheme in vLLM")
-        if not a.static and a.granularity != "per_token":
-            raise ConfigError("quant.act.granularity", a.granularity, allowed=("per_token",),
+        if not a.static and not isinstance(a.granularity, PerToken):
+            raise ConfigError("quant.act.granularity", gran_name(a.granularity),
+                              allowed=("per_token",),
                               reason=f"{name}: dynamic activations are quantized per token")
-        if w.bit == 8 and w.granularity == "per_group":
-            raise ConfigError("quant.weight.granularity", w.granularity,
+        if w.bits == 8 and isinstance(wg, PerGroup):
+            raise ConfigError("quant.weight.granularity", gran_name(wg),
                               allowed=("per_channel", "per_tensor"),
                               reason=f"{name}: W8A8 weights need a scale per channel or tensor")
-        if w.bit == 4:
-            if w.granularity == "per_tensor":
-                raise ConfigError("quant.weight.granularity", w.granularity,
+        if w.bits == 4:
+            if isinstance(wg, PerTensor):
+                raise ConfigError("quant.weight.granularity", gran_name(wg),
                                   allowed=("per_channel", "per_group"),
                                   reason=f"{name}: W4A8 weights need a scale per channel or group")
             if a.static or not a.symmetric:
@@ -92,32 +107,29 @@ def check_config(config: RunConfig, *, path: str, name: str) -> None:
         raise ConfigError("quant.weight.round_zp", False, allowed=(True,),
                           reason=f"{name}: compressed-tensors stores integer zero points; "
                           "fractional zeros (HQQ-style) cannot be exported")
-    if w.granularity == "per_group":
-        if w.group_size not in VLLM_GROUP_SIZES:
-            raise ConfigError("quant.weight.group_size", w.group_size, allowed=VLLM_GROUP_SIZES,
+    if isinstance(wg, PerGroup):
+        if wg.size not in VLLM_GROUP_SIZES:
+            raise ConfigError("quant.weight.group_size", wg.size, allowed=VLLM_GROUP_SIZES,
                               reason=f"{name}: group sizes vLLM's grouped int kernels accept")
-        dims = BackendSpec.linear_in_features(config)
-        bad = {k: v for k, v in (dims or {}).items() if v % w.group_size}
+        dims = BackendSpec.linear_in_features(target.config)
+        bad = {k: v for k, v in (dims or {}).items() if v % wg.size}
         if bad:
             widths = ", ".join(f"{k}={v}" for k, v in bad.items())
-            raise ConfigError("quant.weight.group_size", w.group_size,
+            raise ConfigError("quant.weight.group_size", wg.size,
                               reason=f"{name}: every group must be whole, but the model's "
                               f"linear input widths {widths} are not multiples of it "
                               "(partial groups cannot be packed); choose a group size that "
                               "divides them or per_channel")
-    if _gptq_writes_g_idx(config):
-        raise ConfigError("quant.special.actorder", True, allowed=(False,),
-                          reason=f"{name}: compressed-tensors (>=0.20) stores no g_idx, so "
-                          "GPTQ act-order with dynamic groups cannot be exported; set "
-                          "static_groups: True (act-order kept, groups contiguous) or "
-                          "actorder: False")
 
 
 @dataclass(frozen=True, kw_only=True)
 class CompressedTensorsSpec(BackendSpec):
-    def supports(self, config: RunConfig, *, path: str) -> None:
-        super().supports(config, path=path)
-        check_config(config, path=path, name=self.name)
+    accepts: frozenset[str] = ACCEPTS
+    refusals: dict[str, str] = field(default_factory=lambda: dict(REFUSALS))
+
+    def supports(self, target: ExportTarget) -> None:
+        super().supports(target)
+        check_grids(target, name=self.name)
 
 
 VLLM_SPEC = CompressedTensorsSpec(
@@ -127,7 +139,6 @@ VLLM_SPEC = CompressedTensorsSpec(
     impl="llmcq_vllm.export:export",
     folder="vllm_quant_model",
     requires=("compressed-tensors",),
-    weight_formats=("int", "float"),
 )
 
 SGL_SPEC = CompressedTensorsSpec(
@@ -137,7 +148,6 @@ SGL_SPEC = CompressedTensorsSpec(
     impl="llmcq_vllm.export:export",
     folder="sgl_quant_model",
     requires=("compressed-tensors",),
-    weight_formats=("int", "float"),
 )
 
 
@@ -147,24 +157,29 @@ class LightLLMSpec(CompressedTensorsSpec):
     ``weight`` + ``weight_scale`` per output channel (+ ``input_scale`` when config.json says
     ``activation_scheme: static``), symmetric int8 activations."""
 
-    def supports(self, config: RunConfig, *, path: str) -> None:
-        super().supports(config, path=path)
-        quant = config.quant
-        assert quant is not None and quant.weight is not None
-        w, a = quant.weight, quant.act
-        if a is None or w.bit != 8:
+    accepts: frozenset[str] = frozenset({"act_quant"})
+    refusals: dict[str, str] = field(default_factory=lambda: {
+        **REFUSALS,
+        "float_format": "cannot write FP8 codes: its offline-quantized path (quant_type "
+                        "vllm-w8a8) reads int8 W8A8 only (FP8 exports through vllm/sglang)"})
+
+    def supports(self, target: ExportTarget) -> None:
+        super().supports(target)
+        w, a = target.specs.weight, target.specs.act
+        assert w is not None
+        if a is None or w.bits != 8:
             raise ConfigError("quant.act" if a is None else "quant.weight.bit",
-                              "absent" if a is None else w.bit, allowed="W8A8 (bit 8 with an "
+                              "absent" if a is None else w.bits, allowed="W8A8 (bit 8 with an "
                               "8-bit quant.act)", reason="lightllm: its offline-quantized "
                               "int path (quant_type vllm-w8a8) reads W8A8 only")
-        if w.granularity != "per_channel":
-            raise ConfigError("quant.weight.granularity", w.granularity,
+        if not isinstance(w.granularity, PerChannel):
+            raise ConfigError("quant.weight.granularity", gran_name(w.granularity),
                               allowed=("per_channel",),
                               reason="lightllm: vllm-w8a8 takes one weight scale per channel")
         if not a.symmetric:
             raise ConfigError("quant.act.symmetric", False, allowed=(True,),
                               reason="lightllm: vllm-w8a8 quantizes activations symmetrically")
-        if a.sym_range == "full" and not a.static:
+        if a.full_range and not a.static:
             raise ConfigError("quant.act.sym_range", "full", allowed=("restricted",),
                               reason="lightllm: vllm-w8a8's scaled_int8_quant scales each token "
                               "by absmax / 127 at run time")

@@ -27,10 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from llmcq.capabilities import describe_features
 from llmcq.errors import PluginError
 from llmcq.model.hf_io import save_hf_folder
 from llmcq.quant.record import QuantizedLinear
 from llmcq.quant.spec import PerChannel, PerGroup, PerTensor, PerToken
+
+from llmcq_vllm import ACCEPTS, LIGHTLLM_SPEC
 
 __all__ = ["export", "export_lightllm", "scheme_args", "compress_record", "storage_dtype"]
 
@@ -72,17 +75,14 @@ def scheme_args(rec: QuantizedLinear) -> tuple[dict[str, Any], dict[str, Any] | 
     return weights, inputs
 
 
-def _check_record(name: str, rec: QuantizedLinear) -> None:
+def _check_record(name: str, rec: QuantizedLinear, accepts: frozenset[str]) -> None:
+    """What core's ``check_records`` already refused (a record feature the backend does not
+    accept), repeated for direct callers, and a partial last group (not a feature: a shape)."""
     problems = []
-    if rec.g_idx is not None:
-        problems.append("columns quantized out of group order (g_idx; GPTQ act-order without "
-                        "static_groups): compressed-tensors stores no g_idx")
-    if rec.group_bits is not None:
-        problems.append("per-group bit widths (mixed precision)")
-    if rec.float_columns is not None:
-        problems.append("float columns (OWQ)")
-    if not rec.zero_is_integral:
-        problems.append("fractional zero points")
+    extra = set(rec.features()) - accepts
+    if extra:
+        problems.append(f"it holds {describe_features(extra)}, which the compressed-tensors "
+                        "writer cannot hold")
     gran = rec.weight.granularity
     if isinstance(gran, PerGroup) and rec.in_features % gran.size:
         problems.append(f"a partial last group (in_features {rec.in_features} is not a multiple "
@@ -206,8 +206,10 @@ def checkpoint_names(model: Any, names: list[str]) -> list[str]:
 
 
 def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: Path, *,
-           scale_dtype: torch.dtype | None = None) -> list[Path]:
-    """The compressed-tensors folder; scales in the model's dtype unless ``scale_dtype``."""
+           scale_dtype: torch.dtype | None = None,
+           accepts: frozenset[str] = ACCEPTS) -> list[Path]:
+    """The compressed-tensors folder; scales in the model's dtype unless ``scale_dtype``;
+    ``accepts``: the record features the calling backend writes (vllm/sglang: ``ACCEPTS``)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.config import CompressionFormat
     from compressed_tensors.quantization import (
@@ -224,7 +226,7 @@ def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: P
     groups: dict[str, tuple[dict, dict | None, str, list[str]]] = {}
     for name in sorted(records):
         rec = records[name].to("cpu")
-        _check_record(name, rec)
+        _check_record(name, rec, accepts)
         tensors, fmt, wargs, iargs = compress_record(rec, dtype)
         state.pop(f"{name}.weight", None)
         for key, value in tensors.items():
@@ -261,7 +263,8 @@ def export_lightllm(run: Any, model: Any, records: dict[str, QuantizedLinear],
                     out_dir: Path) -> list[Path]:
     """The same files with fp32 scales (LightLLM hands them to ``cutlass_scaled_mm`` as they
     are) and LightLLM's top-level ``activation_scheme`` key in config.json."""
-    files = export(run, model, records, out_dir, scale_dtype=torch.float32)
+    files = export(run, model, records, out_dir, scale_dtype=torch.float32,
+                   accepts=LIGHTLLM_SPEC.accepts)
     static = any(r.act is not None and r.act.static for r in records.values())
     cfg_path = out_dir / "config.json"
     cfg = json.loads(cfg_path.read_text())

@@ -1,4 +1,7 @@
-"""GGUF files for llama.cpp from llmcq's quantized records (``save_gguf``). Torch-free."""
+"""GGUF files for llama.cpp from llmcq's quantized records (``save_gguf``). Torch-free.
+
+Record features beyond a uniform grid: only fractional zero points (``accepts``); core refuses
+the others at config time. ``supports`` checks the grid through the run's typed specs."""
 
 from __future__ import annotations
 
@@ -7,8 +10,10 @@ from typing import TYPE_CHECKING
 
 from llmcq.api import BackendSpec
 from llmcq.errors import ConfigError
+from llmcq.quant.spec import PerGroup
 
 if TYPE_CHECKING:
+    from llmcq.api import ExportTarget
     from llmcq.config.schema import RunConfig
 
 __all__ = ["SPEC", "GGUFSpec", "ggml_type_for", "BLOCK", "MODEL_TYPES"]
@@ -38,59 +43,36 @@ def _model_type(config: RunConfig) -> str | None:
 
 @dataclass(frozen=True, kw_only=True)
 class GGUFSpec(BackendSpec):
-    def supports(self, config: RunConfig, *, path: str) -> None:
-        super().supports(config, path=path)
-        quant = config.quant
-        if quant is None or quant.weight is None:
-            raise ConfigError(path, True, reason="gguf exports quantized linears; the config "
-                              "needs quant.weight")
-        w = quant.weight
-        if ggml_type_for(w.bit, w.symmetric) is None:
+    def supports(self, target: ExportTarget) -> None:
+        super().supports(target)
+        w = target.specs.weight
+        assert w is not None  # BackendSpec.supports refused a run without quant.weight
+        if ggml_type_for(w.bits, w.symmetric) is None:
             allowed = "bit 8 symmetric (Q8_0), bit 4 symmetric (Q4_0), bit 4 asymmetric (Q4_1)"
-            field = "quant.weight.bit" if w.bit not in (4, 8) else "quant.weight.symmetric"
-            raise ConfigError(field, w.bit if field.endswith("bit") else w.symmetric,
+            field = "quant.weight.bit" if w.bits not in (4, 8) else "quant.weight.symmetric"
+            raise ConfigError(field, w.bits if field.endswith("bit") else w.symmetric,
                               allowed=allowed, reason="gguf: no llama.cpp type holds this "
                               "grid exactly")
-        if w.granularity != "per_group" or w.group_size != BLOCK:
-            raise ConfigError("quant.weight.group_size" if w.granularity == "per_group"
+        g = w.granularity
+        if not isinstance(g, PerGroup) or g.size != BLOCK:
+            per_group = isinstance(g, PerGroup)
+            raise ConfigError("quant.weight.group_size" if per_group
                               else "quant.weight.granularity",
-                              w.group_size if w.granularity == "per_group" else w.granularity,
+                              g.size if per_group else str(g),
                               allowed="per_group with group_size 32",
                               reason="gguf: Q4_0/Q4_1/Q8_0 hold one scale per 32 weights")
-        if quant.act is not None:
-            raise ConfigError("quant.act", "present", show_value=False,
-                              reason="gguf: llama.cpp quantizes activations itself; the "
-                              "file holds weights only (remove quant.act)")
-        dims = BackendSpec.linear_in_features(config)
+        dims = BackendSpec.linear_in_features(target.config)
         bad = {k: v for k, v in (dims or {}).items() if v % BLOCK}
         if bad:
-            raise ConfigError("quant.weight.group_size", w.group_size,
+            raise ConfigError("quant.weight.group_size", g.size,
                               reason="gguf: linear input widths "
                               + ", ".join(f"{k}={v}" for k, v in bad.items())
                               + " are not multiples of 32")
-        mtype = _model_type(config)
+        mtype = _model_type(target.config)
         if mtype is not None and mtype not in MODEL_TYPES:
             raise ConfigError("model.type", mtype, allowed=MODEL_TYPES,
                               reason="gguf: tensor names and layout are written for "
                               "llama.cpp's llama architecture")
-        _refuse_g_idx(config)
-
-
-def _refuse_g_idx(config: RunConfig) -> None:
-    quant = config.quant
-    assert quant is not None
-    names = [m.lower() for m in quant.methods]
-    if "gptq" not in names:
-        return
-    special = quant.special or {}
-    if len(names) > 1:
-        special = next((v for k, v in special.items() if k.lower() == "gptq"
-                        and isinstance(v, dict)), {})
-    if special.get("actorder", True) and not special.get("static_groups", False):
-        raise ConfigError("quant.special.actorder", True, allowed=(False,),
-                          reason="gguf: blocks hold 32 consecutive columns, so GPTQ act-order "
-                          "with dynamic groups (g_idx) cannot be written; set static_groups: "
-                          "True (act-order kept, groups contiguous) or actorder: False")
 
 
 SPEC = GGUFSpec(
@@ -100,4 +82,15 @@ SPEC = GGUFSpec(
     impl="llmcq_gguf.export:export",
     folder="gguf_quant_model",
     requires=("gguf",),
+    # Q4_1 stores m = -zero * scale in fp16, so a fractional zero point (HQQ, round_zp:
+    # False) is written as faithfully as an integral one; nothing else beyond the grid
+    accepts=frozenset({"fractional_zero"}),
+    refusals={
+        "act_quant": "cannot write activation quantization (llama.cpp quantizes activations "
+                     "itself; the file holds weights only)",
+        "g_idx": "cannot write columns quantized out of group order (g_idx; a Q4_0/Q4_1/Q8_0 "
+                 "block holds 32 consecutive columns)",
+        "float_format": "cannot write FP8 codes (Q4_0/Q4_1/Q8_0 hold integer codes)",
+        "group_bits": "cannot write per-group bit widths (one llama.cpp type per file)",
+    },
 )

@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from llmcq.capabilities import describe_features
 from llmcq.errors import PluginError
 from llmcq.quant.record import QuantizedLinear
 from llmcq.quant.spec import PerGroup
 
-from llmcq_gguf import BLOCK, ggml_type_for
+from llmcq_gguf import BLOCK, SPEC, ggml_type_for
 
 __all__ = ["export", "pack_record", "rope_row_permutation", "FILE_NAME"]
 
@@ -42,13 +43,13 @@ def pack_record(rec: QuantizedLinear) -> tuple[np.ndarray, str]:
     if gtype is None or not isinstance(gran, PerGroup) or gran.size != BLOCK:
         raise PluginError(f"record {rec.describe()} has no exact llama.cpp type (needs g32 "
                           "W8 sym, W4 sym or W4 asym)")
-    for what, bad in (("g_idx (act-order groups)", rec.g_idx is not None),
-                      ("per-group bit widths", rec.group_bits is not None),
-                      ("float columns", rec.float_columns is not None),
-                      (f"in_features {rec.in_features} not a multiple of 32",
-                       rec.in_features % BLOCK != 0)):
-        if bad:
-            raise PluginError(f"record {rec.describe()}: {what} cannot be written as GGUF")
+    extra = set(rec.features()) - SPEC.accepts  # core's check_records refused these already
+    if extra:
+        raise PluginError(f"record {rec.describe()}: {describe_features(extra)} cannot be "
+                          "written as GGUF")
+    if rec.in_features % BLOCK:
+        raise PluginError(f"record {rec.describe()}: in_features {rec.in_features} not a "
+                          "multiple of 32 cannot be written as GGUF")
     out, n_in = rec.out_features, rec.in_features
     groups = n_in // BLOCK
     q = rec.qweight.to("cpu")

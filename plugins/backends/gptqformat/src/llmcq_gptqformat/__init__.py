@@ -1,5 +1,10 @@
 """GPTQ-format checkpoints (AutoGPTQ / GPTQModel layout) from llmcq's records
-(llmc's ``save_autogptq``). Torch-free."""
+(llmc's ``save_autogptq``). Torch-free.
+
+Record features beyond a uniform grid: ``g_idx`` (the layout's ``g_idx`` tensor holds the group
+of every input column, ``desc_act: true``), nothing else (``accepts``); core refuses the others
+at config time. ``supports`` checks the grid through the run's typed specs.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,10 @@ from typing import TYPE_CHECKING
 
 from llmcq.api import BackendSpec
 from llmcq.errors import ConfigError
+from llmcq.quant.spec import PerChannel, PerGroup
 
 if TYPE_CHECKING:
-    from llmcq.config.schema import RunConfig
+    from llmcq.api import ExportTarget
 
 __all__ = ["SPEC", "GPTQFormatSpec", "BITS"]
 
@@ -20,30 +26,24 @@ BITS = (2, 3, 4, 8)
 
 @dataclass(frozen=True, kw_only=True)
 class GPTQFormatSpec(BackendSpec):
-    def supports(self, config: RunConfig, *, path: str) -> None:
-        super().supports(config, path=path)
-        quant = config.quant
-        if quant is None or quant.weight is None:
-            raise ConfigError(path, True, reason="gptq format exports quantized linears; the "
-                              "config needs quant.weight")
-        w = quant.weight
-        if w.bit not in BITS:
-            raise ConfigError("quant.weight.bit", w.bit, allowed=BITS,
+    def supports(self, target: ExportTarget) -> None:
+        super().supports(target)
+        w = target.specs.weight
+        assert w is not None  # BackendSpec.supports refused a run without quant.weight
+        if w.bits not in BITS:
+            raise ConfigError("quant.weight.bit", w.bits, allowed=BITS,
                               reason="gptq format: the widths AutoGPTQ/GPTQModel pack")
-        if w.granularity not in ("per_group", "per_channel"):
-            raise ConfigError("quant.weight.granularity", w.granularity,
+        if not isinstance(w.granularity, (PerGroup, PerChannel)):
+            raise ConfigError("quant.weight.granularity", str(w.granularity),
                               allowed=("per_group", "per_channel"),
                               reason="gptq format: scales per group (per_channel = one group)")
-        if quant.act is not None:
-            raise ConfigError("quant.act", "present", show_value=False,
-                              reason="gptq format is weight-only (remove quant.act)")
         if not w.symmetric and not w.round_zp:
             raise ConfigError("quant.weight.round_zp", False, allowed=(True,),
                               reason="gptq format stores integer zero points")
-        dims = BackendSpec.linear_in_features(config)
+        dims = BackendSpec.linear_in_features(target.config)
         bad = {k: v for k, v in (dims or {}).items() if v % 32}
         if bad:
-            raise ConfigError("quant.weight.bit", w.bit, reason="gptq format: input widths "
+            raise ConfigError("quant.weight.bit", w.bits, reason="gptq format: input widths "
                               + ", ".join(f"{k}={v}" for k, v in bad.items())
                               + " are not multiples of 32 (one packed block of rows)")
 
@@ -55,4 +55,12 @@ SPEC = GPTQFormatSpec(
             "GPTQModel, AutoGPTQ, transformers and vLLM",
     impl="llmcq_gptqformat.export:export",
     folder="gptq_quant_model",
+    accepts=frozenset({"g_idx"}),
+    refusals={
+        "act_quant": "cannot write activation quantization (the GPTQ format is weight-only)",
+        "fractional_zero": "cannot write fractional zero points (qzeros are packed integers)",
+        "group_bits": "cannot write per-group bit widths (one bits value per checkpoint)",
+        "float_columns": "cannot write float columns (OWQ): the layout has no place for them",
+        "float_format": "cannot write FP8 codes (the layout packs integer codes)",
+    },
 )

@@ -26,10 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from llmcq.capabilities import describe_features
 from llmcq.errors import PluginError
 from llmcq.model.hf_io import save_hf_folder
 from llmcq.quant.record import QuantizedLinear
 from llmcq.quant.spec import PerGroup
+
+from llmcq_gptqformat import SPEC
 
 __all__ = ["export", "pack_record", "pack_along_rows", "GPTQTensors"]
 
@@ -58,10 +61,10 @@ def pack_along_rows(codes: np.ndarray, bits: int) -> np.ndarray:
 def pack_record(rec: QuantizedLinear, *, v1: bool = True) -> tuple[GPTQTensors, bool]:
     """GPTQ tensors of one record and whether its asymmetric zeros include 0."""
     bits = rec.bits
-    if rec.group_bits is not None or rec.float_columns is not None:
-        raise PluginError("gptq format: mixed per-group bits and float columns are not held")
-    if not rec.zero_is_integral:
-        raise PluginError("gptq format: fractional zero points are not held")
+    extra = set(rec.features()) - SPEC.accepts  # core's check_records refused these already
+    if extra:
+        raise PluginError(f"gptq format: {describe_features(extra)} cannot be held "
+                          f"({rec.describe()})")
     out, n_in = rec.out_features, rec.in_features
     offset = 2 ** (bits - 1) if rec.symmetric else 0
     q = (rec.qweight.to("cpu", torch.int32) + offset).numpy()  # unsigned [out, in]
@@ -89,14 +92,18 @@ def pack_record(rec: QuantizedLinear, *, v1: bool = True) -> tuple[GPTQTensors, 
     return tensors, has_zero_zero
 
 
-def quantize_config(recs: list[QuantizedLinear], *, desc_act: bool, v1: bool,
-                    extra: dict[str, Any]) -> dict[str, Any]:
+def quantize_config(recs: list[QuantizedLinear], *, desc_act: bool, v1: bool) -> dict[str, Any]:
+    """``quantize_config.json``: what GPTQ readers need to unpack the tensors. Per channel is
+    spelled ``group_size: -1`` here (the format's convention; records hold ``None``).
+    ``damp_percent`` is a solver setting, not a property of the tensors: it is not written
+    (readers do not use it to load), so no exporter reads another plugin's settings."""
     first = recs[0]
-    return {"quant_method": "gptq", "bits": first.bits, "group_size": first.group_size,
+    group_size = first.group_size if first.group_size is not None else -1
+    return {"quant_method": "gptq", "bits": first.bits, "group_size": group_size,
             "desc_act": desc_act, "sym": first.symmetric, "static_groups": False,
             "true_sequential": True, "lm_head": False,
             "checkpoint_format": "gptq" if v1 else "gptq_v2", "pack_dtype": "int32",
-            "meta": {"quantizer": ["llmcq:0.1"]}, **extra}
+            "meta": {"quantizer": ["llmcq:0.1"]}}
 
 
 def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: Path) -> list[Path]:
@@ -117,14 +124,7 @@ def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: P
             state[f"{name}.{key}"] = value
         if rec.bias is not None:
             state[f"{name}.bias"] = rec.bias.detach().to("cpu")
-    damp = {}
-    quant = getattr(getattr(getattr(run, "resolved", None), "config", None), "quant", None)
-    if quant is not None and "gptq" in [m.lower() for m in quant.methods]:
-        special = quant.special or {}
-        special = special.get("gptq", special) if len(quant.methods) > 1 else special
-        if "percdamp" in special:
-            damp = {"damp_percent": special["percdamp"]}
-    qcfg = quantize_config(recs, desc_act=desc_act, v1=v1, extra=damp)
+    qcfg = quantize_config(recs, desc_act=desc_act, v1=v1)
     save_hf_folder(model, getattr(run, "tokenizer", None), out_dir, state_dict=state,
                    quantization_config=qcfg)
     (out_dir / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")

@@ -1,51 +1,62 @@
 """AutoAWQ GEMM checkpoints (llmc's ``save_autoawq``) and the same layout for MLC-LLM
-(llmc's ``save_mlcllm``). Torch-free."""
+(llmc's ``save_mlcllm``). Torch-free.
+
+Record features beyond a uniform grid: none (``accepts`` is empty; core refuses every record
+feature at config time). ``supports`` checks the grid through the run's typed specs.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from llmcq.api import BackendSpec
 from llmcq.errors import ConfigError
+from llmcq.quant.spec import PerChannel, PerGroup
 
 if TYPE_CHECKING:
-    from llmcq.config.schema import RunConfig
+    from llmcq.api import ExportTarget
 
-__all__ = ["AUTOAWQ_SPEC", "MLCLLM_SPEC", "AWQFormatSpec", "PACK"]
+__all__ = ["AUTOAWQ_SPEC", "MLCLLM_SPEC", "AWQFormatSpec", "PACK", "REFUSALS"]
 
 #: codes per int32 word (AutoAWQ's GEMM layout is 4-bit only)
 PACK = 8
 
+#: the format's own sentences for the record features it cannot hold
+REFUSALS = {
+    "act_quant": "cannot write activation quantization (the AWQ GEMM layout is weight-only)",
+    "g_idx": "cannot write columns quantized out of group order (g_idx; AWQ groups are "
+             "consecutive columns)",
+    "fractional_zero": "cannot write fractional zero points (qzeros are packed integers)",
+    "float_format": "cannot write FP8 codes (the layout packs 4-bit integer codes)",
+}
+
 
 @dataclass(frozen=True, kw_only=True)
 class AWQFormatSpec(BackendSpec):
-    def supports(self, config: RunConfig, *, path: str) -> None:
-        super().supports(config, path=path)
-        quant = config.quant
-        if quant is None or quant.weight is None:
-            raise ConfigError(path, True, reason=f"{self.name} exports quantized linears; the "
-                              "config needs quant.weight")
-        w = quant.weight
-        if w.bit != 4:
-            raise ConfigError("quant.weight.bit", w.bit, allowed=(4,),
+    refusals: dict[str, str] = field(default_factory=lambda: dict(REFUSALS))
+
+    def supports(self, target: ExportTarget) -> None:
+        super().supports(target)
+        w = target.specs.weight
+        assert w is not None  # BackendSpec.supports refused a run without quant.weight
+        if w.bits != 4:
+            raise ConfigError("quant.weight.bit", w.bits, allowed=(4,),
                               reason=f"{self.name}: the AWQ GEMM layout packs 4-bit codes only")
-        if w.granularity not in ("per_group", "per_channel"):
-            raise ConfigError("quant.weight.granularity", w.granularity,
+        g = w.granularity
+        if not isinstance(g, (PerGroup, PerChannel)):
+            raise ConfigError("quant.weight.granularity", str(g),
                               allowed=("per_group", "per_channel"),
                               reason=f"{self.name}: scales per group (per_channel = one group "
                               "per row)")
-        if quant.act is not None:
-            raise ConfigError("quant.act", "present", show_value=False,
-                              reason=f"{self.name} is weight-only (remove quant.act)")
         if not w.symmetric and not w.round_zp:
             raise ConfigError("quant.weight.round_zp", False, allowed=(True,),
                               reason=f"{self.name} stores integer zero points")
-        if w.granularity == "per_group":
-            dims = BackendSpec.linear_in_features(config)
-            bad = {k: v for k, v in (dims or {}).items() if v % w.group_size}
+        if isinstance(g, PerGroup):
+            dims = BackendSpec.linear_in_features(target.config)
+            bad = {k: v for k, v in (dims or {}).items() if v % g.size}
             if bad:
-                raise ConfigError("quant.weight.group_size", w.group_size,
+                raise ConfigError("quant.weight.group_size", g.size,
                                   reason=f"{self.name}: AutoAWQ needs whole groups, but the "
                                   "model's linear input widths "
                                   + ", ".join(f"{k}={v}" for k, v in bad.items())

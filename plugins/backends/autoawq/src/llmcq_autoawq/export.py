@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from llmcq.capabilities import describe_features
 from llmcq.errors import PluginError
 from llmcq.model.hf_io import save_hf_folder
 from llmcq.quant.record import QuantizedLinear
+
+from llmcq_autoawq import AUTOAWQ_SPEC
 
 __all__ = ["export", "pack_record", "pack_awq_order", "AWQ_ORDER"]
 
@@ -45,15 +48,13 @@ def pack_awq_order(codes: torch.Tensor) -> torch.Tensor:
 def pack_record(rec: QuantizedLinear) -> dict[str, torch.Tensor]:
     if rec.bits != 4:
         raise PluginError(f"awq format: 4-bit only, got {rec.describe()}")
-    for what, bad in (("g_idx (act-order groups)", rec.g_idx is not None),
-                      ("per-group bit widths", rec.group_bits is not None),
-                      ("float columns", rec.float_columns is not None),
-                      ("fractional zero points", not rec.zero_is_integral)):
-        if bad:
-            raise PluginError(f"awq format cannot hold {what} ({rec.describe()})")
+    extra = set(rec.features()) - AUTOAWQ_SPEC.accepts  # check_records refused these already
+    if extra:
+        raise PluginError(f"awq format cannot hold {describe_features(extra)} "
+                          f"({rec.describe()})")
     n_groups = int(rec.scale.shape[1])
-    if rec.in_features % n_groups or (rec.group_size > 0
-                                      and rec.in_features != n_groups * rec.group_size):
+    gs = rec.group_size  # None per channel (one group per row)
+    if rec.in_features % n_groups or (gs is not None and rec.in_features != n_groups * gs):
         raise PluginError(f"awq format needs whole groups ({rec.describe()}, in_features "
                           f"{rec.in_features})")
     rec = rec.to("cpu")
@@ -85,7 +86,10 @@ def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: P
                      if n and n not in records and isinstance(getattr(m, "weight", None),
                                                               torch.Tensor)
                      and m.weight.dim() == 2 and not isinstance(m, torch.nn.Embedding))
-    qcfg = {"quant_method": "awq", "bits": 4, "group_size": sizes.pop(), "version": "gemm",
+    size = sizes.pop()
+    qcfg = {"quant_method": "awq", "bits": 4,
+            # AutoAWQ spells per channel -1; records hold None
+            "group_size": -1 if size is None else size, "version": "gemm",
             "zero_point": True,
             # AutoAWQ matches these as name substrings: the head, MoE routers ("gate"), ...
             "modules_to_not_convert": sorted(set(skipped)) or None}

@@ -2,9 +2,10 @@
 ``rank{r}.safetensors`` per rank, the folder ``trtllm-build --checkpoint_dir`` reads.
 
 Torch-free: ``llmcq validate`` imports this module to run :meth:`TRTLLMSpec.supports` before
-any model is loaded. Which TensorRT-LLM ``quant_algo`` a run exports to follows from its quant
-section (see :func:`quant_algo_for`); everything the format cannot hold is refused here,
-naming the field.
+any model is loaded. Which TensorRT-LLM ``quant_algo`` a run exports to follows from the run's
+typed specs (see :func:`quant_algo_for`); every grid the format cannot hold is refused here,
+naming the YAML key. Record features beyond a uniform grid are declared in ``SPEC.accepts``
+(dynamic activation quantization, fractional zero points) and core refuses the others.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from llmcq.api import BackendSpec
 from llmcq.errors import ConfigError
+from llmcq.quant.spec import PerChannel, PerGroup, PerToken
 
 if TYPE_CHECKING:
+    from llmcq.api import ExportTarget
     from llmcq.config.schema import RunConfig
+    from llmcq.quant.spec import Granularity
+    from llmcq.specs import RunSpecs
 
 __all__ = ["SPEC", "TRTLLMSpec", "TRTLLMOptions", "FAMILIES", "GROUP_SIZES", "quant_algo_for",
            "model_dims", "check_shapes", "W4A16_AWQ", "W8A16", "W8A8_SQ"]
@@ -100,60 +105,68 @@ class TRTLLMOptions:
                    quant_algo=algo)
 
 
-def quant_algo_for(config: RunConfig) -> str:
-    """The TensorRT-LLM ``quant_algo`` a run exports to, or :class:`ConfigError` naming the
-    field that has no TensorRT-LLM checkpoint form."""
-    quant = config.quant
-    if quant is None or quant.weight is None:
+def quant_algo_for(specs: RunSpecs) -> str:
+    """The TensorRT-LLM ``quant_algo`` a run exports to (from its typed specs), or
+    :class:`ConfigError` naming the YAML key that has no TensorRT-LLM checkpoint form."""
+    w, a = specs.weight, specs.act
+    if w is None:
         raise ConfigError("quant.weight", None, reason="trtllm exports quantized linears; the "
                           "config needs quant.weight")
-    w, a = quant.weight, quant.act
+    if w.is_float or (a is not None and a.is_float):
+        raise ConfigError("quant.weight.quant_type" if w.is_float else "quant.act.quant_type",
+                          "float-quant", allowed=("int-quant",), reason=_FP8_REASON)
+    g = w.granularity
     if a is None:
-        if w.bit == 4:
-            if w.granularity != "per_group":
-                raise ConfigError("quant.weight.granularity", w.granularity,
+        if w.bits == 4:
+            if not isinstance(g, PerGroup):
+                raise ConfigError("quant.weight.granularity", str(g),
                                   allowed=("per_group",),
                                   reason="trtllm: int4 weight-only checkpoints (W4A16_AWQ) "
                                   "hold scales per group of 64 or 128 input columns")
-            if w.group_size not in GROUP_SIZES:
-                raise ConfigError("quant.weight.group_size", w.group_size, allowed=GROUP_SIZES,
+            if g.size not in GROUP_SIZES:
+                raise ConfigError("quant.weight.group_size", g.size, allowed=GROUP_SIZES,
                                   reason="trtllm: group sizes of TensorRT-LLM's fine-grained "
                                   "int4 GEMM")
             return W4A16_AWQ
-        if w.bit == 8:
-            if w.granularity != "per_channel":
-                raise ConfigError("quant.weight.granularity", w.granularity,
+        if w.bits == 8:
+            if not isinstance(g, PerChannel):
+                raise ConfigError("quant.weight.granularity", _gran_name(g),
                                   allowed=("per_channel",),
                                   reason="trtllm: W8A16 holds one scale per output channel")
             if not w.symmetric:
                 raise ConfigError("quant.weight.symmetric", False, allowed=(True,),
                                   reason="trtllm: W8A16 weights are symmetric (no zero point)")
             return W8A16
-        raise ConfigError("quant.weight.bit", w.bit, allowed=(4, 8),
+        raise ConfigError("quant.weight.bit", w.bits, allowed=(4, 8),
                           reason="trtllm: TensorRT-LLM's integer weight-only checkpoints hold "
                           "int4 (W4A16_AWQ) or int8 (W8A16) weights")
-    if a.bit != 8 or w.bit != 8:
-        field, value = ("quant.act.bit", a.bit) if a.bit != 8 else ("quant.weight.bit", w.bit)
+    if a.bits != 8 or w.bits != 8:
+        field, value = ("quant.act.bit", a.bits) if a.bits != 8 else ("quant.weight.bit", w.bits)
         raise ConfigError(field, value, allowed=(8,),
                           reason="trtllm: with quantized activations the exported scheme is "
                           "SmoothQuant W8A8 (int8 weights and int8 activations)")
-    if not w.symmetric or w.granularity != "per_channel":
+    if not w.symmetric or not isinstance(g, PerChannel):
         field = "quant.weight.symmetric" if not w.symmetric else "quant.weight.granularity"
-        raise ConfigError(field, w.symmetric if not w.symmetric else w.granularity,
+        raise ConfigError(field, w.symmetric if not w.symmetric else _gran_name(g),
                           allowed="symmetric per_channel",
                           reason="trtllm: W8A8 SmoothQuant weights are symmetric int8 with one "
                           "scale per output channel")
-    if a.static or a.granularity != "per_token" or not a.symmetric:
+    if a.static or not isinstance(a.granularity, PerToken) or not a.symmetric:
         raise ConfigError("quant.act", "static" if a.static else
-                          (a.granularity if a.symmetric else "asymmetric"), show_value=True,
-                          allowed="dynamic symmetric per_token",
+                          (_gran_name(a.granularity) if a.symmetric else "asymmetric"),
+                          show_value=True, allowed="dynamic symmetric per_token",
                           reason="trtllm: exported as W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN "
                           "(int8 activations quantized per token at run time)")
-    if a.sym_range == "full":
+    if a.full_range:
         raise ConfigError("quant.act.sym_range", "full", allowed=("restricted",),
                           reason="trtllm: the SmoothQuant plugin scales each token by "
                           "absmax / 127 at run time")
     return W8A8_SQ
+
+
+def _gran_name(g: Granularity) -> str:
+    """The YAML spelling of a granularity (``per_group``, not ``per_group(128)``)."""
+    return str(g).split("(")[0]
 
 
 def _checkpoint_model_type(config: RunConfig) -> str | None:
@@ -176,8 +189,9 @@ def model_dims(config: RunConfig) -> dict[str, Any] | None:
 
 
 def check_shapes(dims: dict[str, Any], algo: str, opts: TRTLLMOptions,
-                 group_size: int, path: str = "save.save_trtllm") -> None:
-    """Refuse mappings and group sizes the TensorRT-LLM layers cannot hold without padding."""
+                 group_size: int | None, path: str = "save.save_trtllm") -> None:
+    """Refuse mappings and group sizes the TensorRT-LLM layers cannot hold without padding
+    (``group_size``: ``None`` per channel)."""
     tp, pp = opts.tp_size, opts.pp_size
     heads, kv, hd = dims["heads"], dims["kv_heads"], dims["head_dim"]
     if heads % tp:
@@ -199,7 +213,7 @@ def check_shapes(dims: dict[str, Any], algo: str, opts: TRTLLMOptions,
     kv_rank = max(kv, tp)
     widths = {"hidden": dims["hidden"], "attention": heads * hd, "mlp": dims["inter"],
               "qkv": (heads + 2 * kv_rank) * hd}
-    multiple = max(64, group_size) * tp
+    multiple = max(64, group_size or 0) * tp
     bad = {k: v for k, v in widths.items() if v % multiple}
     if not bad:
         return
@@ -219,10 +233,11 @@ def check_shapes(dims: dict[str, Any], algo: str, opts: TRTLLMOptions,
 
 @dataclass(frozen=True, kw_only=True)
 class TRTLLMSpec(BackendSpec):
-    def supports(self, config: RunConfig, *, path: str) -> None:
-        super().supports(config, path=path)
+    def supports(self, target: ExportTarget) -> None:
+        super().supports(target)
+        config = target.config
         opts = TRTLLMOptions.parse(dict(config.save.trtllm_cfg))
-        algo = quant_algo_for(config)
+        algo = quant_algo_for(target.specs)
         if opts.quant_algo is not None and opts.quant_algo != algo:
             raise ConfigError(f"{_CFG}.quant_algo", opts.quant_algo, allowed=(algo,),
                               reason="trtllm: the quant section exports as " + algo)
@@ -232,19 +247,11 @@ class TRTLLMSpec(BackendSpec):
                               allowed=tuple(FAMILIES),
                               reason="trtllm: families whose TensorRT-LLM layout is the Llama "
                               "one (fused qkv, gated mlp fc/gate/proj)")
-        quant = config.quant
-        assert quant is not None and quant.weight is not None
-        if algo == W4A16_AWQ:
-            from llmcq_trtllm._gptq import gptq_writes_g_idx
-
-            if gptq_writes_g_idx(config):
-                raise ConfigError("quant.special.actorder", True, allowed=(False,),
-                                  reason="trtllm: the W4A16_AWQ layout has no g_idx, so GPTQ "
-                                  "act-order with dynamic groups cannot be exported; set "
-                                  "static_groups: True or actorder: False")
+        w = target.specs.weight
+        assert w is not None
         dims = model_dims(config)
         if dims is not None:
-            check_shapes(dims, algo, opts, quant.weight.group_size, path)
+            check_shapes(dims, algo, opts, w.group_size, target.path)
 
 
 SPEC = TRTLLMSpec(
@@ -254,4 +261,21 @@ SPEC = TRTLLMSpec(
             "parallel) for trtllm-build: W4A16_AWQ, W8A16, W8A8 SmoothQuant per-token",
     impl="llmcq_trtllm.export:export",
     folder="trtllm_checkpoint",
+    # W8A8 SmoothQuant with per-token dynamic activations; W4A16_AWQ's additive zero term
+    # (8 - z) * s holds a fractional zero point as well as an integral one. Nothing else:
+    # no g_idx, FP8, mixed bits, float columns, masks or transforms in these layouts.
+    accepts=frozenset({"act_quant", "fractional_zero"}),
+    accepts_detail={"act_quant": ("dynamic",)},
+    refusals={
+        "act_quant": "cannot write static activation scales: quantized activations are "
+                     "exported as W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN (int8, quantized per "
+                     "token at run time)",
+        "g_idx": "cannot write columns quantized out of group order (g_idx; the W4A16_AWQ "
+                 "layout holds groups of consecutive columns)",
+        "float_format": "cannot write FP8 codes (this exporter writes integer checkpoints "
+                        "only; FP8 (e4m3) records export through vllm/sglang, not as "
+                        "TensorRT-LLM FP8 checkpoints yet)",
+        "kv_cache_quant": "cannot write a quantized KV cache (kv_cache_quant_algo is not "
+                          "written yet)",
+    },
 )

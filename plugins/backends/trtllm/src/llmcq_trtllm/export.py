@@ -36,12 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from llmcq.capabilities import describe_features
 from llmcq.errors import PluginError
 from llmcq.quant.record import QuantizedLinear
 from llmcq.quant.spec import PerChannel, PerGroup
 from safetensors.torch import save_file
 
-from llmcq_trtllm import (FAMILIES, W4A16_AWQ, W8A8_SQ, W8A16, TRTLLMOptions,
+from llmcq_trtllm import (FAMILIES, SPEC, W4A16_AWQ, W8A8_SQ, W8A16, TRTLLMOptions,
                           quant_algo_for)
 
 __all__ = ["export", "pack_int4_pairs", "Lin", "to_lin", "linear_tensors", "build_ranks",
@@ -108,11 +109,9 @@ class Lin:
 
 def to_lin(rec: QuantizedLinear, algo: str) -> Lin:
     """One record in the signed-code form TensorRT-LLM's kernels read."""
-    for what, bad in (("act-order g_idx", rec.g_idx is not None),
-                      ("per-group bit widths", rec.group_bits is not None),
-                      ("float columns", rec.float_columns is not None)):
-        if bad:
-            raise PluginError(f"trtllm cannot hold {what} ({rec.describe()})")
+    extra = set(rec.features()) - SPEC.accepts  # core's check_records refused these already
+    if extra:
+        raise PluginError(f"trtllm cannot hold {describe_features(extra)} ({rec.describe()})")
     rec = rec.to("cpu")
     bits = 4 if algo == W4A16_AWQ else 8
     if rec.bits != bits:
@@ -202,10 +201,11 @@ def _rope(cfg: Any) -> tuple[float, dict[str, Any] | None]:
 
 
 def trtllm_config(hf_cfg: Any, family: str, algo: str, opts: TRTLLMOptions, dtype: str, *,
-                  group_size: int, has_zero: bool, attn_bias: bool, mlp_bias: bool,
+                  group_size: int | None, has_zero: bool, attn_bias: bool, mlp_bias: bool,
                   vocab: int) -> dict[str, Any]:
     """``config.json`` as TensorRT-LLM's ``PretrainedConfig.from_dict`` (LLaMAConfig /
-    QWenConfig) reads it."""
+    QWenConfig) reads it. ``group_size``: the records' (``None`` per channel); TensorRT-LLM
+    reads it for W4A16_AWQ only and its QuantConfig default 128 is written otherwise."""
     heads = int(hf_cfg.num_attention_heads)
     hidden = int(hf_cfg.hidden_size)
     theta, scaling = _rope(hf_cfg)
@@ -370,11 +370,12 @@ def _check_nothing_dropped(state: dict[str, torch.Tensor]) -> None:
                           f"place for: {', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''}")
 
 
-def _group_size(records: dict[str, QuantizedLinear]) -> int:
+def _group_size(records: dict[str, QuantizedLinear]) -> int | None:
+    """The checkpoint's one group size (``None``: per channel)."""
     sizes = {r.group_size for r in records.values()}
     if len(sizes) != 1:
-        raise PluginError(f"trtllm: one group size per checkpoint, got {sorted(sizes)}")
-    return int(sizes.pop())
+        raise PluginError(f"trtllm: one group size per checkpoint, got {sorted(sizes, key=str)}")
+    return sizes.pop()
 
 
 def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: Path) -> list[Path]:
@@ -382,7 +383,7 @@ def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: P
         raise PluginError("trtllm: the run produced no quantized linears")
     config = run.resolved.config
     opts = TRTLLMOptions.parse(dict(config.save.trtllm_cfg))
-    algo = quant_algo_for(config)
+    algo = quant_algo_for(run.resolved.specs)
     family = _family(run, model)
     dtype_name = _dtype(opts, model)
     dtype = getattr(torch, dtype_name)

@@ -182,5 +182,7 @@ def test_gptq_act_order_needs_static_groups(tmp_path: Path, tiny_llama_dir: Path
     with pytest.raises(ConfigError) as err:
         resolve_config(cfg)
     assert err.value.path == "quant.special.actorder"
+    # core refuses GPTQ's declared g_idx with GPTQ's hint; the backend only declares accepts
+    assert "static_groups: True" in str(err.value) and "g_idx" in str(err.value)
     cfg["quant"]["special"] = {"static_groups": True}
     resolve_config(cfg)

@@ -341,6 +341,8 @@ def test_gptq_act_order_with_dynamic_groups_is_refused(tmp_path: Path, tiny_llam
                                special={"actorder": True, "static_groups": False},
                                data=shared_data))
     assert err.value.path == "quant.special.actorder"
+    # core refuses GPTQ's declared g_idx with GPTQ's hint; the backend only declares accepts
+    assert "static_groups: True" in str(err.value) and "g_idx" in str(err.value)
 
 
 def test_existing_output_is_not_overwritten(tmp_path: Path, tiny_llama_w4: Path) -> None:

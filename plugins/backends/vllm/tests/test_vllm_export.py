@@ -202,6 +202,8 @@ def test_gptq_act_order_with_dynamic_groups_is_refused(tmp_path: Path, tiny_llam
     with pytest.raises(ConfigError) as err:
         resolve_config(cfg)
     assert err.value.path == "quant.special.actorder"
+    # core refuses GPTQ's declared g_idx with GPTQ's hint; the backend only declares accepts
+    assert "static_groups: True" in str(err.value) and "g_idx" in str(err.value)
     cfg["quant"]["special"] = {"actorder": True, "static_groups": True}
     resolve_config(cfg)  # act-order with static groups keeps groups contiguous: accepted
 

@@ -267,8 +267,8 @@ SPEC = TRTLLMSpec(
     accepts=frozenset({"act_quant", "fractional_zero"}),
     accepts_detail={"act_quant": ("dynamic",)},
     refusals={
-        "act_quant": "cannot write static activation scales: quantized activations are "
-                     "exported as W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN (int8, quantized per "
+        "act_quant": "cannot write static activation scales (quantized activations are "
+                     "exported as W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN: int8, quantized per "
                      "token at run time)",
         "g_idx": "cannot write columns quantized out of group order (g_idx; the W4A16_AWQ "
                  "layout holds groups of consecutive columns)",

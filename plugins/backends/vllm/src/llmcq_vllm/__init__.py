@@ -34,12 +34,12 @@ VLLM_GROUP_SIZES = (32, 64, 128)
 ACCEPTS = frozenset({"act_quant", "float_format"})
 #: why the others cannot be written (the generic sentence serves the rest)
 REFUSALS = {
-    "g_idx": "cannot write columns quantized out of group order (g_idx): compressed-tensors "
-             "(>=0.20) stores no g_idx, its groups are consecutive columns",
-    "fractional_zero": "cannot write fractional zero points: compressed-tensors stores "
-                       "integer (int8) zero points",
-    "sparsity_mask": "cannot write a sparsity mask: this exporter writes dense "
-                     "compressed-tensors layouts only (no sparsity_config)",
+    "g_idx": "cannot write columns quantized out of group order (g_idx; compressed-tensors "
+             ">= 0.20 stores no g_idx, its groups are consecutive columns)",
+    "fractional_zero": "cannot write fractional zero points (compressed-tensors stores "
+                       "integer int8 zero points)",
+    "sparsity_mask": "cannot write a sparsity mask (this exporter writes dense "
+                     "compressed-tensors layouts only, no sparsity_config)",
 }
 
 
@@ -160,8 +160,8 @@ class LightLLMSpec(CompressedTensorsSpec):
     accepts: frozenset[str] = frozenset({"act_quant"})
     refusals: dict[str, str] = field(default_factory=lambda: {
         **REFUSALS,
-        "float_format": "cannot write FP8 codes: its offline-quantized path (quant_type "
-                        "vllm-w8a8) reads int8 W8A8 only (FP8 exports through vllm/sglang)"})
+        "float_format": "cannot write FP8 codes (its offline-quantized path, quant_type "
+                        "vllm-w8a8, reads int8 W8A8 only; FP8 exports through vllm/sglang)"})
 
     def supports(self, target: ExportTarget) -> None:
         super().supports(target)

@@ -7,8 +7,8 @@ from transformers configs (hidden 64, 2 blocks; MoE with 4 experts):
 * folding a random positive scale into every scaling pair leaves the logits unchanged;
 * RTN and GPTQ run end to end, and ``save_trans`` / ``save_fake`` reload with the logits of
   the float / fake-quantized model;
-* the automatic adapter finds the hand-written layout (Gemma's ``1 + weight`` norms are the
-  one documented difference: auto refuses to scale them).
+* the automatic adapter finds the hand-written layout, roles included (it learns Gemma's
+  ``1 + weight`` norms and folds into them as such).
 """
 
 from __future__ import annotations
@@ -49,8 +49,6 @@ LLMC_NAMES = {"Llama": "llama", "SmolLM": "llama", "Mistral": "mistral", "Mixtra
               "Falcon": "falcon", "Gemma2": "gemma2", "Phi": "phi", "Phi3": "phi3",
               "StableLm": "stablelm", "DeepseekV2": "deepseek_v2", "DeepseekV3": "deepseek_v3",
               "LlavaHf": "llava"}
-#: where auto differs from the hand-written adapter, and why
-AUTO_DIFFERS = {"gemma2": "norm", "gemma3_text": "norm"}
 #: what auto must report as unverifiable (the same groups the hand adapters leave unscaled
 #: on purpose: a norm that also feeds the router, or the residual of a post-LN block)
 AUTO_AMBIGUOUS = {
@@ -59,7 +57,6 @@ AUTO_AMBIGUOUS = {
     "deepseek_v2": "model.layers.1: mlp.shared_experts.gate_proj",
     "deepseek_v3": "model.layers.1: mlp.shared_experts.gate_proj",
     "opt_postln": "fc1: their input is self_attn_layer_norm's output",
-    "gemma2": "not a plain multiplier", "gemma3_text": "not a plain multiplier",
 }
 
 #: architectures with no family adapter (not in llmc, or InternLM3/MiniCPM3 standing in for
@@ -152,13 +149,12 @@ def test_blockwise_forward_reproduces_logits(family: str, kind: str, family_dirs
     inputs = capture_block_inputs(model, adapter, [x], torch.device("cpu"))
     for block in adapter.blocks(model):
         inputs.advance(block)
-    if family == "minicpm3":  # logits are scaled between final norm and head: auto says so
-        with pytest.raises(PluginError, match="inference_per_block"):
-            adapter.head_logits(model, inputs.hidden[0])
-        return
     with torch.no_grad():
         got = adapter.head_logits(model, inputs.hidden[0]).float()
+    # (MiniCPM3 and Granite divide by config.logits_scaling before or after the head, Gemma
+    # soft-caps: auto's head_logits does both; core's check_head confirms it on a probe)
     assert close(got, ref), float((got - ref).abs().max())
+    assert adapter.check_head(model) is None
 
 
 @pytest.mark.parametrize("family,kind", PARAMS)
@@ -185,8 +181,7 @@ def test_scale_folding_preserves_logits(family: str, kind: str, family_dirs: Any
     if family == "olmo2":  # post-norm blocks: only v -> o and up -> down
         assert scaled == 2 * n_blocks
     elif family in ("phi", "phi3", "bloom", "falcon", "falcon_new", "gpt_neox", "gpt_bigcode",
-                    "opt_postln", "stablelm_parallel") or \
-            (kind == "auto" and family in AUTO_DIFFERS):
+                    "opt_postln", "stablelm_parallel"):
         assert scaled >= n_blocks  # fused qkv / parallel branches: fewer pairs
     else:
         assert scaled >= 3 * n_blocks
@@ -245,8 +240,9 @@ def _signature(adapter: ModelAdapter, model: nn.Module) -> list[set[tuple[Any, .
     for i, groups in enumerate(block_groups(adapter, model)):
         layout = adapter.block_layout(model, i)
         sig = {(frozenset(g.linears), g.spec.prev_op, g.spec.prev_kind, g.spec.inspect,
-                g.spec.inspect_kwargs) for g in groups}
-        sig.add(("float", frozenset(layout.float_linears)))
+                g.spec.inspect_kwargs, frozenset((n, str(r)) for n, r in g.roles.items()))
+               for g in groups}
+        sig.add(("float", frozenset(zip(layout.float_linears, layout.float_roles))))
         out.append(sig)
     return out
 
@@ -262,40 +258,56 @@ def test_auto_finds_the_family_layout(family: str, family_dirs: Any) -> None:
     assert set(hand.layout.embeddings) <= set(auto.layout.embeddings)
     if family in AUTO_AMBIGUOUS:
         assert any(AUTO_AMBIGUOUS[family] in m for m in auto.ambiguous), auto.ambiguous
-        if family != "opt_postln":
-            assert all("router" in m or "plain multiplier" in m for m in auto.ambiguous)
-        else:
-            assert all("residual" in m for m in auto.ambiguous)
+        assert all("router" in m and "residual" in m for m in auto.ambiguous)
     else:
         assert auto.ambiguous == []
+    assert auto.unroled == []  # type: ignore[attr-defined]
     h, a = _signature(hand, hmodel), _signature(auto, amodel)
-    if family in AUTO_DIFFERS:
-        # Gemma norms compute x * (1 + w): auto verifies the fold, sees it fail, says so
-        assert any("input_layernorm" in m and "not a plain multiplier" in m
-                   for m in auto.ambiguous), auto.ambiguous
-        assert any("pre_feedforward_layernorm" in m for m in auto.ambiguous)
-        strip = [{(s[0], None, "none", *s[3:]) if s[0] != "float" and s[2] == "norm" else s
-                  for s in sig} for sig in h]
-        assert strip == a
-    else:
-        assert h == a, (h, a)
+    assert h == a, (h, a)
 
 
 def test_auto_reports_and_refuses_scaling_on_ambiguous_parts(family_dirs: Any,
                                                              tmp_path: Path) -> None:
-    folder = family_dirs("gemma2")
+    """Qwen2-MoE's shared expert reads the norm the router reads: auto cannot verify that
+    pair, withholds scaling pairs, and core refuses AWQ naming the parts (never the name)."""
+    folder = family_dirs("qwen2_moe")
     cfg = _config(folder, tmp_path / "awq", "awq", "auto")
-    adapter, model, tok = load(folder, "auto", "gemma2")
+    adapter, model, tok = load(folder, "auto", "qwen2_moe")
+    assert "scaling_pairs" not in adapter.layout_facts(model)[0]
     with pytest.raises(ConfigError) as err:
         run(resolve_config(cfg), progress=False, model=model, tokenizer=tok)
     msg = str(err.value)
-    assert "model.layers.0 (and the 1 other blocks built like it): self_attn.q_proj" in msg
-    assert "rtn, gptq, hqq" in msg
-    # the same model with GPTQ runs
-    adapter, model, tok = load(folder, "auto", "gemma2")
+    assert "model.layers.0 (and the 1 other blocks built like it): " \
+           "mlp.shared_expert.gate_proj, mlp.shared_expert.up_proj" in msg
+    assert "scale" in msg and "auto" in msg
+    # the same model with GPTQ (no layout needs) runs
+    adapter, model, tok = load(folder, "auto", "qwen2_moe")
     res = run(resolve_config(_config(folder, tmp_path / "gptq", "gptq", "auto")),
               progress=False, model=model, tokenizer=tok)
-    assert res["quantized_linears"] == 14
+    assert res["quantized_linears"] == 2 * (4 + 4 * 3 + 3)
+
+
+def test_auto_runs_awq_on_gemma2_and_keeps_the_function(family_dirs: Any,
+                                                        tmp_path: Path) -> None:
+    """auto learns Gemma's 1 + w norms (rms_offset), folds AWQ's scales into them as
+    w' = (1 + w) / s - 1, and the transformed model keeps the float logits."""
+    folder = family_dirs("gemma2")
+    adapter, model, tok = load(folder, "auto", "gemma2")
+    assert adapter.ambiguous == [] and "scaling_pairs" in adapter.layout_facts(model)[0]
+    kinds = {n.name: n.kind for n in adapter.block_layout(model, 0).norms}
+    assert kinds["input_layernorm"] == kinds["pre_feedforward_layernorm"] == "rms_offset"
+    x = ids()
+    ref = logits(model, x)
+    norm_before = model.model.layers[0].input_layernorm.weight.clone()
+    cfg = _config(folder, tmp_path / "awq", "awq", "auto", save_trans=True)
+    cfg["quant"]["special"] = {"trans": True, "trans_version": "v2", "n_grid": 5,
+                               "weight_clip": False}
+    res = run(resolve_config(cfg), progress=False, model=model, tokenizer=tok)
+    assert res["recipe"][0]["groups_scaled"] >= 3 * 2  # both norm pairs and up -> down
+    trans = auto_model_class(model.config).from_pretrained(str(tmp_path / "awq" /
+                                                               "transformed_model"))
+    assert not torch.equal(trans.model.layers[0].input_layernorm.weight.float(), norm_before)
+    assert close(logits(trans.float(), x), ref, 2e-3)
 
 
 def test_auto_allows_scaling_when_every_pair_is_verified(family_dirs: Any,

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmcq.errors import ConfigError, PluginError
+from llmcq.errors import PluginError
 from llmcq.model.adapter import ModelAdapter
 from llmcq.model.layout import BlockLayout, ModelLayout
 from llmcq.model.moe import checkpoint_expert_names, unfuse_experts
-from llmcq_auto import SAFE_ALGORITHMS
+from llmcq_auto.infer import norm_kind
 from llmcq_auto.trace import structure_key, trace_block, trace_model
 
 __all__ = ["AutoAdapter", "TRACE_TOKENS"]
@@ -73,11 +73,15 @@ class AutoAdapter(ModelAdapter):
     def __init__(self, spec: Any = None, config: Any = None) -> None:
         super().__init__(spec, config)
         self._block_layouts: dict[int, BlockLayout] = {}
-        #: "block part: reason" for everything the trace could not verify
+        #: "block part: reason" for every scaling pair or group the trace could not verify
         self.ambiguous: list[str] = []
+        #: "block linear: reason" for every linear whose role could not be inferred
+        self.unroled: list[str] = []
+        #: "block norm: reason" for every norm whose kind or position could not be found
+        self.unplaced: list[str] = []
+        #: why the residual stream cannot be rotated (modules before or after the blocks)
+        self.rotation_blockers: list[str] = []
         self.notes: list[str] = []
-        #: why head_logits cannot be trusted (per-block evaluation), if it cannot
-        self.head_problem: str | None = None
 
     def load(self, source: Any) -> tuple[Any, Any]:
         """Load with the causal-LM auto class, or the image-text-to-text one for a
@@ -92,12 +96,11 @@ class AutoAdapter(ModelAdapter):
         cached = _TRACES.get(model)
         if cached is not None:  # traced by another AutoAdapter instance: reuse
             self.__dict__.update(copy.copy(cached))
-            self.ambiguous = list(cached["ambiguous"])
+            for k in ("ambiguous", "unroled", "unplaced", "rotation_blockers", "notes"):
+                self.__dict__[k] = list(cached[k])
             return
         self._trace(model)
-        _TRACES[model] = {k: self.__dict__[k] for k in ("_layout", "_block_layouts",
-                                                         "ambiguous", "notes", "head_problem",
-                                                         "_post_block")}
+        _TRACES[model] = {k: self.__dict__[k] for k in _TRACED}
 
     def _trace(self, model: nn.Module) -> None:
         names = checkpoint_expert_names(getattr(model.config, "model_type", None))
@@ -113,7 +116,7 @@ class AutoAdapter(ModelAdapter):
         hidden, kwargs = mt.block_input
         heads = self.attention_heads(model)
         by_structure: dict[Any, BlockLayout] = {}
-        found: dict[Any, list[str]] = {}
+        found: dict[Any, Any] = {}
         members: dict[Any, list[int]] = {}
         for i, block in enumerate(blocks):
             key = structure_key(block)
@@ -121,46 +124,38 @@ class AutoAdapter(ModelAdapter):
                 bt = trace_block(block, hidden, kwargs, heads=heads, config=model.config,
                                  seed=i)
                 by_structure[key] = bt.layout
-                found[key] = bt.ambiguous
+                found[key] = bt
             members.setdefault(key, []).append(i)
             self._block_layouts[i] = by_structure[key]
-        for key, msgs in found.items():
+        for key, bt in found.items():
             idx = members[key]
             where = f"{mt.blocks}.{idx[0]}" + (f" (and the {len(idx) - 1} other blocks "
                                                 "built like it)" if len(idx) > 1 else "")
-            self.ambiguous += [f"{where}: {a}" for a in msgs]
+            self.ambiguous += [f"{where}: {a}" for a in bt.ambiguous]
+            self.unroled += [f"{where}: {a}" for a in bt.unroled]
+            self.unplaced += [f"{where}: {a}" for a in bt.unplaced]
+        final_kind = None
+        if mt.final_norm is not None:
+            final_kind = norm_kind(copy.deepcopy(model.get_submodule(mt.final_norm)).float(),
+                                   mt.final_norm_input)
+            if final_kind is None:
+                self.unplaced.append(f"{mt.final_norm}: its kind (RMSNorm, LayerNorm or "
+                                     "1 + w) could not be recognised")
+        for name in mt.pre_block:
+            if any(True for _ in model.get_submodule(name).parameters()):
+                self.rotation_blockers.append(
+                    f"{name} (run before the blocks) has weights and changes the residual "
+                    "stream besides the embeddings")
+        for name in mt.post_block:
+            self.rotation_blockers.append(f"{name} runs between the last block and the head")
         self.layout = ModelLayout(blocks=mt.blocks, embeddings=mt.embeddings,
                                   final_norm=mt.final_norm, lm_head=mt.lm_head,
-                                  block=self._block_layouts[0], pre_block=mt.pre_block)
+                                  block=self._block_layouts[0], pre_block=mt.pre_block,
+                                  final_norm_kind=final_kind,
+                                  rotation_blockers=tuple(self.rotation_blockers))
         self._post_block = mt.post_block
-        self._check_head(model, ids, mt.blocks)
-        for a in self.ambiguous:
+        for a in self.ambiguous + self.unroled:
             log.warning("model.type auto: %s", a)
-
-    def _check_head(self, model: nn.Module, ids: torch.Tensor, blocks_name: str) -> None:
-        last: dict[str, torch.Tensor] = {}
-        blocks = model.get_submodule(blocks_name)
-
-        def keep(_m: nn.Module, _a: Any, out: Any) -> None:
-            last["h"] = out[0] if isinstance(out, (tuple, list)) else out
-
-        h = blocks[len(blocks) - 1].register_forward_hook(keep)
-        try:
-            logits = model(input_ids=ids, use_cache=False).logits
-        finally:
-            h.remove()
-        self.head_problem = None
-        try:
-            mine = self.head_logits(model, last["h"])
-            ok = mine.shape == logits.shape and torch.allclose(mine.float(), logits.float(),
-                                                               atol=1e-4, rtol=1e-3)
-        except Exception:
-            ok = False
-        if not ok:
-            self.head_problem = ("final norm -> head does not reproduce the model's logits "
-                                 "(extra scaling or code between them)")
-            log.warning("model.type auto: %s; per-block evaluation is refused",
-                        self.head_problem)
 
     # ------------------------------------------------------------------ adapter API
 
@@ -178,28 +173,45 @@ class AutoAdapter(ModelAdapter):
         return heads, int(kv)
 
     def head_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "head_problem", None):
-            raise PluginError(f"model.type auto: {self.head_problem}; set "
-                              "eval.inference_per_block: False", stage="evaluate")
+        """Final norm, any module the trace found between the last block and the head, the
+        head, then the config's logit scaling (Granite's ``logits_scaling``) and soft-capping
+        (Gemma's ``final_logit_softcapping``). Core's :meth:`check_head` compares the result
+        with the model's logits before a per-block evaluation."""
         if self.layout.final_norm:
             hidden = model.get_submodule(self.layout.final_norm)(hidden)
         for name in getattr(self, "_post_block", ()):
             hidden = model.get_submodule(name)(hidden)
         logits = model.get_submodule(self.layout.lm_head)(hidden)
-        cap = getattr(_text_config(model), "final_logit_softcapping", None)
+        cfg = _text_config(model)
+        scaling = getattr(cfg, "logits_scaling", None)
+        if scaling:
+            logits = logits / scaling
+        cap = getattr(cfg, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def check_recipe(self, model: nn.Module, methods: list[str]) -> None:
-        """Refuse scaling-based algorithms when part of the layout could not be verified."""
+    def layout_facts(self, model: nn.Module) -> tuple[set[str], dict[str, str]]:
+        """What the traced layout provides: core's reading of it, less whatever the trace
+        could not verify (each withheld fact names the parts, block by block)."""
         self.ensure_prepared(model)
-        unsafe = [m for m in methods if m not in SAFE_ALGORITHMS]
-        if self.ambiguous and unsafe:
-            parts = "; ".join(self.ambiguous)
-            raise ConfigError("quant.method", ", ".join(methods),
-                              allowed=", ".join(SAFE_ALGORITHMS),
-                              reason=f"model.type auto could not verify every scaling pair of "
-                                     f"this model ({parts}); {', '.join(unsafe)} moves scales "
-                                     "between modules, so only algorithms without scaling "
-                                     "pairs may run (or write a family adapter)")
+        provides, reasons = super().layout_facts(model)
+        withheld = {
+            "scaling_pairs": ("model.type auto could not verify every scaling pair",
+                              self.ambiguous),
+            "roles": ("model.type auto could not infer every linear's role", self.unroled),
+            "norm_kinds": ("model.type auto could not recognise every norm",
+                           [u for u in self.unplaced if "kind" in u]),
+            "rotation_points": ("model.type auto could not place every norm or module on "
+                                "the residual stream", self.unplaced + self.unroled),
+        }
+        for fact, (what, parts) in withheld.items():
+            if parts:
+                provides.discard(fact)
+                reasons[fact] = f"{what}: {'; '.join(parts)}"
+        return provides, reasons
+
+
+#: what tracing found, shared by every adapter instance on the same model
+_TRACED = ("_layout", "_block_layouts", "ambiguous", "unroled", "unplaced", "rotation_blockers",
+           "notes", "_post_block")

@@ -4,21 +4,22 @@
    blocks are the ``ModuleList`` whose children all ran (the most parameters wins, so a
    vision tower that text does not reach is never picked); modules with weights or buffers
    that ran before the first block are the pre-block modules (embeddings, positions,
-   rotary); the last norm-like module after the last block is the final norm; the output
-   embedding is the head. The head description is checked: ``head_logits`` on the last
-   block's output must give the model's logits.
+   rotary); the last norm-like module after the last block is the final norm (its kind
+   learned as below); the output embedding is the head.
 2. **Block level.** Each distinct block structure is run once on the first block's captured
    input with hooks on all its sub-modules. Linears reading the same data (same storage,
    offset and size) form a group. A module whose output *is* that data is the candidate
    producer; otherwise earlier linears whose outputs could map per channel onto the input
    (same width, or grouped-query repetition) are candidates, nearest first. The inspect
    module is the smallest module containing the group that reads the same data (or, for
-   parallel attention, the block's children that do, added).
+   parallel attention, the block's children that do, added). Every norm's kind, every
+   linear's role and every norm's position come from :mod:`llmcq_auto.infer`.
 3. **Verification.** A candidate pair is accepted only if folding a random positive scale
-   into a float32 copy of the block (:func:`llmcq.transforms.scaling.fold_scale`) leaves
+   into a float32 copy of the block (:func:`llmcq.transforms.scaling.fold_scale`, into a norm
+   as the kind it was learned to be: ``w' = (1 + w) / s - 1`` for Gemma's ``1 + w``) leaves
    the block's output unchanged. A norm that is the candidate but fails (it also feeds a
-   router, the residual stream, or its weight is not a plain multiplier) is reported as
-   ambiguous, as are linears the input did not reach and linears called twice.
+   router or the residual stream, or its kind is not recognised) is reported as ambiguous,
+   as are linears the input did not reach and linears called twice.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ import torch
 from torch import nn
 
 from llmcq.model.adapter import resolve_group
-from llmcq.model.layout import BlockLayout, LinearGroup
+from llmcq.model.layout import BlockLayout, LinearGroup, NormSite
 from llmcq.transforms.scaling import fold_scale
+from llmcq_auto import infer
 
 __all__ = ["BlockTrace", "ModelTrace", "trace_model", "trace_block", "data_key"]
 
@@ -138,8 +140,13 @@ class BlockTrace:
     """What tracing one block found: its layout and what could not be verified."""
 
     layout: BlockLayout
+    #: scaling pairs (and groups) that could not be verified
     ambiguous: list[str] = field(default_factory=list)
     float_linears: tuple[str, ...] = ()
+    #: linears whose role could not be inferred
+    unroled: list[str] = field(default_factory=list)
+    #: norms whose kind or position could not be found
+    unplaced: list[str] = field(default_factory=list)
 
 
 def _to_float(obj: Any) -> Any:
@@ -221,11 +228,13 @@ def _router_sizes(config: Any) -> set[int]:
 @torch.no_grad()
 def _verify(block32: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any],
             ref: torch.Tensor, group: LinearGroup, heads: tuple[int, int],
-            seed: int) -> bool:
-    """Fold a random positive scale for ``group`` into a copy of ``block32``; unchanged?"""
+            seed: int, norm_kind: str | None = None) -> bool:
+    """Fold a random positive scale for ``group`` into a copy of ``block32`` (into a norm
+    producer as a norm of ``norm_kind``); is the block's output unchanged?"""
     trial = copy.deepcopy(block32)
     try:
-        rg = resolve_group(trial, group, where="trace")
+        kinds = {group.prev_op: norm_kind} if group.prev_op and norm_kind else None
+        rg = resolve_group(trial, group, where="trace", norm_kinds=kinds)
         prev = rg.prev_op
         width = next(iter(rg.linears.values())).in_features
         n = prev.out_features if isinstance(prev, nn.Linear) else width
@@ -242,20 +251,9 @@ def _verify(block32: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any],
     return err <= TOLERANCE * max(1.0, float(ref.abs().max()))
 
 
-@torch.no_grad()
-def _plain_multiplier(norm: nn.Module, x: torch.Tensor | None) -> bool:
-    """Whether doubling the norm's weight (and bias) doubles its output."""
-    if x is None:
-        return False
-    trial = copy.deepcopy(norm)
-    ref = _out_tensor(trial(x))
-    for name in ("weight", "bias"):
-        p = getattr(trial, name, None)
-        if isinstance(p, torch.Tensor):
-            p.mul_(2.0)
-    out = _out_tensor(trial(x))
-    return ref is not None and out is not None and torch.allclose(out, 2 * ref, rtol=1e-4,
-                                                                   atol=1e-6)
+def _is_norm(mod: nn.Module) -> bool:
+    w = mod._parameters.get("weight") if not isinstance(mod, nn.Linear) else None
+    return isinstance(w, torch.Tensor) and w.dim() == 1
 
 
 @torch.no_grad()
@@ -268,7 +266,8 @@ def trace_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], 
         ref = _block_out(block32, hidden32, kw32)
     again = _block_out(block32, hidden32, kw32)
     ambiguous: list[str] = []
-    if not torch.allclose(again, ref):
+    deterministic = torch.allclose(again, ref)
+    if not deterministic:
         ambiguous.append("the block's output differs between two identical calls "
                          "(randomness or state): no pair can be verified")
     mods = dict(block32.named_modules())
@@ -281,6 +280,7 @@ def trace_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], 
     groups: dict[tuple[Any, ...], list[str]] = {}
     first_call: dict[tuple[Any, ...], int] = {}
     unreached: list[str] = []
+    once: list[str] = []
     for n in linears:
         if n in floats:
             continue
@@ -291,17 +291,38 @@ def trace_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], 
         if len(cs) > 1:
             ambiguous.append(f"{n} runs {len(cs)} times per forward (shared weights): "
                              "not scaled")
+        else:
+            once.append(n)
         key = data_key(cs[0].inp)
         groups.setdefault(key, []).append(n)
         first_call[key] = min(first_call.get(key, cs[0].order), cs[0].order)
 
+    # the data flow between linears and norms, the norms' kinds, the linears' roles
+    norm_names = [n for n, m in mods.items() if n and _is_norm(m) and len(calls.get(n, [])) == 1]
+    ran_floats = [f for f in floats if f in calls]
+    flow = infer.data_flow(block32, hidden32, kw32, once + norm_names,
+                           once + ran_floats + norm_names, seed=seed + 7)
+    kinds = {n: infer.norm_kind(mods[n], flow.inputs.get(n), seed=seed + 3 + j)
+             for j, n in enumerate(norm_names)}
+    if deterministic:
+        roles, unroled = infer.infer_roles(block32, flow, once, floats)
+    else:
+        roles, unroled = {f: "router" for f in floats}, list(once)
+    unroled += [n for n in linears if n not in roles and n not in unroled]
+
     out_groups: list[LinearGroup] = []
+    folds: dict[str, bool] = {}
+
+    def group_roles(names: list[str]) -> tuple[str, ...]:
+        return tuple(roles[n] for n in names) if all(n in roles for n in names) else ()
+
     for i, key in enumerate(sorted(groups, key=lambda k: first_call[k])):
         names = sorted(groups[key], key=lambda n: calls[n][0].order)
         width = mods[names[0]].in_features  # type: ignore[union-attr]
         found = _inspect_for(names, key, calls, set(kwargs))
         if found is None:
-            out_groups.append(LinearGroup(linears=tuple(names), prev_op=None, inspect=names[0]))
+            out_groups.append(LinearGroup(linears=tuple(names), prev_op=None, inspect=names[0],
+                                          roles=group_roles(names)))
             if len(names) > 1:
                 ambiguous.append(f"{', '.join(names)}: no module (or set of parallel branches) "
                                  "reads their shared input as a whole; not scaled")
@@ -340,19 +361,26 @@ def trace_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], 
         for j, (cand, kind) in enumerate(cands):
             trial = LinearGroup(linears=tuple(names), prev_op=cand,
                                 prev_kind=kind,  # type: ignore[arg-type]
-                                inspect=inspect, inspect_kwargs=inspect_kw)
-            if _verify(block32, hidden32, kw32, ref, trial, heads, seed + 97 * i + j):
+                                inspect=inspect, inspect_kwargs=inspect_kw,
+                                roles=group_roles(names))
+            if kind == "norm" and kinds.get(cand) is None:
+                continue  # a norm of no known kind cannot absorb a scale
+            ok = _verify(block32, hidden32, kw32, ref, trial, heads, seed + 97 * i + j,
+                         norm_kind=kinds.get(cand))
+            if kind == "norm":
+                folds[cand] = ok
+            if ok:
                 accepted = trial
                 break
         if accepted is None:
             accepted = LinearGroup(linears=tuple(names), prev_op=None, inspect=inspect,
-                                   inspect_kwargs=inspect_kw)
+                                   inspect_kwargs=inspect_kw, roles=group_roles(names))
             if cands and cands[0][1] == "norm":
                 norm = cands[0][0]
-                why = ("its weight is not a plain multiplier of its output (e.g. Gemma's "
-                       "1 + w)" if not _plain_multiplier(mods[norm], calls[norm][0].inp)
-                       else "its output also reaches something besides these linears (a "
-                       "router, the residual stream, ...)")
+                why = ("its kind (RMSNorm, LayerNorm or 1 + w) could not be recognised"
+                       if kinds.get(norm) is None else
+                       f"its output also reaches something besides these linears (a router, "
+                       f"the residual stream, ...) although it folds as a {kinds[norm]} norm")
                 ambiguous.append(f"{', '.join(names)}: their input is {norm}'s output, but "
                                  f"folding a scale into {norm} changes the block's output: "
                                  f"{why}; not scaled")
@@ -361,8 +389,35 @@ def trace_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], 
         out_groups.append(LinearGroup(linears=(n,), prev_op=None, inspect=n))
         ambiguous.append(f"{n} did not run on the tracing input; quantized without a "
                          "producer")
-    return BlockTrace(BlockLayout(groups=tuple(out_groups), float_linears=floats), ambiguous,
-                      floats)
+
+    # where each norm sits
+    writer_outputs = {data_key(calls[n][0].out): r for n, r in roles.items()
+                      if r in ("o", "down", "expert_down", "shared_down")
+                      and calls.get(n) and calls[n][0].out is not None}
+    sources = set(once) | set(norm_names)
+    sites: list[NormSite] = []
+    unplaced: list[str] = []
+    block_key = data_key(ref)
+    for n in norm_names:
+        c = calls[n][0]
+        if kinds.get(n) is None or c.inp is None or c.out is None:
+            unplaced.append(f"{n}: its kind (RMSNorm, LayerNorm or 1 + w) could not be "
+                            "recognised")
+            continue
+        readers = [m for m in once + ran_floats if n in flow.direct(m, sources)]
+        pos = infer.norm_position(n, input_key=data_key(c.inp), output_key=data_key(c.out),
+                                  block_output_key=block_key, writer_outputs=writer_outputs,
+                                  readers=readers, roles=roles,
+                                  feeders=flow.direct(n, set(once)), folds=folds.get(n))
+        if pos is None:
+            unplaced.append(f"{n}: what its output feeds could not be found")
+            continue
+        sites.append(NormSite(n, kinds[n], pos))  # type: ignore[arg-type]
+    unroled_msgs = [f"{n}: its role could not be inferred from the data flow" for n in unroled]
+    return BlockTrace(BlockLayout(groups=tuple(out_groups), float_linears=floats,
+                                  float_roles=tuple(roles.get(f, "router") for f in floats),
+                                  norms=tuple(sites)),
+                      ambiguous, floats, unroled_msgs, unplaced)
 
 
 def structure_key(block: nn.Module) -> tuple[Any, ...]:
@@ -384,6 +439,8 @@ class ModelTrace:
     post_block: tuple[str, ...]
     block_input: tuple[torch.Tensor, dict[str, Any]]
     notes: list[str] = field(default_factory=list)
+    #: the final norm's input on the tracing forward (float32), to learn its kind
+    final_norm_input: torch.Tensor | None = None
 
 
 class _Stop(Exception):
@@ -455,5 +512,7 @@ def trace_model(model: nn.Module, ids: torch.Tensor) -> ModelTrace:
         pass
     finally:
         handle.remove()
+    final_in = calls[final_norm][0].inp if final_norm is not None else None
     return ModelTrace(blocks_name, (emb,), tuple(pre), final_norm, head,
-                      tuple(n for n in post if n != final_norm), got["x"])
+                      tuple(n for n in post if n != final_norm), got["x"],
+                      final_norm_input=None if final_in is None else final_in.detach().float())

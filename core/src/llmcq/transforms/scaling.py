@@ -10,7 +10,8 @@ absorbs ``1 / s`` depends on its kind, declared in the block layout's ``norms``
 (:data:`llmcq.model.layout.NORM_KINDS`, carried as ``ResolvedGroup.prev_norm_kind``): an
 RMSNorm's weight (``rms``) and a LayerNorm's weight and bias (``layer``) are divided by
 ``s``; Gemma's offset RMSNorm computes ``x / rms(x) * (1 + w)``, so its weight becomes
-``w' = (1 + w) / s - 1`` (``rms_offset``). An undeclared kind is treated as ``rms``/``layer``. With grouped-query attention, ``v_proj`` has
+``w' = (1 + w) / s - 1`` (``rms_offset``). An undeclared kind is treated as ``rms`` /
+``layer``. With grouped-query attention, ``v_proj`` has
 ``kv_heads * head_dim`` outputs while ``o_proj`` reads ``heads * head_dim`` inputs: each
 query head reuses its kv head's values, so a scale on ``v_proj``'s outputs is repeated over
 the query heads of that kv head on ``o_proj``'s columns (:func:`expand_kv_scale`).

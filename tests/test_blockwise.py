@@ -97,3 +97,50 @@ def test_peak_gpu_memory_is_flat_in_depth(tmp_path: Path, tiny_tokenizer: Any,
         res = run(resolve_config(cfg), progress=False)
         peaks[depth] = res["peak_memory_bytes"]["cuda_by_stage"]["quantize"]
     assert max(peaks.values()) <= min(peaks.values()) * 1.05, peaks
+
+
+def test_block_roles_and_norm_kinds_come_from_the_layout(tiny: Any) -> None:
+    """What algorithms read instead of module names: each linear's declared role, and the
+    kind of the norm producing a group's input."""
+    from llmcq.pipeline.blockwise import Block
+
+    model, _ = tiny
+    layout = _adapter().layout.block
+    block = Block(0, "model.layers.0", model.model.layers[0],
+                  resolve_block(model.model.layers[0], layout, where="model.layers.0"))
+    assert str(block.role("self_attn.k_proj")) == "k"
+    assert block.role("mlp.nothing") is None
+    assert list(block.by_role("q", "k")) == ["self_attn.q_proj", "self_attn.k_proj"]
+    assert list(block.by_role("down")) == ["mlp.down_proj"]
+    kinds = {g.spec.prev_op: g.prev_norm_kind for g in block.groups}
+    assert kinds == {"input_layernorm": "rms", "self_attn.v_proj": None,
+                     "post_attention_layernorm": "rms", "mlp.up_proj": None}
+    # a declared norm that is not in the block is a layout error
+    import dataclasses
+
+    from llmcq.model.layout import NormSite
+
+    bad = dataclasses.replace(layout, norms=layout.norms + (NormSite("q_norm", "rms", "qk"),))
+    with pytest.raises(PluginError, match="declares norms absent from model.layers.0: q_norm"):
+        resolve_block(model.model.layers[0], bad, where="model.layers.0")
+
+
+def test_expert_roles_carry_the_expert_index() -> None:
+    from torch import nn
+
+    from llmcq.model.moe import expert_groups
+
+    block = nn.Module()
+    block.mlp = nn.Module()
+    block.mlp.experts = nn.ModuleList()
+    for _ in range(3):
+        e = nn.Module()
+        e.gate_proj, e.up_proj, e.down_proj = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(4, 8)
+        block.mlp.experts.append(e)
+    layout = BlockLayout(groups=tuple(g for e in range(3)
+                                      for g in expert_groups(f"mlp.experts.{e}")))
+    roles = {n: str(r) for g in resolve_block(block, layout, where="b") for n, r in
+             g.roles.items()}
+    assert roles["mlp.experts.2.up_proj"] == "expert_up[2]"
+    assert roles["mlp.experts.0.down_proj"] == "expert_down[0]"
+    assert len(roles) == 9

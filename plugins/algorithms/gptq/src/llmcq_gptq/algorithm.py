@@ -85,10 +85,36 @@ class HessianBank:
         """Drop the references to the last inputs (kept only to detect sharing)."""
         self._last.clear()
 
-    def all_reduce(self) -> None:
+    def all_reduce(self, targets: dict[str, nn.Module]) -> None:
         """Data-parallel calibration: each Hessian becomes the mean over every rank's
-        tokens (a no-op on one rank). Ranks see the same linears in the same order."""
-        for name in list(self.H):
+        tokens (a no-op on one rank).
+
+        ``targets`` are the observed linears, the same names in the same order on every
+        rank. A linear may have run on some ranks only (an MoE expert no token of this
+        rank's share was routed to): which Hessian it uses is taken from a rank that saw
+        it, and this rank joins that Hessian's reduction with zeros and a count of 0, so
+        every rank reduces the same Hessians in the same order and holds one process's."""
+        if not dist.active():
+            return
+        names = list(targets)
+        index = {n: i for i, n in enumerate(names)}
+        device = next(iter(targets.values())).weight.device  # the block's compute device
+        owner = torch.full((len(names),), -1, dtype=torch.int64, device=device)
+        for name, own in self.owner.items():
+            owner[index[name]] = index[own]
+        dist.all_reduce_max(owner)  # -1 where no rank saw the linear
+        for i, name in enumerate(names):
+            o = int(owner[i])
+            if o < 0:
+                continue
+            self.owner[name] = names[o]
+            if o != i:
+                continue
+            if name not in self.H:
+                w = targets[name].weight
+                self.H[name] = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float32,
+                                           device=w.device)
+                self.n[name] = 0
             self.H[name], self.n[name] = dist.weighted_mean(self.H[name], self.n[name])
 
     def slots(self, names: list[str]) -> list[tuple[str, list[str]]]:
@@ -174,7 +200,7 @@ class GPTQ(Algorithm):
             inputs.observe(block.module, targets, bank, stop_early=True)
         finally:
             bank.close()
-        bank.all_reduce()
+        bank.all_reduce(targets)
         return bank
 
     def _as_forward(self, records: dict[str, QuantizedLinear]) -> dict[str, QuantizedLinear]:

@@ -200,7 +200,10 @@ def data_flow(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any],
             return edited
 
         scaled = _record(block, hidden, kwargs, targets, src, everywhere)
-        poked = _record(block, hidden, kwargs, targets, src, first_token)
+        # locality only matters for sources reading every token (an expert reads a routed
+        # subset): skip that run for the others
+        poked = _record(block, hidden, kwargs, targets, src, first_token) \
+            if flow.rows.get(src) == tokens else {}
         for t, r in ref.items():
             if t == src:
                 continue

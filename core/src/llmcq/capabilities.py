@@ -29,13 +29,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from llmcq.errors import ConfigError, PluginError
+from llmcq.errors import ConfigError, ConfigErrors, PluginError
 
 if TYPE_CHECKING:
     from llmcq.specs import RunSpecs
 
 __all__ = ["RECORD_FEATURES", "LAYOUT_FEATURES", "Feature", "Need", "spec_features",
-           "check_backend", "check_layout", "check_records", "describe_features"]
+           "check_backend", "check_layout", "check_records", "record_details",
+           "describe_features"]
 
 #: what a quantized-linear record may hold beyond a plain uniform grid, by name
 RECORD_FEATURES: dict[str, str] = {
@@ -125,6 +126,10 @@ def spec_features(specs: RunSpecs) -> list[Feature]:
                            detail=str(specs.sparsity.structure), source="sparse",
                            hint="export with save_fake (dense, zeros kept) or prune without "
                                 "quantizing and export with save_trans"))
+    if w is not None and not w.is_float and not w.symmetric and not w.round_zp:
+        out.append(Feature("fractional_zero", "quant.weight.round_zp", False,
+                           source="quant.weight", hint="set round_zp: True for integral "
+                           "zero points"))
     if specs.kv is not None:
         out.append(Feature("kv_cache_quant", "quant.kvcache", specs.kv.describe(),
                            source="quant.kvcache", hint="remove quant.kvcache"))
@@ -139,25 +144,36 @@ def describe_features(names: Iterable[str]) -> str:
 def check_backend(backend: str, accepts: Iterable[str], features: Iterable[Feature], *,
                   path: str, accepts_detail: Mapping[str, Iterable[str]] | None = None,
                   reasons: Mapping[str, str] | None = None) -> None:
-    """Refuse the first feature ``backend`` does not write (see the module docstring).
+    """Refuse every feature ``backend`` does not write (see the module docstring): one
+    :class:`ConfigError`, or a :class:`~llmcq.errors.ConfigErrors` listing them all.
 
     ``accepts_detail`` narrows a feature to some details (``{"sparsity_mask": ["2:4"]}``);
     ``reasons`` holds the backend's own sentence for a refusal.
     """
     accepted = set(accepts)
     details = {k: set(v) for k, v in (accepts_detail or {}).items()}
+    errors: list[ConfigError] = []
+    seen: set[tuple[str, str]] = set()
     for f in features:
         ok = f.name in accepted and (f.name not in details or f.detail in details[f.name])
-        if ok:
+        if ok or (f.name, f.field) in seen:
             continue
-        why = (reasons or {}).get(f.name) or f"cannot write {f.describe()}"
+        seen.add((f.name, f.field))
+        own = (reasons or {}).get(f.name)
+        why = own or f"cannot write {RECORD_FEATURES[f.name]}"
+        if f.detail:
+            why += f" [{f.detail}]"
         if f.name in details and f.name in accepted:
             why += f" (it writes {f.name} only as: {', '.join(sorted(details[f.name]))})"
         by = f", which {f.source} produces with this setting" if f.source else ""
         hint = f"; {f.hint}" if f.hint else ""
-        raise ConfigError(f.field, f.value, show_value=f.value is not None,
-                          reason=f"backend {backend} ({path}) {why}{by}{hint}",
-                          allowed=f"{backend} writes: {describe_features(accepted)}")
+        errors.append(ConfigError(f.field, f.value, show_value=f.value is not None,
+                                  reason=f"backend {backend} ({path}) {why}{by}{hint}",
+                                  allowed=f"{backend} writes: {describe_features(accepted)}"))
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
 
 
 def check_layout(adapter: str, provides: Iterable[str], needs: Iterable[Need], *,
@@ -180,13 +196,32 @@ def check_layout(adapter: str, provides: Iterable[str], needs: Iterable[Need], *
                                   f"{', '.join(sorted(have)) or 'no layout facts'}")
 
 
+def record_details(rec: Any) -> dict[str, str]:
+    """The detail of each detailed feature a record holds (``act_quant``: static/dynamic,
+    ``sparsity_mask``: its structure), as :func:`spec_features` declares them."""
+    out = {}
+    if rec.act is not None:
+        out["act_quant"] = "static" if rec.act.static else "dynamic"
+    if rec.mask is not None and rec.mask_structure is not None:
+        out["sparsity_mask"] = str(rec.mask_structure)
+    if rec.is_float:
+        out["float_format"] = rec.weight.fmt
+    return out
+
+
 def check_records(backend: str, accepts: Iterable[str], records: Mapping[str, Any], *,
-                  plugin: str = "llmcq core") -> None:
-    """After quantization: every record's features must be ones ``backend`` writes. A
-    mismatch means an algorithm produced something it did not declare at config time."""
+                  plugin: str = "llmcq core",
+                  accepts_detail: Mapping[str, Iterable[str]] | None = None) -> None:
+    """After quantization: every record's features (and their details) must be ones
+    ``backend`` writes. A mismatch means an algorithm produced something it did not declare
+    at config time."""
     accepted = set(accepts)
+    details = {k: set(v) for k, v in (accepts_detail or {}).items()}
     for name, rec in records.items():
         extra = set(rec.features()) - accepted
+        got = record_details(rec)
+        extra |= {f"{k} [{v}]" for k, v in got.items() if k in details and k in accepted
+                  and v not in details[k]}
         if extra:
             raise PluginError(f"the record holds {describe_features(extra)}, which backend "
                               f"{backend!r} cannot write, and the recipe did not declare it at "

@@ -481,6 +481,7 @@ def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
     notes: list[str] = []
     errs = _Collector()
     specs = RunSpecs()
+    specs_ok = False
     with errs.part():
         if cfg.quant is not None:
             if cfg.quant.weight is None:
@@ -488,6 +489,7 @@ def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
                                   "granularity and group_size of the weights", show_value=False)
             check_quant_types(cfg.quant)
         specs = _specs(cfg)
+        specs_ok = True
 
     # model
     source: ModelSource | None = None
@@ -499,7 +501,7 @@ def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
     # algorithms: each step checked with the run's typed specs
     steps: list[ResolvedStep] = []
     for section_name, section in (("sparse", cfg.sparse), ("quant", cfg.quant)):
-        if section is None:
+        if section is None or not specs_ok:
             continue
         with errs.part():
             found = _steps(section_name, section, section_name)
@@ -546,7 +548,7 @@ def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
     # export: the record features first, then each backend's own grid checks
     backends = []
     flag_of = {v: k for k, v in SAVE_FLAGS.items()}
-    for name in cfg.save.backend_names:
+    for name in cfg.save.backend_names if specs_ok else []:
         field_path = f"save.{flag_of[name]}" if name in flag_of and \
             getattr(cfg.save, flag_of[name]) else "save.backends"
         with errs.part():

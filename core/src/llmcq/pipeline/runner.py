@@ -188,7 +188,8 @@ def _export(run: RunContext, stages: _Stages, stage: str, written: dict[str, str
         final = run.resolved.save_dir / b.folder
         records = run.records if stage == "quantized" else {}
         check_records(b.name, b.spec.accepts, records,
-                      plugin=run.quantizer.label if run.quantizer else "llmcq core")
+                      plugin=run.quantizer.label if run.quantizer else "llmcq core",
+                      accepts_detail=b.spec.accepts_detail)
         with stages(f"export_{b.name}"):
             with atomic_dir(final, overwrite=run.resolved.overwrite) as tmp:
                 run.pm.hook.llmcq_export(run=run, backend=b.name, model=run.model,

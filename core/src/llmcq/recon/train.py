@@ -1,0 +1,249 @@
+"""The training loop of :func:`reconstruct` (plumbing; the maths is the caller's
+``params`` callback and loss)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from llmcq import dist
+from llmcq.pipeline.blockwise import Block, BlockInputs, block_output
+from llmcq.recon.dp import average_gradients, steps_per_epoch
+from llmcq.recon.losses import TargetLoss
+from llmcq.recon.quant import act_quant_hooks
+from llmcq.recon.settings import (ActQuant, Batch, BatchLoss, ParamGroup, ParamsFn,
+                                  ReconResult, ReconSettings)
+from llmcq.recon.targets import Targets
+
+__all__ = ["reconstruct", "float_kwargs"]
+
+log = logging.getLogger("llmcq.recon")
+
+
+def float_kwargs(v: Any, dtype: torch.dtype = torch.float32) -> Any:
+    """The block's keyword inputs with floating tensors cast to ``dtype`` (masks, rotary
+    embeddings), everything else as it is."""
+    if isinstance(v, torch.Tensor):
+        return v.to(dtype) if v.is_floating_point() else v
+    if isinstance(v, tuple):
+        return tuple(float_kwargs(x, dtype) for x in v)
+    if isinstance(v, list):
+        return [float_kwargs(x, dtype) for x in v]
+    if isinstance(v, dict):
+        return {k: float_kwargs(x, dtype) for k, x in v.items()}
+    return v
+
+
+def _optimizer(groups: list[dict[str, Any]], s: ReconSettings) -> torch.optim.Optimizer:
+    if callable(s.optimizer):
+        return s.optimizer(groups)
+    cls = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, weight_decay=s.weight_decay)
+
+
+def _finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _batch_free(v: Any) -> bool:
+    """Every tensor of ``v`` has a leading dimension of 1 (or none): it broadcasts over
+    any number of samples."""
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 or v.shape[0] == 1
+    if isinstance(v, (tuple, list)):
+        return all(_batch_free(x) for x in v)
+    if isinstance(v, dict):
+        return all(_batch_free(x) for x in v.values())
+    return True
+
+
+class _Pool:
+    """Every sample of this rank (batches concatenated), for sampled iterations."""
+
+    def __init__(self, inputs: BlockInputs, targets: Targets, kwargs: list[dict[str, Any]]
+                 ) -> None:
+        if any(not _same(kw, kwargs[0]) for kw in kwargs[1:]) or not _batch_free(kwargs[0]):
+            raise ValueError("sampled iterations mix samples of different calibration "
+                             "batches: the block's keyword inputs must be the same for every "
+                             "batch, without a batch dimension (use calib.bs: 1, or epochs)")
+        try:
+            self.hidden = torch.cat(list(inputs.hidden))
+            self.target = torch.cat(targets.target)
+            self.aug = None if targets.aug is None else torch.cat(targets.aug)
+            self.float_hidden = (None if targets.float_hidden is None
+                                 else torch.cat(targets.float_hidden))
+        except RuntimeError as exc:
+            raise ValueError("sampled iterations need calibration batches of one sequence "
+                             f"length: {exc}") from exc
+        self.kwargs = kwargs[0]
+
+    def __len__(self) -> int:
+        return int(self.hidden.shape[0])
+
+    def batch(self, idx: torch.Tensor) -> Batch:
+        pick = idx.to(self.hidden.device)
+        return Batch(self.hidden[pick], self.kwargs, self.target[pick],
+                     None if self.aug is None else self.aug[pick],
+                     None if self.float_hidden is None else self.float_hidden[pick], idx)
+
+
+def reconstruct(block: Block, inputs: BlockInputs, targets: Targets,
+                groups: Sequence[ParamGroup], *, settings: ReconSettings,
+                params: ParamsFn | None = None, loss: BatchLoss | None = None,
+                act: ActQuant | None = None, before_step: Callable[[], None] | None = None,
+                after_step: Callable[[], None] | None = None, progress: bool = False,
+                desc: str = "") -> ReconResult:
+    """Train ``groups``' tensors so ``block`` (run with ``params(base)``) reproduces
+    ``targets`` on ``inputs``; see :mod:`llmcq.recon`. The block's own parameters are never
+    changed (they are frozen while training and their ``requires_grad`` restored after);
+    the learnable tensors are left with ``requires_grad=False``."""
+    s = settings
+    module = block.module
+    first_param = next(module.parameters(), None)
+    dev = first_param.device if first_param is not None else torch.device("cpu")
+    amp = s.amp and dev.type == "cuda"
+    result = ReconResult(amp=amp)
+    opt_groups = []
+    for g in groups:
+        if not g.params:
+            continue
+        d: dict[str, Any] = {"params": list(g.params), "lr": g.lr}
+        if g.weight_decay is not None:
+            d["weight_decay"] = g.weight_decay
+        opt_groups.append(d)
+    learnable = [p for d in opt_groups for p in d["params"]]
+    if not s.trains or not learnable:
+        return result
+    if len(targets.target) != len(inputs):
+        raise ValueError(f"{len(targets.target)} targets for {len(inputs)} calibration batches")
+    loss_fn = loss if loss is not None else TargetLoss()
+    cast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if amp else nullcontext())
+    for p in learnable:
+        p.requires_grad_(True)
+    optimizer = _optimizer(opt_groups, s)
+    base = {n: p.detach().float() for n, p in module.named_parameters()}
+    kwargs = [float_kwargs(kw, torch.float32) for kw in inputs.kwargs]
+    flags = {p: p.requires_grad for p in module.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    parallel = dist.active()
+
+    def step(batch: Batch | None) -> torch.Tensor | None:
+        """One optimizer step on ``batch`` (None: this rank only joins the reduction)."""
+        if before_step is not None:
+            with torch.no_grad():
+                before_step()
+        value = None
+        if batch is not None:
+            with cast:
+                eff = params(base) if params is not None else dict(base)
+                out = block_output(functional_call(module, eff, (batch.hidden.float(),),
+                                                   batch.kwargs)).float()
+                value = loss_fn(out, batch)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+        if parallel:
+            average_gradients(learnable, contributed=batch is not None)
+        if s.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(learnable, s.max_grad_norm)
+        optimizer.step()
+        if after_step is not None:
+            with torch.no_grad():
+                after_step()
+        result.steps += 1
+        return None if value is None else value.detach()
+
+    def windows() -> Iterator[Iterator[Batch | None]]:
+        """One iterator of batches per logged window (epoch, or log_every iterations)."""
+        if s.epochs:
+            n = len(inputs)
+            steps = steps_per_epoch(n, device=dev)
+
+            def epoch() -> Iterator[Batch | None]:
+                for i in range(steps):
+                    if i >= n:
+                        yield None
+                        continue
+                    yield Batch(inputs.hidden[i], kwargs[i], targets.target[i],
+                                None if targets.aug is None else targets.aug[i],
+                                None if targets.float_hidden is None
+                                else targets.float_hidden[i], i)
+
+            for _ in range(s.epochs):
+                yield epoch()
+            return
+        pool = _Pool(inputs, targets, kwargs)
+        gen = torch.Generator().manual_seed(s.seed)
+        every = s.log_every or s.iterations
+        done = 0
+        while done < s.iterations:
+            count = min(every, s.iterations - done)
+            done += count
+
+            def chunk(count: int = count) -> Iterator[Batch]:
+                for _ in range(count):
+                    yield pool.batch(torch.randperm(len(pool), generator=gen)[: s.batch_size])
+
+            yield chunk()
+
+    from tqdm.auto import tqdm
+
+    total_windows = s.epochs or -(-s.iterations // (s.log_every or s.iterations))
+    snapshot = [p.detach().clone() for p in learnable]
+    try:
+        with act_quant_hooks(act, block.linears()):
+            for w, batches in enumerate(tqdm(windows(), total=total_windows, desc=desc,
+                                             leave=False, disable=not progress)):
+                total = torch.zeros((), device=dev)
+                count = 0
+                for batch in batches:
+                    value = step(batch)
+                    if value is not None:
+                        total += value
+                        count += 1
+                if parallel:  # the mean over every rank's batches, the same on every rank
+                    both = torch.stack([total.double(), torch.tensor(float(count),
+                                                                     dtype=torch.float64,
+                                                                     device=dev)])
+                    dist.all_reduce_sum(both)
+                    mean = float(both[0]) / max(float(both[1]), 1.0)
+                else:
+                    mean = float(total) / max(count, 1)  # one host sync per window
+                result.losses.append(mean)
+                if not _finite(mean) and s.rollback_nonfinite:
+                    with torch.no_grad():
+                        for p, saved in zip(learnable, snapshot, strict=True):
+                            p.copy_(saved)
+                    result.rolled_back = True
+                    log.warning("%s: non-finite reconstruction loss in %s %d; keeping the "
+                                "tensors of the %s before", desc or block.name,
+                                "epoch" if s.epochs else "window", w,
+                                "epoch" if s.epochs else "window")
+                    break
+                snapshot = [p.detach().clone() for p in learnable]
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        for p in learnable:
+            p.requires_grad_(False)
+            p.grad = None
+        del optimizer, base, kwargs
+    return result

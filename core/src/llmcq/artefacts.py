@@ -21,7 +21,28 @@ Kinds (:data:`KINDS`) fix what a value is:
 On disk (llmc's keys ``save_scale``/``scale_path``, ``save_clip``/``clip_path``,
 ``load_transform``): ``<folder>/scales.pth`` is ``{name: s}``, ``<folder>/clips.pth`` is
 ``{name: {"lo": tensor, "hi": tensor}}``, written atomically (temporary file, then rename)
-by :meth:`ArtefactStore.save` and read back, validated, by :func:`load_artefact`.
+by :meth:`ArtefactStore.save` and read back, validated, by :func:`load_artefact`. (llmc's
+own ``clips.pth`` holds sigmoid clip *factors* keyed by block index; llmcq's holds the
+absolute bounds above, so the files of one tool do not load in the other.)
+
+Publishing and reading, by a producer and a consumer in one recipe (``[awq, omniquant]``)::
+
+    # AWQ, after folding and searching block i
+    run.artefacts.publish("scales", {block.full_name(n): s for n, s in scales.items()},
+                          producer="awq")
+    # OmniQuant, on the same block later in the same block loop
+    clips = run.artefacts.for_block("clips", block)        # {} when no step published any
+    applied = run.artefacts.for_block("scales", block)     # what was folded already
+
+and across two runs (llmc's two-step flow: AWQ saves, a later run applies)::
+
+    run.artefacts.save("scales", scale_path, overwrite=False, producer="awq")  # run 1
+    scales = load_artefact("scales", scale_path)                               # run 2
+    fold_saved_scales(block, scales, heads=(n_heads, n_kv_heads), source=...)
+
+:func:`fold_saved_scales` folds saved scales into a block through the layout's scaling
+pairs (each group's producer absorbs ``1 / s``, its linears ``s``), the fold AWQ's own
+``load_scale`` uses, so a block scaled from the file equals the block AWQ scaled.
 """
 
 from __future__ import annotations
@@ -38,7 +59,8 @@ from llmcq.errors import DataError, OutputExistsError
 if TYPE_CHECKING:
     from llmcq.pipeline.blockwise import Block
 
-__all__ = ["ArtefactKind", "KINDS", "ArtefactStore", "load_artefact", "write_artefact"]
+__all__ = ["ArtefactKind", "KINDS", "ArtefactStore", "load_artefact", "write_artefact",
+           "artefact_path", "check_writable", "group_scale", "fold_saved_scales"]
 
 
 def _check_scales(value: Any) -> bool:
@@ -131,38 +153,57 @@ class ArtefactStore:
             store[name] = _to_cpu(value)
             owners[name] = producer
 
-    def get(self, kind: str) -> dict[str, Any]:
-        """Every published value of ``kind`` (full names)."""
+    def get(self, kind: str, *, producer: str | None = None) -> dict[str, Any]:
+        """Every published value of ``kind`` (full names); only ``producer``'s when given."""
         _kind(kind)
-        return dict(self._values.get(kind, {}))
+        owners = self._producers.get(kind, {})
+        return {k: v for k, v in self._values.get(kind, {}).items()
+                if producer is None or owners.get(k) == producer}
 
-    def for_block(self, kind: str, block: Block, *, device: Any = None) -> dict[str, Any]:
+    def for_block(self, kind: str, block: Block, *, device: Any = None,
+                  producer: str | None = None) -> dict[str, Any]:
         """The values of ``kind`` for ``block``'s linears, by name relative to the block
-        (moved to ``device`` when given)."""
+        (moved to ``device`` when given; only ``producer``'s when given). Empty when no step
+        published any for the block."""
         prefix = block.name + "."
+        owners = self._producers.get(kind, {})
         out = {}
         for name, value in self._values.get(kind, {}).items():
-            if name.startswith(prefix):
+            if name.startswith(prefix) and (producer is None or owners.get(name) == producer):
                 out[name[len(prefix):]] = _to(value, device) if device is not None else value
         return out
 
     def producer(self, kind: str, name: str) -> str | None:
         return self._producers.get(kind, {}).get(name)
 
-    def save(self, kind: str, folder: str | Path, *, overwrite: bool) -> Path:
-        """Write every value of ``kind`` to ``<folder>/<file>`` atomically."""
+    def save(self, kind: str, folder: str | Path, *, overwrite: bool,
+             producer: str | None = None) -> Path:
+        """Write every value of ``kind`` (only ``producer``'s when given) to
+        ``<folder>/<file>`` atomically; an existing file is replaced only with
+        ``overwrite``."""
         k = _kind(kind)
-        target = Path(folder).expanduser() / k.file
-        if target.exists() and not overwrite:
-            raise OutputExistsError(f"{target} already exists; choose another path or pass "
-                                    "--overwrite (save.overwrite: true)")
-        return write_artefact(folder, k.file, k.to_file(self._values.get(kind, {})))
+        check_writable(kind, folder, overwrite=overwrite)
+        return write_artefact(folder, k.file, k.to_file(self.get(kind, producer=producer)))
 
     def load(self, kind: str, folder: str | Path, *, producer: str) -> dict[str, Any]:
         """Read ``<folder>/<file>`` of ``kind`` and publish it; returns what was read."""
         values = load_artefact(kind, folder)
         self.publish(kind, values, producer=producer)
         return values
+
+
+def artefact_path(kind: str, folder: str | Path) -> Path:
+    """``<folder>/<file of kind>`` (``scales.pth``, ``clips.pth``)."""
+    return Path(folder).expanduser() / _kind(kind).file
+
+
+def check_writable(kind: str, folder: str | Path, *, overwrite: bool) -> None:
+    """Refuse (:class:`OutputExistsError`) to replace an existing artefact file without
+    ``overwrite``: call it before the work that produces the values, so a run fails early."""
+    target = artefact_path(kind, folder)
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"{target} already exists; choose another path or pass "
+                                "--overwrite (save.overwrite: true)")
 
 
 def _to_cpu(value: Any) -> Any:
@@ -210,3 +251,89 @@ def load_artefact(kind: str, folder: str | Path) -> dict[str, Any]:
         return k.from_file(data)
     except Exception as exc:  # unreadable, truncated, or another layout
         raise DataError(f"{path}: cannot read saved {kind}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- saved scales
+
+def _gqa(block: Block, group: Any, heads: tuple[int, int] | None) -> tuple[int, int] | None:
+    """``(heads, kv_heads)`` when the group's producer is a linear with fewer outputs than
+    its consumers read (grouped-query ``v_proj -> o_proj``), else None."""
+    from torch import nn
+
+    from llmcq.transforms.scaling import consumer_width
+
+    prev = group.prev_op
+    if group.spec.prev_kind != "linear" or not isinstance(prev, nn.Linear):
+        return None
+    width = consumer_width(group)
+    if prev.out_features == width:
+        return None
+    if heads is not None:
+        h, kv = heads
+        if kv < h and h % kv == 0 and prev.out_features * (h // kv) == width:
+            return heads
+    raise DataError(f"{block.name}.{group.spec.prev_op} has {prev.out_features} outputs but "
+                    f"{', '.join(group.linears)} read {width} columns, and this is not "
+                    f"grouped-query attention (heads {heads})")
+
+
+def group_scale(block: Block, group: Any, scales: Mapping[str, Any], *,
+                heads: tuple[int, int] | None, source: str) -> Any:
+    """The scale over the producer's channels that ``scales`` (full linear names, as saved)
+    holds for ``group``, or None when it holds none of the group's linears.
+
+    Every linear of the group must carry the same scale of the consumers' width; under
+    grouped-query attention (``heads=(n_heads, n_kv_heads)``) the saved scale is the
+    kv-channel scale repeated over each kv head's query heads, and the kv-channel scale is
+    returned. :class:`DataError` (naming ``source``) otherwise."""
+    import torch
+
+    from llmcq.transforms.scaling import consumer_width, expand_kv_scale
+
+    names = [block.full_name(n) for n in group.linears]
+    found = [scales.get(n) for n in names]
+    if all(f is None for f in found):
+        return None
+    width = consumer_width(group)
+    first = found[0]
+    for name, f in zip(names, found, strict=True):
+        if f is None or f.numel() != width or first is None or not torch.equal(f, first):
+            raise DataError(f"{source}: the scale of {name} is missing, differs within its "
+                            f"group, or is not {width} long")
+    s = first
+    if heads is not None:
+        kv_s = s.view(heads[1], heads[0] // heads[1], -1)[:, 0].reshape(-1)
+        if not torch.equal(expand_kv_scale(kv_s, *heads), s):
+            raise DataError(f"{source}: {names[0]}'s scale is not repeated over the query "
+                            "heads of each kv head")
+        s = kv_s
+    return s
+
+
+def fold_saved_scales(block: Block, scales: Mapping[str, Any], *,
+                      heads: tuple[int, int] | None, source: str) -> dict[str, Any]:
+    """Fold the saved ``scales`` (full names) into ``block`` through every group with a
+    producer (:func:`llmcq.transforms.scaling.fold_scale`, in layout order); groups the file
+    holds nothing for are left alone. Returns what was folded, ``{relative linear name:
+    consumer scale}`` (the ``scales`` artefact of the block). :class:`DataError` when the file
+    holds nothing for the block at all (written for another model?) or is inconsistent."""
+    from llmcq.transforms.scaling import expand_kv_scale, fold_scale
+
+    if not any(k.startswith(block.name + ".") for k in scales):
+        raise DataError(f"{source} has no scales for {block.name}: was it written for this "
+                        "model?")
+    out: dict[str, Any] = {}
+    for group in block.groups:
+        if group.spec.prev_kind == "none" or group.prev_op is None:
+            continue
+        gqa = _gqa(block, group, heads)
+        s = group_scale(block, group, scales, heads=gqa, source=source)
+        if s is None:
+            continue
+        device = next(iter(group.linears.values())).weight.device
+        s = s.to(device)
+        n_heads, n_kv = gqa if gqa is not None else (None, None)
+        fold_scale(group, s, n_heads=n_heads, n_kv_heads=n_kv)
+        consumer = expand_kv_scale(s, *gqa) if gqa is not None else s
+        out.update({name: consumer for name in group.linears})
+    return out

@@ -80,7 +80,7 @@ REFUSED = [
      "no scales.pth"),
     ({"weight_clip": True, "load_clip": True, "clip_path": "/nonexistent/awq"},
      "quant.special.clip_path", "no clips.pth"),
-    ({"weight_clip": True, "clip_version": "v2"}, "quant.weight.calib_algo", "learnable"),
+    ({"weight_clip": True, "clip_version": "v2"}, "quant.special.clip_version", "save_clip"),
 ]
 
 
@@ -91,7 +91,7 @@ def test_refused_at_config_time(shared_data: Path, tmp_path: Path, special: dict
                                 path: str, words: str) -> None:
     with pytest.raises(ConfigError) as err:
         resolve_config(base(shared_data, tmp_path, **special))
-    assert str(err.value).startswith(path + ":"), str(err.value)
+    assert err.value.path == path, str(err.value)  # the first problem reported
     assert words in str(err.value)
 
 
@@ -116,6 +116,15 @@ def test_learnable_and_clip_v2_need_a_following_step(shared_data: Path, tmp_path
     cfg["quant"]["weight"]["calib_algo"] = "learnable"
     with pytest.raises(ConfigError, match="quant.weight.calib_algo: awq alone"):
         resolve_config(copy.deepcopy(cfg))
+    # llmc's two-step flow, step 1: awq alone saves v2 ranges for a later run (minmax here)
+    step1 = copy.deepcopy(cfg)
+    step1["quant"]["weight"]["calib_algo"] = "minmax"
+    assert resolve_config(step1).steps[0].special.clip_version == "v2"
+    in_recipe = copy.deepcopy(step1)  # in a recipe v2 hands them to a learnable quantizer
+    in_recipe["quant"]["method"] = ["awq", "rtn"]
+    in_recipe["quant"]["special"] = {"awq": in_recipe["quant"]["special"]}
+    with pytest.raises(ConfigError, match="quant.weight.calib_algo: clip_version v2"):
+        resolve_config(in_recipe)
     cfg["quant"]["method"] = ["awq", "rtn"]
     cfg["quant"]["special"] = {"awq": cfg["quant"]["special"]}
     with pytest.raises(ConfigError, match="rtn"):  # rtn itself refuses learnable

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import torch
 
+import llmcq
+from llmcq.artefacts import load_artefact
 from llmcq.config.loader import resolve_config
 from llmcq.errors import OutputExistsError
 from llmcq.model.loading import ModelSource, load_pretrained
@@ -139,8 +141,6 @@ def test_weight_activation_runs_and_stays_function_preserving(
     cfg["eval"]["eval_pos"] = ["transformed", "fake_quant"]
     seen: dict[str, Any] = {}
 
-    import llmcq
-
     class Spy:
         @llmcq.hookimpl
         def llmcq_evaluate(self, run: Any, model: Any, position: str) -> list:
@@ -166,10 +166,25 @@ def test_clip_save_and_load_reproduce_the_model(tiny: Any, tiny_llama_dir: Path,
                  save_clip=True, clip_path=str(saved))
     cfg["eval"]["eval_pos"] = []
     cfg["save"]["save_trans"] = True
-    res = run(resolve_config(cfg), progress=False, model=model, tokenizer=tok)
+    spy = _RunSpy()
+    res = run(resolve_config(cfg), progress=False, model=model, tokenizer=tok,
+              extra_plugins=[spy])
     assert res["recipe"][0]["linears_clipped"] == 2 * 5  # q/k are never clipped
     scales = torch.load(saved / "scales.pth")
     clips = torch.load(saved / "clips.pth")
+    # the files are core's artefact files of what AWQ published on run.artefacts
+    store = spy.run.artefacts
+    for kind in ("scales", "clips"):
+        published, on_disk = store.get(kind, producer="awq"), load_artefact(kind, saved)
+        assert published and set(published) == set(on_disk)
+        for name, v in published.items():
+            pairs = zip(v, on_disk[name], strict=True) if kind == "clips" else [(v, on_disk[name])]
+            assert all(torch.equal(a, b) for a, b in pairs), name
+        assert store.get(kind, producer="someone-else") == {}
+    block1 = {k.removeprefix("model.layers.1."): v for k, v in published.items()
+              if k.startswith("model.layers.1.")}
+    assert set(block1) == {n for n in LINEARS if n not in ("self_attn.q_proj",
+                                                              "self_attn.k_proj")}
     assert set(scales) == {f"model.layers.{i}.{n}" for i in range(2) for n in LINEARS}
     assert set(clips) == {f"model.layers.{i}.{n}" for i in range(2) for n in LINEARS
                           if n not in ("self_attn.q_proj", "self_attn.k_proj")}
@@ -200,6 +215,14 @@ def test_clip_save_and_load_reproduce_the_model(tiny: Any, tiny_llama_dir: Path,
     cfg["save"]["save_path"] = str(tmp_path / "c")
     with pytest.raises(OutputExistsError, match="scales.pth"):
         run(resolve_config(cfg), progress=False, model=copy.deepcopy(tiny[0]), tokenizer=tok)
+
+
+class _RunSpy:
+    run: Any = None
+
+    @llmcq.hookimpl
+    def llmcq_calibrate(self, run: Any) -> None:
+        self.run = run
 
 
 def test_awq_then_rtn_with_per_method_special(tiny: Any, tiny_llama_dir: Path,

@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from llmcq.model.adapter import ResolvedGroup
-from llmcq.model.layout import LinearGroup
+from llmcq.errors import PluginError
+from llmcq.model.adapter import ResolvedGroup, resolve_block
+from llmcq.model.layout import LinearGroup, prenorm_block
+from llmcq.pipeline.blockwise import Block
 from llmcq.quant.qparams import fake_quantize_act, fake_quantize_weight
 from llmcq.quant.spec import ActQuantSpec, PerChannel, PerGroup, PerToken, WeightQuantSpec
 from llmcq.transforms.scaling import expand_kv_scale, fold_scale
@@ -210,9 +212,33 @@ def test_group_search_with_activation_quantization_and_gqa() -> None:
     assert torch.allclose(o.weight, o_before.weight * full.view(1, -1))
 
 
-def test_clip_skips_query_and_key_only() -> None:
-    assert clip_skipped("self_attn.q_proj") and clip_skipped("self_attn.k_proj")
-    assert clip_skipped("attn.Wqkv") and clip_skipped("attention.query")
+def _llama_block(roles: tuple[str, ...] | None = ("q", "k", "v")) -> Block:
+    """A tiny Llama decoder layer bound to core's pre-norm layout, with the attention
+    projections' roles as given (None: no roles declared anywhere)."""
+    from dataclasses import replace
+
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=4)
+    layer = LlamaDecoderLayer(cfg, 0)
+    layout = prenorm_block()
+    groups = tuple(replace(g, roles=(roles if i == 0 else g.roles) if roles else ())
+                   for i, g in enumerate(layout.groups))
+    layout = replace(layout, groups=groups)
+    return Block(0, "model.layers.0", layer, resolve_block(layer, layout, where="layer"))
+
+
+def test_clip_skips_query_and_key_by_declared_role() -> None:
+    block = _llama_block()
+    assert clip_skipped(block, "self_attn.q_proj") and clip_skipped(block, "self_attn.k_proj")
     for name in ("self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
                  "mlp.down_proj"):
-        assert not clip_skipped(name)
+        assert not clip_skipped(block, name)
+    # the role decides, never the name
+    odd = _llama_block(("v", "qkv", "q"))
+    assert not clip_skipped(odd, "self_attn.q_proj")
+    assert clip_skipped(odd, "self_attn.k_proj") and clip_skipped(odd, "self_attn.v_proj")
+    with pytest.raises(PluginError, match="no declared role"):
+        clip_skipped(_llama_block(None), "self_attn.q_proj")

@@ -25,15 +25,17 @@ from typing import Literal
 from pydantic import Field
 
 from llmcq.api import AlgorithmSpec, StepSettings
+from llmcq.artefacts import KINDS
 from llmcq.capabilities import Need
 from llmcq.config.schema import SpecialConfig
 from llmcq.errors import ConfigError
 
 __all__ = ["SPEC", "AwqSpecial", "AwqSpec", "SCALES_FILE", "CLIPS_FILE"]
 
-#: file names inside ``scale_path`` / ``clip_path`` (llmc's names)
-SCALES_FILE = "scales.pth"
-CLIPS_FILE = "clips.pth"
+#: file names inside ``scale_path`` / ``clip_path`` (llmc's names; core's artefact files,
+#: :mod:`llmcq.artefacts`)
+SCALES_FILE = KINDS["scales"].file
+CLIPS_FILE = KINDS["clips"].file
 
 
 class AwqSpecial(SpecialConfig):
@@ -52,7 +54,8 @@ class AwqSpecial(SpecialConfig):
     #: search per-group clipping ranges of the weights (AWQ's auto_clip)
     weight_clip: bool = False
     #: v1: clamp the float weights to the searched range; v2: leave the weights alone and
-    #: hand the ranges to a later learnable step (OmniQuant's LWC) through clip_path/scratch
+    #: hand the ranges on: to a later learnable step of the recipe (OmniQuant's LWC) through
+    #: the run's artefacts, or to a later run through ``<clip_path>/clips.pth``
     clip_version: Literal["v1", "v2"] = "v1"
     #: clip symmetrically ([-a, a]) or each bound on its own; absent: quant.weight.symmetric
     clip_sym: bool | None = None
@@ -98,15 +101,19 @@ class AwqSpec(AlgorithmSpec):
                               "no ranges; follow it with a learnable step (e.g. "
                               "[awq, omniquant])", allowed=("minmax", "mse"))
         if s.clip_version == "v2" and s.weight_clip:
-            if w.calib_algo != "learnable":
-                raise ConfigError("quant.weight.calib_algo", w.calib_algo, reason="clip_version "
-                                  "v2 hands clip ranges to a learnable quantizer (as in llmc)",
-                                  allowed="learnable")
-            if not s.save_clip and len(quant.methods) < 2:
+            alone = len(quant.methods) < 2
+            if not s.save_clip and alone:
                 raise ConfigError(f"{sp}.clip_version", "v2", reason="v2 leaves the weights "
                                   "unclipped and only hands the ranges on: set save_clip "
                                   "(with clip_path) or follow awq with a learnable step",
                                   allowed="v1")
+            # in a recipe the ranges go to the next step's learnable quantizer (as in llmc);
+            # alone with save_clip they go to a file for a later run (llmc's two-step flow:
+            # this run's own records are round-to-nearest of the unclipped weights)
+            if not alone and w.calib_algo != "learnable":
+                raise ConfigError("quant.weight.calib_algo", w.calib_algo, reason="clip_version "
+                                  "v2 hands clip ranges to a learnable quantizer (as in llmc)",
+                                  allowed="learnable")
         for kind, on, flag in (("scale", s.trans, "trans"), ("clip", s.weight_clip,
                                                               "weight_clip")):
             save, load = getattr(s, f"save_{kind}"), getattr(s, f"load_{kind}")

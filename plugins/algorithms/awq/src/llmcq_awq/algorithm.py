@@ -12,17 +12,26 @@ next quantizing step of the recipe such as GPTQ, quantizes the weights AWQ prepa
    the linears with :func:`llmcq.transforms.scaling.fold_scale`. ``v_proj -> o_proj`` under
    grouped-query attention is searched per kv channel (``do_gqa_trans``);
 2. with ``weight_clip``: for each group, the inputs again (after every fold of the block),
-   a per-group clip range per linear except q/k (:func:`llmcq.quant.clip.search_clip`), and
-   the ranges applied once all are searched (``clip_version: v1``);
-3. scales and clips go to ``run.scratch(block)["awq"]`` for later steps of the recipe, and
-   after the last block to ``scale_path``/``clip_path`` when asked.
+   a per-group clip range per linear except queries and keys (by their declared roles:
+   ``q``, ``k``, ``qkv``; :func:`llmcq.quant.clip.search_clip`) on a strided sample of
+   about ``calib.seq_len`` tokens gathered from every rank (:class:`llmcq.stats.TokenSample`,
+   so every rank searches the same tokens), and the ranges applied once all are searched
+   (``clip_version: v1``);
+3. scales and clips are published as the run's artefacts (``run.artefacts``, kinds
+   ``scales`` and ``clips``, producer ``awq``; see :mod:`llmcq.artefacts`) for later steps
+   of the recipe, and after the last block written to ``<scale_path>/scales.pth`` /
+   ``<clip_path>/clips.pth`` when asked (``save_scale`` / ``save_clip``, core's artefact
+   files). ``load_scale`` / ``load_clip`` read those files back (core's
+   :func:`~llmcq.artefacts.load_artefact`) and apply them instead of searching.
+
+Data-parallel calibration: channel means and candidate losses are all-reduced, and the clip
+search runs on the gathered token sample, so every rank folds and clips the same weights.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,28 +39,36 @@ from torch import nn
 
 from llmcq import dist
 from llmcq.algorithm import Algorithm
-from llmcq.errors import DataError, OutputExistsError, PluginError
+from llmcq.artefacts import artefact_path, check_writable, group_scale, load_artefact
+from llmcq.errors import DataError, PluginError
 from llmcq.model.adapter import ResolvedGroup
 from llmcq.pipeline.blockwise import Block, BlockInputs
 from llmcq.quant.clip import apply_clip, search_clip
 from llmcq.quant.qparams import fake_quantize_act, fake_quantize_weight, n_groups
 from llmcq.quant.spec import ActQuantSpec, PerGroup, WeightQuantSpec
+from llmcq.stats import TokenSample
 from llmcq.transforms.scaling import consumer_width, expand_kv_scale, fold_scale, reduce_to_kv
-from llmcq_awq import CLIPS_FILE, SCALES_FILE, AwqSpecial
+from llmcq_awq import AwqSpecial
 from llmcq_awq.solver import ChannelAbsMean, ScaleSearch, search_scale, weight_salience
-from llmcq_awq.store import read_clips, read_scales, write_atomic
 
-__all__ = ["Awq", "search_group_scale", "clip_skipped"]
+__all__ = ["Awq", "search_group_scale", "clip_skipped", "QK_ROLES", "PRODUCER"]
 
 _SKIP = "skip"
-#: llmc and the reference skip clipping these (their error passes through softmax)
-_QK_MARKS = ("query", "key", "wqkv")
+#: roles whose clipping llmc and the reference leave alone (their error passes through
+#: the softmax, which a per-linear output error does not see)
+QK_ROLES = ("q", "k", "qkv")
+#: the producer name of AWQ's artefacts
+PRODUCER = "awq"
 
 
-def clip_skipped(name: str) -> bool:
-    """Whether llmc/AWQ leave this linear unclipped (query and key projections)."""
-    last = name.rsplit(".", 1)[-1].lower()
-    return last.startswith(("q_", "k_")) or any(m in last for m in _QK_MARKS)
+def clip_skipped(block: Block, name: str) -> bool:
+    """Whether llmc/AWQ leave this linear unclipped: queries and keys, by declared role."""
+    role = block.role(name)
+    if role is None:
+        raise PluginError(f"{name} has no declared role; AWQ's clipping leaves queries and "
+                          "keys alone and finds them by role (the adapter must declare roles)",
+                          where=block.name)
+    return role.kind in QK_ROLES
 
 
 @torch.no_grad()
@@ -120,23 +137,17 @@ class Awq(Algorithm):
         # static activation scales are fixed by core after the transform: search with a
         # dynamic per-tensor proxy of the same grid
         self.search_act = None if self.act is None else replace(self.act, static=False)
-        self.loaded_scales = self._load(sp.load_scale, sp.scale_path, SCALES_FILE, read_scales)
-        self.loaded_clips = self._load(sp.load_clip, sp.clip_path, CLIPS_FILE, read_clips)
-        for save, where, fname in ((sp.save_scale, sp.scale_path, SCALES_FILE),
-                                   (sp.save_clip, sp.clip_path, CLIPS_FILE)):
-            target = Path(where or ".").expanduser() / fname
-            if save and target.exists() and not self.run.resolved.overwrite:
-                raise OutputExistsError(f"{target} already exists; choose another path or "
-                                        "pass --overwrite (save.overwrite: true)")
-        self.saved_scales: dict[str, torch.Tensor] = {}
-        self.saved_clips: dict[str, dict[str, torch.Tensor]] = {}
+        self.loaded_scales = load_artefact("scales", sp.scale_path or ".") \
+            if sp.load_scale else None
+        self.loaded_clips = load_artefact("clips", sp.clip_path or ".") \
+            if sp.load_clip else None
+        for save, kind, where in ((sp.save_scale, "scales", sp.scale_path),
+                                  (sp.save_clip, "clips", sp.clip_path)):
+            if save:  # fail before any block is processed
+                check_writable(kind, where or ".", overwrite=self.run.resolved.overwrite)
         self.alphas: list[float] = []
         self.counts: Counter[str] = Counter()
         self.written: dict[str, str] = {}
-
-    @staticmethod
-    def _load(on: bool, where: str | None, fname: str, reader: Any) -> Any:
-        return reader(Path(where or ".").expanduser() / fname) if on else None
 
     # ------------------------------------------------------------------ stages
 
@@ -157,14 +168,12 @@ class Awq(Algorithm):
                     w = linears[name].weight
                     w.data.copy_(apply_clip(w.data, lo.to(w.device), hi.to(w.device),
                                             self.weight))
-        self.run.scratch(block.index)["awq"] = {"scales": scales, "clips": clips}
-        if sp.save_scale:
-            for name, s in scales.items():
-                self.saved_scales[block.full_name(name)] = s.detach().float().cpu()
-        if sp.save_clip:
-            for name, (lo, hi) in clips.items():
-                self.saved_clips[block.full_name(name)] = {"lo": lo.detach().float().cpu(),
-                                                           "hi": hi.detach().float().cpu()}
+        # the typed hand-off: later steps read these through run.artefacts.for_block(...)
+        store = self.run.artefacts
+        store.publish("scales", {block.full_name(n): s.float() for n, s in scales.items()},
+                      producer=PRODUCER)
+        store.publish("clips", {block.full_name(n): (lo.float(), hi.float())
+                                for n, (lo, hi) in clips.items()}, producer=PRODUCER)
         if block.index == len(self.run.adapter.blocks(self.run.model)) - 1:
             self._write()
 
@@ -250,35 +259,20 @@ class Awq(Algorithm):
     def _loaded_scale(self, block: Block, group: ResolvedGroup,
                       heads: tuple[int, int] | None) -> torch.Tensor | None:
         assert self.loaded_scales is not None
-        names = [block.full_name(n) for n in group.linears]
-        found = [self.loaded_scales.get(n) for n in names]
-        if all(f is None for f in found):
+        source = str(artefact_path("scales", self.special.scale_path or "."))
+        s = group_scale(block, group, self.loaded_scales, heads=heads, source=source)
+        if s is None:
             if not any(k.startswith(block.name + ".") for k in self.loaded_scales):
-                raise DataError(f"{self.special.scale_path}/{SCALES_FILE} has no scales for "
-                                f"{block.name}: was it written for this model?")
+                raise DataError(f"{source} has no scales for {block.name}: was it written for "
+                                "this model?")
             self.counts["groups_not_in_scale_file"] += 1
-            return None
-        width = consumer_width(group)
-        for name, f in zip(names, found, strict=True):
-            if f is None or f.numel() != width or not torch.equal(f, found[0]):
-                raise DataError(f"{self.special.scale_path}/{SCALES_FILE}: the scale of {name} "
-                                f"is missing, differs within its group, or is not {width} "
-                                "long")
-        s = found[0]
-        assert s is not None
-        if heads is not None:
-            kv_s = s.view(heads[1], heads[0] // heads[1], -1)[:, 0].reshape(-1)
-            if not torch.equal(expand_kv_scale(kv_s, *heads), s):
-                raise DataError(f"{self.special.scale_path}/{SCALES_FILE}: {names[0]}'s scale "
-                                "is not repeated over the query heads of each kv head")
-            s = kv_s
         return s
 
     # ------------------------------------------------------------------ clipping
 
     def _clip_group(self, block: Block, group: ResolvedGroup, inputs: BlockInputs | None
                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        names = [n for n in group.linears if not clip_skipped(n)]
+        names = [n for n in group.linears if not clip_skipped(block, n)]
         if not names:
             return {}
         if self.loaded_clips is not None:
@@ -300,49 +294,52 @@ class Awq(Algorithm):
     def _clip_inputs(self, block: Block, group: ResolvedGroup,
                      inputs: BlockInputs) -> torch.Tensor:
         """About ``calib.seq_len`` tokens of the group's input, evenly strided over every
-        batch (llmc's ``n_sample_token``), without keeping the rest."""
+        batch of every rank (llmc's ``n_sample_token``), without keeping the rest: the same
+        tokens on every rank (gathered in rank order), the tokens one process keeps when
+        there is one."""
         calib = self.run.config.calib
         n_tok = calib.seq_len if calib is not None else 512
-        step = max(1, inputs.n_tokens // n_tok)
-        kept: list[torch.Tensor] = []
-        seen = [0]
-
-        def keep(_name: str, x: torch.Tensor, _y: torch.Tensor) -> None:
-            x2 = x.detach().reshape(-1, x.shape[-1])
-            kept.append(x2[(-seen[0]) % step::step])
-            seen[0] += x2.shape[0]
-
         first = next(iter(group.linears))
-        inputs.observe(block.module, {first: group.linears[first]}, keep, stop_early=True)
-        return torch.cat(kept)[:n_tok]
+        device = group.linears[first].weight.device
+        total = int(dist.all_reduce_sum(torch.tensor([float(inputs.n_tokens)],
+                                                     dtype=torch.float64, device=device))
+                    .item()) if dist.active() else inputs.n_tokens
+        sample = TokenSample(max(1, total // n_tok), limit=n_tok)
+        inputs.observe(block.module, {first: group.linears[first]},
+                       lambda _n, x, _y: sample.update(x), stop_early=True)
+        return sample.reduce().value
 
     def _loaded_clip(self, block: Block, name: str,
                      lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.loaded_clips is not None
+        source = artefact_path("clips", self.special.clip_path or ".")
         full = block.full_name(name)
         if full not in self.loaded_clips:
-            raise DataError(f"{self.special.clip_path}/{CLIPS_FILE} has no clip range for "
-                            f"{full}: was it written for this model?")
+            raise DataError(f"{source} has no clip range for {full}: was it written for this "
+                            "model?")
         lo, hi = self.loaded_clips[full]
         gran = self.weight.granularity
         shape = (lin.out_features, n_groups(lin.in_features, gran)
                  if isinstance(gran, PerGroup) else 1)
         if tuple(lo.shape) != shape or tuple(hi.shape) != shape:
-            raise DataError(f"{self.special.clip_path}/{CLIPS_FILE}: {full} has ranges of "
-                            f"shape {tuple(hi.shape)}, this run's {self.weight.describe()} "
-                            f"needs {shape}")
+            raise DataError(f"{source}: {full} has ranges of shape {tuple(hi.shape)}, this "
+                            f"run's {self.weight.describe()} needs {shape}")
         self.counts["linears_clipped"] += 1
         return lo.to(lin.weight.device), hi.to(lin.weight.device)
 
     # ------------------------------------------------------------------ outputs
 
     def _write(self) -> None:
+        """Every block's scales / clips, as published, to core's artefact files (rank 0
+        writes; every rank holds the same values)."""
         sp = self.special
-        if sp.save_scale and sp.scale_path:
-            path = write_atomic(sp.scale_path, SCALES_FILE, self.saved_scales)
-            self.written["scale_file"] = str(path)
-            self.run.log.info("AWQ scales written to %s", path)
-        if sp.save_clip and sp.clip_path:
-            path = write_atomic(sp.clip_path, CLIPS_FILE, self.saved_clips)
-            self.written["clip_file"] = str(path)
-            self.run.log.info("AWQ clip ranges written to %s", path)
+        overwrite = self.run.resolved.overwrite
+        for on, kind, where, key in ((sp.save_scale, "scales", sp.scale_path, "scale_file"),
+                                     (sp.save_clip, "clips", sp.clip_path, "clip_file")):
+            if not (on and where):
+                continue
+            if dist.is_main():
+                self.run.artefacts.save(kind, where, overwrite=overwrite, producer=PRODUCER)
+            path = artefact_path(kind, where)
+            self.written[key] = str(path)
+            self.run.log.info("AWQ %s written to %s", kind, path)

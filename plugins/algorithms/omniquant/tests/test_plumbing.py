@@ -16,6 +16,7 @@ from torch.func import functional_call
 import llmcq
 from llmcq.config.loader import resolve_config
 from llmcq.model.adapter import resolve_block
+from llmcq.model.layout import prenorm_block
 from llmcq.model.loading import ModelSource, load_pretrained
 from llmcq.pipeline.blockwise import Block, capture_block_inputs
 from llmcq.pipeline.runner import calibration_batches, run
@@ -156,7 +157,7 @@ def test_training_params_and_fold_agree_and_preserve_the_block(tiny: tuple[Any, 
     model, _ = tiny
     layer = copy.deepcopy(model.model.layers[1])
     block = Block(1, "model.layers.1", layer,
-                  resolve_block(layer, LlamaAdapter.layout.block, where="model.layers.1"))
+                  resolve_block(layer, prenorm_block(), where="model.layers.1"))
     heads = (4, 2)
     sites = let_sites(block, heads, up_down=True)
     assert [s.repeat for s in sites] == [1, 2, 1, 1]  # v_proj: 2 kv heads feed 4 query heads
@@ -177,6 +178,41 @@ def test_training_params_and_fold_agree_and_preserve_the_block(tiny: tuple[Any, 
         assert torch.allclose(p, eff[n], atol=1e-6), n
     for got, w in zip(block0_inputs.forward(layer), want, strict=True):
         assert torch.allclose(got, w, atol=1e-5)
+
+
+def test_let_sites_and_query_key_come_from_roles(tiny: tuple[Any, Any]) -> None:
+    """The v -> o and up -> down sites and the q/k exclusion follow the declared roles,
+    whatever the modules are called."""
+    from dataclasses import replace
+
+    from llmcq.errors import PluginError
+    from llmcq_omniquant.algorithm import is_query_or_key
+
+    layer = tiny[0].model.layers[0]
+
+    def block(qkv_roles: tuple[str, ...] | None) -> Block:
+        layout = prenorm_block()
+        groups = tuple(replace(g, roles=(qkv_roles if i == 0 else g.roles) if qkv_roles
+                               else ()) for i, g in enumerate(layout.groups))
+        return Block(0, "model.layers.0", layer,
+                     resolve_block(layer, replace(layout, groups=groups), where="layer"))
+
+    heads = (4, 2)
+    plain = block(("q", "k", "v"))
+    assert [s.producer for s in let_sites(plain, heads, up_down=True)] == [
+        "input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"]
+    assert [s.producer for s in let_sites(plain, heads, up_down=False)] == [
+        "input_layernorm", "self_attn.v_proj", "post_attention_layernorm"]
+    assert is_query_or_key(plain, "self_attn.k_proj")
+    assert not is_query_or_key(plain, "self_attn.v_proj")
+    # v_proj declared as a query: no v -> o site, and the clip search leaves it alone
+    odd = block(("k", "v", "q"))
+    assert [s.producer for s in let_sites(odd, heads, up_down=False)] == [
+        "input_layernorm", "post_attention_layernorm"]
+    assert is_query_or_key(odd, "self_attn.v_proj")
+    assert not is_query_or_key(odd, "self_attn.k_proj")
+    with pytest.raises(PluginError, match="no declared role"):
+        let_sites(block(None), heads, up_down=False)
 
 
 class _RecordSpy:
@@ -241,7 +277,8 @@ def test_awq_then_omniquant_recipe(tmp_path: Path, tiny_llama_dir: Path, shared_
     class Spy:
         @llmcq.hookimpl(tryfirst=True)
         def llmcq_calibrate(self, run: Any, step: Any, block: Any) -> None:
-            order.append(f"{step.spec.name}:{block.index}:{'awq' in run.scratch(block.index)}")
+            published = bool(run.artefacts.for_block("clips", block, producer="awq"))
+            order.append(f"{step.spec.name}:{block.index}:{published}")
 
     m = copy.deepcopy(model)
     cfg = _cfg(tiny_llama_dir, shared_data, tmp_path / "out",

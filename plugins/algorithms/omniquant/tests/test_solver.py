@@ -68,7 +68,7 @@ def _brute_lwc(w: torch.Tensor, spec: WeightQuantSpec, up: torch.Tensor,
                low: torch.Tensor | None) -> torch.Tensor:
     """Element by element, group by group, from the paper's formulas."""
     out = torch.empty_like(w)
-    g = spec.group_size if spec.group_size > 0 else w.shape[1]
+    g = spec.group_size or w.shape[1]  # None: one group per row
     b = spec.bits
     for r in range(w.shape[0]):
         for gi, c0 in enumerate(range(0, w.shape[1], g)):

@@ -4,54 +4,71 @@ float weights (transform) and quantize with the learned clipping (quantize).
 
 Per block:
 
-1. ``calibrate``: running per-channel ``max|X|`` at the input of each LET site (for the
-   SmoothQuant-style initialization), and with ``search_clip_init`` an input-aware clip search
-   (:func:`llmcq.quant.clip.search_clip`) turned into initial clip factors. Weights untouched.
-2. ``transform``: targets are the float block's outputs, computed before any change (with
-   ``quant_out`` the float chain of block outputs is kept beside the quantized inputs, as the
-   reference does). AdamW on ``MSE(block_q(X), target)`` for ``epochs`` passes over the
-   calibration batches, the block run through :func:`torch.func.functional_call` with its
-   weights replaced by ``Q(LET(W))`` and, with ``quant.act``, its linears' inputs fake-quantized
-   per token with straight-through rounding. Then the learned scales are folded into the
-   float weights with :func:`llmcq.transforms.scaling.fold_scale` (function-preserving).
+1. ``calibrate``: with ``load_transform``, first fold the saved AWQ scales
+   (``<scale_path>/scales.pth``) into the block through the layout's scaling pairs
+   (:func:`llmcq.artefacts.fold_saved_scales`, the fold AWQ's ``load_scale`` uses). Then the
+   per-channel ``max|X|`` at the input of each LET site (:class:`llmcq.stats.ChannelAbsMax`,
+   reduced over ranks; the SmoothQuant-style initialization), and with ``search_clip_init``
+   initial clip factors: from the clip ranges an earlier step published for the block
+   (``load_clip``: ``run.artefacts.for_block("clips", block)``), from ``<clip_path>/clips.pth``
+   (``load_clip`` or ``load_transform`` with ``clip_path``), or from an input-aware clip
+   search (:func:`llmcq.quant.clip.search_clip`) on a strided token sample gathered from
+   every rank (:class:`llmcq.stats.TokenSample`). Queries and keys (declared roles ``q``,
+   ``k``, ``qkv``) keep min-max there, as in llmc. The weights are untouched otherwise.
+2. ``transform``: core's block-reconstruction harness (:mod:`llmcq.recon`): float targets
+   from the block before any change (with ``quant_out`` the float chain beside the
+   quantized inputs, :class:`llmcq.recon.FloatChain`), AdamW (``lwc_lr``, ``let_lr``, ``wd``)
+   on ``MSE(block_q(X), target)`` (plus the aug_loss target) for ``epochs`` passes over the
+   calibration batches, the block run with its weights replaced by ``Q(LET(W))`` and, with
+   ``quant.act``, its linears' inputs fake-quantized per token with straight-through
+   rounding; bfloat16 autocast on CUDA unless ``deactive_amp``; under ``torchrun`` the
+   gradients are averaged over the ranks every step. Then the learned scales are folded into
+   the float weights with :func:`llmcq.transforms.scaling.fold_scale` (function-preserving).
 3. ``quantize``: records of the folded weights on the learned clipped grids.
 
-LET sites come from the adapter's linear groups: a norm producer (``input_layernorm ->
-q,k,v``, ``post_attention_layernorm -> gate,up``) or the attention's value projection
-(``v_proj -> o_proj``, with grouped-query attention: one scale per value channel, repeated
-over the query heads that share it); ``up_proj -> down_proj`` only with ``smooth_up_down``.
-The reference's extra query/key scale is not learned (see the README).
+LET sites come from the adapter's linear groups and the linears' declared roles: a norm
+producer (``input_layernorm -> q,k,v``, ``post_attention_layernorm -> gate,up``), the value
+projection (role ``v``: ``v_proj -> o_proj``, with grouped-query attention one scale per
+value channel, repeated over the query heads that share it), and an up projection (role
+``up``: ``up_proj -> down_proj``) only with ``smooth_up_down``. The reference's extra
+query/key scale is not learned (see the README).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
-from torch.nn import functional as F
 
+from llmcq import dist, recon
 from llmcq.algorithm import Algorithm
-from llmcq.errors import ConfigError, DataError
+from llmcq.artefacts import artefact_path, fold_saved_scales, load_artefact
+from llmcq.errors import ConfigError, DataError, PluginError
 from llmcq.model.adapter import ResolvedGroup, resolve_block
-from llmcq.pipeline.blockwise import Block, BlockInputs, block_output
+from llmcq.pipeline.blockwise import Block, BlockInputs
 from llmcq.quant.clip import search_clip
-from llmcq.quant.qparams import n_groups
+from llmcq.quant.qparams import group_view, n_groups
 from llmcq.quant.record import QuantizedLinear, make_record
 from llmcq.quant.spec import PerTensor, WeightQuantSpec
+from llmcq.stats import ChannelAbsMax, TokenSample
 from llmcq.transforms.scaling import consumer_width, expand_kv_scale, fold_scale
 from llmcq_omniquant import OmniQuantSpecial, solver
 
 __all__ = ["OmniQuant", "LetSite", "let_sites", "transformed_params", "fold_site",
-           "is_query_or_key"]
+           "is_query_or_key", "QK_ROLES", "V_ROLES", "UP_ROLES"]
 
 log = logging.getLogger("llmcq.omniquant")
 _KEY = "omniquant"
+#: roles whose clipping llmc's clip search leaves to min-max (errors in queries and keys
+#: are amplified by the softmax, which a per-linear output error does not see)
+QK_ROLES = ("q", "k", "qkv")
+#: producer roles of LET's linear sites: the value projection (-> output projection) and
+#: the up projection (-> down projection, with smooth_up_down)
+V_ROLES = ("v",)
+UP_ROLES = ("up", "expert_up", "shared_up")
 
 
 @dataclass
@@ -70,16 +87,23 @@ class LetSite:
         return list(self.group.linears)
 
 
-def is_query_or_key(name: str) -> bool:
-    """Linears whose clipping llmc leaves to min-max in the clip search (errors in queries and
-    keys are amplified by the softmax, which a per-linear output error does not see)."""
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf.startswith(("q_", "k_")) or leaf in ("query", "key") or "Wqkv" in leaf
+def _role(block: Block, name: str, why: str) -> str:
+    role = block.role(name)
+    if role is None:
+        raise PluginError(f"{name} has no declared role; OmniQuant finds {why} by the "
+                          "linears' roles (the model adapter must declare them)",
+                          where=block.name)
+    return role.kind
+
+
+def is_query_or_key(block: Block, name: str) -> bool:
+    """Whether ``name`` (relative to ``block``) is a query or key projection by its declared
+    role (:data:`QK_ROLES`): llmc leaves their clipping to min-max in the clip search."""
+    return _role(block, name, "queries and keys") in QK_ROLES
 
 
 def let_sites(block: Block, heads: tuple[int, int], *, up_down: bool) -> list[LetSite]:
     """The block's LET sites, in group order (see the module docstring)."""
-    attention = {g.spec.inspect for g in block.groups if g.spec.inspect_kwargs}
     n_heads, n_kv = heads
     sites = []
     for i, g in enumerate(block.groups):
@@ -91,8 +115,11 @@ def let_sites(block: Block, heads: tuple[int, int], *, up_down: bool) -> list[Le
         if g.spec.prev_kind == "linear":
             if not isinstance(prev, nn.Linear):
                 continue
-            if name.rpartition(".")[0] not in attention and not up_down:
+            kind = _role(block, name, "LET's value -> output and up -> down pairs")
+            if kind in UP_ROLES and not up_down:
                 continue  # up_proj -> down_proj: only with smooth_up_down
+            if kind not in V_ROLES + UP_ROLES:
+                continue
             out = prev.out_features
             if width % out or (width != out and width // out != n_heads // max(n_kv, 1)):
                 continue
@@ -155,16 +182,6 @@ def fold_site(site: LetSite, scale: torch.Tensor, shift: torch.Tensor | None,
         fold_scale(g, scale)
 
 
-def _float_kwargs(v: Any, dtype: torch.dtype) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.to(dtype) if v.is_floating_point() else v
-    if isinstance(v, tuple):
-        return tuple(_float_kwargs(x, dtype) for x in v)
-    if isinstance(v, dict):
-        return {k: _float_kwargs(x, dtype) for k, x in v.items()}
-    return v
-
-
 class OmniQuant(Algorithm):
     """OmniQuant (Shao et al., 2023, arXiv:2308.13137), llmc's ``OmniQuant``.
 
@@ -191,11 +208,18 @@ class OmniQuant(Algorithm):
         self._wste = bool(quant.weight.ste)
         self._aste = quant.act is not None and bool(quant.act.ste)
         self._heads: tuple[int, int] | None = None
-        self._fp_chain: list[torch.Tensor] | None = None
+        self._chain = recon.FloatChain()
         self._losses: list[tuple[float, float]] = []
         self._nonfinite: list[int] = []
         self._sites: list[str] = []
         self._amp = False
+        # llmc's two-step flow: AWQ saved its scales/clips in an earlier run
+        self._clip_init = sp.search_clip_init or bool(sp.load_transform and sp.clip_path)
+        self._load_clip = sp.load_clip or bool(sp.load_transform and sp.clip_path)
+        self._saved_scales = load_artefact("scales", sp.scale_path or ".") \
+            if sp.load_transform else None
+        self._saved_clips = load_artefact("clips", sp.clip_path) \
+            if self._load_clip and sp.clip_path else None
         if sp.use_shift:  # refuse before any evaluation or calibration runs
             self._check_shift()
 
@@ -204,6 +228,10 @@ class OmniQuant(Algorithm):
     def calibrate(self, block: Block, inputs: BlockInputs | None) -> None:
         if inputs is None:
             raise DataError("OmniQuant needs calibration inputs (add a calib section)")
+        if self._saved_scales is not None:
+            self._load_transform(block)
+        if self.sp.search_scale_init:
+            self._check_scales_applied(block)
         state = self.run.scratch(block.index).setdefault(_KEY, {})
         sites = self._sites_of(block)
         if block.index == 0:
@@ -214,32 +242,29 @@ class OmniQuant(Algorithm):
                 targets[f"let{s.index}"] = next(iter(s.group.linears.values()))
         clip_names: dict[int, list[str]] = {}
         given: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        if self.sp.lwc and self.sp.search_clip_init:
-            given = self._earlier_clips(block) if self.sp.load_clip else {}
+        if self.sp.lwc and self._clip_init:
+            given = self._earlier_clips(block) if self._load_clip else {}
             for gi, g in enumerate(block.groups):
-                names = [n for n in g.linears if not is_query_or_key(n)]
+                names = [n for n in g.linears if not is_query_or_key(block, n)]
                 if names:
                     clip_names[gi] = names
                 if any(n not in given for n in names):
                     targets[f"clip{gi}"] = g.linears[names[0]]
-        absmax: dict[str, torch.Tensor] = {}
-        tokens: dict[str, list[torch.Tensor]] = {}
-        n_tok = int(inputs.hidden[0].shape[1])  # llmc samples seq_len tokens for the search
-        stride = max(1, inputs.n_tokens // n_tok)
         if not targets and not clip_names:
             return
+        # statistics over every rank's tokens (data-parallel calibration): the LET
+        # initialization's max|X| reduced by max, the clip search's tokens gathered
+        n_tok = int(inputs.hidden[0].shape[1])  # llmc samples seq_len tokens for the search
+        stride = max(1, int(recon.global_count(inputs.n_tokens)) // n_tok)
+        absmax = {k: ChannelAbsMax() for k in targets if k.startswith("let")}
+        tokens = {k: TokenSample(stride) for k in targets if k.startswith("clip")}
 
         def fn(key: str, x: torch.Tensor, _y: torch.Tensor) -> None:
-            x2 = x.detach().reshape(-1, x.shape[-1])
-            if key.startswith("let"):
-                m = x2.abs().amax(dim=0).float()
-                absmax[key] = m if key not in absmax else torch.maximum(absmax[key], m)
-            else:
-                tokens.setdefault(key, []).append(x2[::stride].float())
+            (absmax[key] if key in absmax else tokens[key]).update(x)
 
         if targets:
             inputs.observe(block.module, targets, fn)
-        state["act_absmax"] = {int(k[3:]): v for k, v in absmax.items()}
+        state["act_absmax"] = {int(k[3:]): v.reduce().value for k, v in absmax.items()}
         clip_init: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         sym = self.weight.symmetric if self.sp.clip_sym is None else self.sp.clip_sym
         for gi, names in clip_names.items():
@@ -250,7 +275,7 @@ class OmniQuant(Algorithm):
                     lo, hi = given[name]
                 else:
                     if x is None:
-                        x = torch.cat(tokens[f"clip{gi}"])
+                        x = tokens[f"clip{gi}"].reduce().value.float()
                     lo, hi = search_clip(w, x, self.weight, n_tokens=x.shape[0],
                                          symmetric_clip=sym)
                 clip_init[name] = solver.clip_factors(w, lo, hi, self.weight, symmetric_clip=sym)
@@ -265,10 +290,11 @@ class OmniQuant(Algorithm):
         sites = self._sites_of(block)
         scales, shifts, factors = self._init_params(block, sites, state)
         if self.sp.epochs > 0:
-            targets, aug = self._targets(block, inputs)
+            targets = self._chain.targets(block, inputs, quant_out=self._quant_out,
+                                          aug_loss=self.sp.aug_loss)
             with torch.enable_grad():
-                self._train(block, inputs, sites, scales, shifts, factors, targets, aug)
-            del targets, aug
+                self._train(block, inputs, sites, scales, shifts, factors, targets)
+            del targets
         with torch.no_grad():
             for s in sites:
                 fold_site(s, solver.truncate_scale(scales[s.index].detach()),
@@ -279,10 +305,13 @@ class OmniQuant(Algorithm):
         state.pop("clip_init", None)
         state.pop("act_absmax", None)
         if self.run.quantizer is not self.step:  # a later step quantizes: hand it the clipping
+            clips = {}
             for name, lin in block.linears().items():
                 if name in state["lwc"]:
                     up, low = state["lwc"][name]
                     lin.weight.data = solver.lwc_clip(lin.weight.data, self.weight, up, low)
+                    clips[block.full_name(name)] = self._learned_range(lin.weight.data, up, low)
+            self.run.artefacts.publish("clips", clips, producer=_KEY)
 
     def quantize(self, block: Block, inputs: BlockInputs | None) -> dict[str, QuantizedLinear]:
         factors = self.run.scratch(block.index).get(_KEY, {}).get("lwc", {})
@@ -305,18 +334,56 @@ class OmniQuant(Algorithm):
 
     # ------------------------------------------------------------------ pieces
 
+    def _load_transform(self, block: Block) -> None:
+        """Fold the saved scales into the block (llmc's ``load_transform``) and publish what
+        was folded, as AWQ does in one recipe."""
+        assert self._saved_scales is not None
+        source = str(artefact_path("scales", self.sp.scale_path or "."))
+        heads = self._heads_of()
+        applied = fold_saved_scales(block, self._saved_scales, heads=heads, source=source)
+        self.run.artefacts.publish("scales", {block.full_name(n): s.float()
+                                              for n, s in applied.items()},
+                                   producer=f"{_KEY}:load_transform")
+
+    def _check_scales_applied(self, block: Block) -> None:
+        """search_scale_init starts LET from 1: some step must have scaled this block."""
+        if not self.run.artefacts.for_block("scales", block):
+            raise ConfigError("quant.special.search_scale_init", True,
+                              reason=f"no earlier step applied scales to {block.name} (LET "
+                              "would start from 1 on an unscaled block): put awq with trans: "
+                              "True before OmniQuant, or load them with load_transform: True "
+                              "and scale_path")
+
     def _earlier_clips(self, block: Block) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Clip ranges ``(lo, hi)`` per linear that earlier steps left for this block
-        (``run.scratch(block)[step]["clips"]``, as AWQ does)."""
-        found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for key, value in self.run.scratch(block.index).items():
-            if key != _KEY and isinstance(value, dict) and isinstance(value.get("clips"), dict):
-                found.update(value["clips"])
+        """Clip ranges ``(lo, hi)`` per linear (relative names) for this block: from
+        ``<clip_path>/clips.pth`` when given, else those earlier steps published
+        (``run.artefacts.for_block("clips", block)``, e.g. AWQ with clip_version v2)."""
+        if self._saved_clips is not None:
+            prefix = block.name + "."
+            found = {k[len(prefix):]: v for k, v in self._saved_clips.items()
+                     if k.startswith(prefix)}
+            where = str(artefact_path("clips", self.sp.clip_path or "."))
+            if not found:
+                raise DataError(f"{where} has no clip ranges for {block.name}: was it written "
+                                "for this model (awq with weight_clip: True, clip_version: v2, "
+                                "save_clip: True)?")
+            return found
+        found = self.run.artefacts.for_block("clips", block)
         if not found:
             raise ConfigError("quant.special.load_clip", True, reason=f"no earlier step left "
                               f"clip ranges for {block.name}: run awq with weight_clip: True "
-                              "and clip_version: v2 before OmniQuant, or set load_clip: False")
+                              "and clip_version: v2 before OmniQuant, give clip_path, or set "
+                              "load_clip: False")
         return found
+
+    def _learned_range(self, w: torch.Tensor, up: torch.Tensor | None,
+                       low: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned clip bounds ``(lo, hi)`` (``[out, G]``) of ``w`` (the clips artefact)."""
+        wg = group_view(w.float(), self.weight.granularity)
+        lo, hi = solver.lwc_range(wg, None if up is None else up.float().to(w.device),
+                                  None if low is None else low.float().to(w.device),
+                                  self.weight.symmetric)
+        return lo.squeeze(-1), hi.squeeze(-1)
 
     def _check_shift(self) -> None:
         adapter, model = self.run.adapter, self.run.model
@@ -369,7 +436,7 @@ class OmniQuant(Algorithm):
         if self.sp.lwc:
             clip_init = state.get("clip_init", {})
             for name, lin in block.linears().items():
-                if self.sp.search_clip_init and name not in clip_init:
+                if self._clip_init and name not in clip_init:
                     continue  # queries and keys keep min-max (llmc)
                 if name in clip_init:
                     up0, low0 = clip_init[name]
@@ -382,117 +449,47 @@ class OmniQuant(Algorithm):
                 factors[name] = (up, low)
         return scales, shifts, factors
 
-    @torch.no_grad()
-    def _targets(self, block: Block, inputs: BlockInputs
-                 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        """Float outputs of the unchanged block: the loss targets (and aug_loss's)."""
-        module = block.module
-        if not self._quant_out:
-            out = inputs.forward(module)
-            return out, (out if self.sp.aug_loss else None)
-        # quantized inputs flow through the blocks: keep the float chain beside them
-        if block.index == 0 or self._fp_chain is None:
-            self._fp_chain = list(inputs.hidden)
-        out = [block_output(module(h, **kw))
-               for h, kw in zip(self._fp_chain, inputs.kwargs, strict=True)]
-        self._fp_chain = out
-        aug = None
-        if self.sp.aug_loss:
-            aug = out if block.index == 0 else inputs.forward(module)
-        return out, aug
-
-    @contextmanager
-    def _act_quant(self, block: Block) -> Iterator[None]:
-        """Fake-quantize every linear's input (straight-through) while training."""
-        act = self.act
-        handles = []
-        if act is not None:
-            ste = self._aste
-
-            def pre(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-                return (solver.act_fake_quant(args[0], act, ste=ste), *args[1:])
-
-            handles = [lin.register_forward_pre_hook(pre) for lin in block.linears().values()]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
     def _train(self, block: Block, inputs: BlockInputs, sites: list[LetSite],
                scales: dict[int, nn.Parameter], shifts: dict[int, nn.Parameter],
                factors: dict[str, tuple[nn.Parameter, nn.Parameter | None]],
-               targets: list[torch.Tensor], aug: list[torch.Tensor] | None) -> None:
-        from tqdm.auto import tqdm
-
-        module = block.module
-        dev = next(module.parameters()).device
-        self._amp = dev.type == "cuda" and not self.sp.deactive_amp
-        cast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if self._amp
-                else nullcontext())
+               targets: recon.Targets) -> None:
+        """LWC and LET trained on core's reconstruction harness: the block runs with
+        ``Q(LET(W))`` (:func:`transformed_params`, then :func:`solver.lwc_fake_quant`)."""
         lwc = [p for up, low in factors.values() for p in (up, low) if p is not None]
         let = list(scales.values()) + list(shifts.values())
-        groups = [g for g in ({"params": lwc, "lr": self.sp.lwc_lr},
-                              {"params": let, "lr": self.sp.let_lr}) if g["params"]]
-        learnable = lwc + let
-        if not groups:
-            return
-        optimizer = torch.optim.AdamW(groups, weight_decay=self.sp.wd)
-        base = {n: p.detach().float() for n, p in module.named_parameters()}
-        kwargs = [_float_kwargs(kw, torch.float32) for kw in inputs.kwargs]
         linears = list(block.linears())
         heads = self._heads_of() if sites else (1, 1)
-        flags = {p: p.requires_grad for p in module.parameters()}
-        for p in flags:
-            p.requires_grad_(False)
-        snapshot = [p.detach().clone() for p in learnable]
-        first = last = float("nan")
-        n = len(inputs)
-        try:
-            with self._act_quant(block):
-                for epoch in tqdm(range(self.sp.epochs), desc=f"omniquant {block.name}",
-                                  leave=False, disable=not self.run.progress):
-                    total = torch.zeros((), device=dev)
-                    for i, h in enumerate(inputs.hidden):
-                        with torch.no_grad():
-                            for s in scales.values():
-                                s.copy_(solver.truncate_scale(s))
-                        with cast:
-                            eff = transformed_params(base, sites, scales, shifts, heads)
-                            for name in linears:
-                                up, low = factors.get(name, (None, None))
-                                key = f"{name}.weight"
-                                eff[key] = solver.lwc_fake_quant(eff[key], self.weight, up, low,
-                                                                 ste=self._wste)
-                            out = block_output(functional_call(module, eff, (h.float(),),
-                                                               kwargs[i])).float()
-                            loss = F.mse_loss(out, targets[i].float())
-                            if aug is not None:
-                                loss = loss + F.mse_loss(out, aug[i].float())
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        total += loss.detach()
-                    last = float(total) / n  # one host sync per epoch
-                    if epoch == 0:
-                        first = last
-                    if last != last or last in (float("inf"), float("-inf")):
-                        with torch.no_grad():
-                            for p, saved in zip(learnable, snapshot, strict=True):
-                                p.copy_(saved)
-                        self._nonfinite.append(block.index)
-                        log.warning("%s: non-finite OmniQuant loss in epoch %d; keeping the "
-                                    "parameters of the epoch before", block.name, epoch)
-                        break
-                    snapshot = [p.detach().clone() for p in learnable]
-        finally:
-            for p, flag in flags.items():
-                p.requires_grad_(flag)
-            for p in learnable:
-                p.requires_grad_(False)
-            del optimizer, base, kwargs
-        self._losses.append((first, last))
-        log.info("%s: OmniQuant loss %.3g -> %.3g", block.name, first, last)
+        spec, ste = self.weight, self._wste
+
+        def params(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            eff = transformed_params(base, sites, scales, shifts, heads)
+            for name in linears:
+                up, low = factors.get(name, (None, None))
+                key = f"{name}.weight"
+                eff[key] = solver.lwc_fake_quant(eff[key], spec, up, low, ste=ste)
+            return eff
+
+        def truncate() -> None:  # LET scales stay away from 0 (llmc's truncation)
+            for s in scales.values():
+                s.copy_(solver.truncate_scale(s))
+
+        result = recon.reconstruct(
+            block, inputs, targets,
+            [recon.ParamGroup(lwc, lr=self.sp.lwc_lr, name="lwc"),
+             recon.ParamGroup(let, lr=self.sp.let_lr, name="let")],
+            settings=recon.ReconSettings(epochs=self.sp.epochs, amp=not self.sp.deactive_amp,
+                                         weight_decay=self.sp.wd, optimizer="adamw"),
+            params=params, loss=recon.TargetLoss(recon.mse, aug="sum"),
+            act=None if self.act is None else recon.ActQuant(self.act, ste=self._aste),
+            before_step=truncate, progress=self.run.progress and dist.is_main(),
+            desc=f"omniquant {block.name}")
+        self._amp = result.amp
+        if not result.losses:
+            return
+        if result.rolled_back:
+            self._nonfinite.append(block.index)
+        self._losses.append((result.first, result.last))
+        log.info("%s: OmniQuant loss %.3g -> %.3g", block.name, result.first, result.last)
 
 
 def _factor_shape(linear: nn.Linear, spec: WeightQuantSpec) -> tuple[int, int]:

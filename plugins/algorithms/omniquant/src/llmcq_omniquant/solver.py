@@ -25,9 +25,11 @@ rows) absorbs ``/ s`` and ``- delta``, the consumers' columns absorb ``* s`` and
 from __future__ import annotations
 
 import torch
-from llmcq.quant.qparams import (SCALE_EPS, QParams, group_view, quantize_weight, round_ste,
-                                 sym_divisor, ungroup)
-from llmcq.quant.spec import ActQuantSpec, PerChannel, PerToken, WeightQuantSpec
+from llmcq.quant.qparams import (SCALE_EPS, QParams, group_view, quantize_weight, sym_divisor,
+                                 ungroup)
+from llmcq.quant.spec import WeightQuantSpec
+from llmcq.recon.quant import act_fake_quant as recon_act_fake_quant
+from llmcq.recon.quant import fake_quant_grouped
 
 __all__ = ["LWC_INIT", "LET_MIN", "lwc_range", "lwc_qparams", "lwc_fake_quant", "lwc_quantize",
            "lwc_clip", "clip_factors", "logit", "let_init_scale", "truncate_scale",
@@ -45,10 +47,6 @@ _RATIO_EPS = 1e-4
 
 def _on(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t.float().to(like.device)
-
-
-def _round(ste: bool):  # type: ignore[no-untyped-def]
-    return round_ste if ste else torch.round
 
 
 def lwc_range(wg: torch.Tensor, up: torch.Tensor | None, low: torch.Tensor | None,
@@ -87,15 +85,9 @@ def lwc_qparams(wg: torch.Tensor, up: torch.Tensor | None, low: torch.Tensor | N
     return scale, zero
 
 
-def _fake_quant_groups(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                       bits: int, symmetric: bool, ste: bool) -> torch.Tensor:
-    rnd = _round(ste)
-    if symmetric:
-        q = torch.clamp(rnd(wg / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-        return q * scale
-    assert zero is not None
-    q = torch.clamp(rnd(wg / scale + zero), 0, 2**bits - 1)
-    return (q - zero) * scale
+#: the grouped quantize-dequantize with straight-through rounding (core's, shared with the
+#: harness's activation quantizer)
+_fake_quant_groups = fake_quant_grouped
 
 
 def lwc_fake_quant(w: torch.Tensor, spec: WeightQuantSpec, up: torch.Tensor | None,
@@ -206,26 +198,6 @@ def scale_consumer(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Ten
     return w, bias
 
 
-def act_fake_quant(x: torch.Tensor, spec: ActQuantSpec, *, ste: bool = True) -> torch.Tensor:
-    """Dynamic activation quantize-dequantize, the same values as
-    :func:`llmcq.quant.qparams.fake_quantize_act`, differentiable (straight-through rounding;
-    the ranges keep their gradient, as in the reference)."""
-    if spec.static:
-        raise ValueError("OmniQuant trains with dynamic activation quantization")
-    shape, dtype = x.shape, x.dtype
-    x2 = x.reshape(-1, shape[-1]).float()
-    gran = spec.granularity
-    xg = group_view(x2, PerChannel() if isinstance(gran, PerToken) else gran)
-    hi = xg.amax(dim=-1, keepdim=True)
-    lo = xg.amin(dim=-1, keepdim=True)
-    if spec.symmetric:
-        scale = (torch.maximum(hi.abs(), lo.abs()) / sym_divisor(spec.bits, spec.full_range)
-                 ).clamp(min=SCALE_EPS)
-        zero = None
-    else:
-        qmax = 2**spec.bits - 1
-        scale = ((hi - lo) / qmax).clamp(min=SCALE_EPS)
-        zero = (-lo / scale).round().clamp(0, qmax)
-    out = _fake_quant_groups(xg, scale, zero, spec.bits, spec.symmetric, ste)
-    return ungroup(out, x2.shape).reshape(shape).to(dtype)
-
+#: dynamic activation quantize-dequantize with straight-through rounding: core's
+#: :func:`llmcq.recon.act_fake_quant` (the values of ``fake_quantize_act``, differentiable)
+act_fake_quant = recon_act_fake_quant

@@ -60,9 +60,9 @@ What the harness owns (the plumbing); the maths (``params``, the loss) stays the
 * **Data parallel** (:mod:`llmcq.recon.dp`): under ``torchrun`` every step averages the
   gradients over the ranks (:func:`average_gradients`), so every rank takes the same step
   and ends with the same tensors; ranks with fewer batches join the reduction without a
-  gradient. Logged losses are means over every rank's batches. This is the data-parallel
-  schedule (``W`` batches per step), not the single process's; a method that cannot agree
-  across ranks calls :func:`refuse_data_parallel`.
+  gradient. Logged losses are means over every rank's batches. ``W`` ranks with
+  ``calib.bs`` b take the steps one process takes with ``calib.bs`` ``W * b`` (up to float
+  rounding); a method that cannot agree across ranks calls :func:`refuse_data_parallel`.
 
 Call :func:`reconstruct` as often as the method needs per block (TesseraQ: once per
 hardening stage, each with a fresh optimizer).

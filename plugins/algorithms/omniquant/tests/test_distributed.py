@@ -1,13 +1,16 @@
 """OmniQuant under data-parallel calibration: two gloo ranks on the CPU produce identical
 records on both ranks (LET statistics max-reduced, the clip search's tokens gathered, the
-gradients averaged every step), close to one process's.
+gradients averaged every step), and one process's records up to float rounding.
 
-Against one process the training differs by more than summation order: two ranks take the
-data-parallel schedule (each step on the mean gradient of one batch per rank, half the steps
-per epoch), so the bound is a tolerance. Measured (tiny Llama, W3 g16, LWC + LET, 2 epochs,
-4 batches): 90-99 % of the codes equal one process's, and each block's final training loss
-within 1.3 % of it; asserted: codes >= 85 % equal, dequantized weights within 15 % (relative
-Frobenius norm), final losses within 5 %.
+Averaging the gradients of one batch per rank makes each step the step one process takes on
+the union of those batches (the loss is a mean over equal-sized batches): 2 ranks with
+batches of 2 samples take the steps of one process with batches of 4 (its batch i = global
+batches 2i and 2i + 1, which the engine's sharding gives ranks 0 and 1 as their batch i), so
+that is the one-process run compared. What differs is float rounding (other matmul shapes;
+the clip search's gathered tokens come in rank order): measured all codes equal, dequantized
+weights within 8e-7 of the largest, block losses equal to 4 digits; asserted: >= 99 % codes,
+dequantized weights within 1e-4 of the largest, losses within 1e-3. Against one process with batches of 2 (the
+same batches, twice the steps) 90-99 % of the codes agree: the test tells the two apart.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ ctx.model = model
 _build_steps(ctx)
 g = torch.Generator().manual_seed(0)
 batches = [torch.randint(0, len(tok), (2, 32), generator=g) for _ in range(4)]
+if world == 1:  # one process: batches of 4 = what ranks 0 and 1 hold as their batch i
+    batches = [torch.cat(batches[i:i + 2]) for i in (0, 2)]
 quantize_model(ctx, batches)
 summary = ctx.steps[0].algorithm.summary()
 torch.save({"records": {k: (r.qweight, r.dequantize()) for k, r in ctx.records.items()},
@@ -98,11 +103,11 @@ def test_two_gloo_ranks_agree(tmp_path: Path, tiny_llama_dir: Path, shared_data:
     for name, (q, w) in r0["records"].items():
         assert torch.equal(q, r1["records"][name][0]), name
         assert torch.equal(w, r1["records"][name][1]), name
-    # one process: the same problem on another schedule
+    # one process with batches of 4: the same steps, up to float rounding
     for name, (q, w) in ref["records"].items():
         q2, w2 = r0["records"][name]
-        assert (q2 == q).float().mean() >= 0.85, name
-        assert float((w2 - w).norm() / w.norm()) <= 0.15, name
-    for (_, last1), (first2, last2) in zip(ref["block_loss"], r0["block_loss"], strict=True):
-        assert last2 < first2 and abs(last2 - last1) <= 0.05 * last1, (ref["block_loss"],
-                                                                     r0["block_loss"])
+        assert (q2 == q).float().mean() >= 0.99, name
+        assert torch.allclose(w2, w, rtol=0, atol=1e-4 * float(w.abs().max())), name
+    for (a1, b1), (a2, b2) in zip(ref["block_loss"], r0["block_loss"], strict=True):
+        assert abs(a2 - a1) <= 1e-3 * a1 and abs(b2 - b1) <= 1e-3 * b1, (ref["block_loss"],
+                                                                        r0["block_loss"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +141,53 @@ def test_shipped_configs_validate(name: str, monkeypatch: pytest.MonkeyPatch,
     assert resolved.steps[0].spec.name == "hqq" and not resolved.needs_calibration
     assert resolved.config.quant is not None and resolved.config.quant.weight is not None
     assert resolved.config.quant.weight.round_zp is False
+
+
+def llmc_hqq_w_only(model: Path, data: Path, save: Path) -> dict[str, Any]:
+    """llmc's own ``configs/quantization/methods/HQQ/hqq_w_only.yml``, only its paths changed."""
+    return {
+        "base": {"seed": 42},
+        "model": {"type": "Llama", "path": str(model), "torch_dtype": "auto"},
+        "eval": {"eval_pos": ["pretrain", "fake_quant"], "name": "wikitext2", "download": False,
+                 "path": str(data / "wikitext2" / "test.txt"), "seq_len": 2048, "bs": 1,
+                 "inference_per_block": False},
+        "quant": {"method": "HQQ",
+                  "weight": {"bit": 4, "symmetric": False, "granularity": "per_group",
+                             "group_size": 128, "round_zp": False},
+                  "special": {"axis": 0, "lp_norm": 0.7, "beta": 10, "kappa": 1.01,
+                              "iters": 20}},
+        "save": {"save_fake": False, "save_path": str(save)},
+    }
+
+
+def test_llmcs_own_config_is_refused_at_config_time_with_the_measured_reason(
+        tmp_path: Path, tiny_llama_dir: Path, shared_data: Path) -> None:
+    from llmcq_hqq import AXIS0_MEASURED
+
+    raw = llmc_hqq_w_only(tiny_llama_dir, shared_data, tmp_path / "out")
+    with pytest.raises(ConfigError) as err:
+        resolve_config(raw)
+    e = err.value
+    assert (e.path, e.value, e.allowed) == ("quant.special.axis", 0, "1"), str(e)
+    text = str(e)
+    assert "got 0" in text and "allowed: 1" in text and "bench/results/hqq_axis0.json" in text
+    for _, axis0, axis1, rtn in AXIS0_MEASURED:
+        assert all(f"{v:.2f}" in text for v in (axis0, axis1, rtn)), text
+    assert not (tmp_path / "out").exists()  # nothing computed, nothing written
+    raw["quant"]["special"]["axis"] = 1  # the one change that makes llmc's config run
+    resolved = resolve_config(raw)
+    assert resolved.steps[0].spec.name == "hqq" and resolved.steps[0].special.axis == 1
+
+
+def test_the_refusal_quotes_the_committed_measurement() -> None:
+    """The numbers in the refusal are bench/results/hqq_axis0.json's (scripts/axis0.py)."""
+    from llmcq_hqq import AXIS0_MEASURED
+
+    rows = json.loads((REPO / "bench" / "results" / "hqq_axis0.json").read_text())["rows"]
+    ppl = {(r["setting"], r["variant"]): r["ppl"] for r in rows}
+    for (label, axis0, axis1, rtn), setting in zip(AXIS0_MEASURED, ("w4g128", "w3g64"),
+                                                    strict=True):
+        assert label.startswith(f"W{setting[1]} g{setting[3:]}"), label
+        assert round(ppl[setting, "ours_axis0"], 2) == axis0
+        assert round(ppl[setting, "ours_axis1"], 2) == axis1
+        assert round(ppl[setting, "rtn_axis1"], 2) == rtn

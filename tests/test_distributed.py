@@ -4,7 +4,8 @@ calibrating on every other batch) against plain ``llmcq run cfg.yaml`` (one proc
 batch), on the tiny 2-block Llama, for SmoothQuant, OS+, GPTQ, AWQ and OmniQuant.
 
 Compared: every tensor of the exported transformed float model (``save_trans``) and of the
-fake-quantized model (``save_fake``), and the activation scales in its ``llmcq_quant.json``.
+fake-quantized model (``save_fake``), and its ``llmcq_quant.json`` (static activation
+scales, OWQ's float columns), which must be equal for every method.
 
 * SmoothQuant and OS+ fit only max/min statistics (and OS+'s threshold on per-batch losses
   gathered and added in one process's batch order): **bit-identical** exports.
@@ -12,7 +13,7 @@ fake-quantized model (``save_fake``), and the activation scales in its ``llmcq_q
   process (float32 rounding, ~1e-7 relative; measured: 3e-7). Transformed weights: within
   ``TRANS_RTOL`` relative. Fake-quant weights, in grid steps (each group's
   ``(max - min) / (2^b - 1)``): a value whose code is unchanged moves by at most
-  ``FLOAT_STEPS`` (its scale and zero rounded differently; measured: 8e-6); a rounding
+  ``FLOAT_STEPS`` (its scale and zero rounded differently; measured: 1.3e-5); a rounding
   difference at a near-tie may move a code by one step (GPTQ's error feedback then shifts
   that row's later columns by float amounts), on at most ``1 - CODE_AGREE`` of the
   weights (measured: none).
@@ -64,8 +65,10 @@ QUANT: dict[str, dict[str, Any]] = {
     "osplus": {"method": "OsPlus", "weight": W8,
                "act": {"bit": 8, "symmetric": True, "granularity": "per_token"},
                "special": {"true_sequential": True, "search_batches": 3, "search_steps": 20}},
+    # OWQ's float columns are ranked on the (reduced) Hessians
     "gptq": {"method": "GPTQ", "weight": W3G32,
-             "special": {"actorder": True, "true_sequential": True}},
+             "special": {"actorder": True, "true_sequential": True, "owq": True,
+                         "owq_ratio": 0.05}},
     "awq": {"method": "Awq", "weight": W3G32,
             "special": {"trans": True, "weight_clip": True, "n_grid": 10}},
     # lwc_lr 0.1 (llmc: 0.01): one epoch then moves the clipping factors enough that a
@@ -147,11 +150,12 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _act_scales(folder: Path) -> dict[str, Any]:
-    meta = json.loads((folder / "llmcq_quant.json").read_text())
-    layers = meta.get("layers", meta)
-    return {k: (v.get("act_scale"), v.get("act_zero")) for k, v in layers.items()
-            if isinstance(v, dict) and "act_scale" in v}
+def _quant_meta(folder: Path) -> dict[str, Any]:
+    """``llmcq_quant.json`` of a fake-quant export: per layer, the grid, the activation
+    settings and static scale, the record's features (OWQ's float-column indices)."""
+    meta = json.loads((folder / "fake_quant_model" / "llmcq_quant.json").read_text())
+    assert len(meta["layers"]) == 14, sorted(meta["layers"])
+    return meta
 
 
 def _steps(w: torch.Tensor, bits: int = 3, group: int = 32) -> torch.Tensor:
@@ -183,8 +187,7 @@ def _compare(one: Path, two: Path) -> dict[str, Any]:
             report["max_steps"] = max(float(s.max()) for s in steps.values())
             report["max_steps_unflipped"] = max(float(s.masked_fill(s > 0.5, 0).max())
                                                 for s in steps.values())
-    report["act_scales_equal"] = _act_scales(one / "fake_quant_model") == \
-        _act_scales(two / "fake_quant_model")
+    report["quant_meta_equal"] = _quant_meta(one) == _quant_meta(two)
     return report
 
 
@@ -199,10 +202,10 @@ def test_max_min_methods_give_one_process_weights_exactly(algo: str, tmp_path: P
         diff = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a
                 if not torch.equal(a[k], b[k])}
         assert not diff, (algo, sub, diff)
-    scales = _act_scales(one / "fake_quant_model")
-    assert scales == _act_scales(two / "fake_quant_model")
+    meta = _quant_meta(one)
+    assert meta == _quant_meta(two)
     if algo == "smoothquant":  # static ranges: core's observers, reduced
-        assert len(scales) == 14 and all(s is not None for s, _z in scales.values())
+        assert all(v["act_scale"] is not None for v in meta["layers"].values())
     rec1 = json.loads((one / "results.json").read_text())["recipe"]
     rec2 = json.loads((two / "results.json").read_text())["recipe"]
     assert rec1 == rec2  # the same scale ranges / thresholds in the summaries
@@ -215,8 +218,10 @@ def test_sum_methods_agree_with_one_process(algo: str, tmp_path: Path, tiny_llam
     one, two, proc = _run_pair(tmp_path, algo, tiny_llama_dir, texts, evaluate=evaluate)
     report = _compare(one, two)
     print(f"\n{algo}: 1 vs 2 ranks {report}")
+    assert report["quant_meta_equal"], report
     if algo == "gptq":  # no transform: the float model is the checkpoint's
         assert report["trans_abs"] == 0.0, report
+        assert all(v["float_columns"] for v in _quant_meta(one)["layers"].values())
     assert report["trans_rel"] <= TRANS_RTOL, report
     assert report["max_steps_unflipped"] <= FLOAT_STEPS, report
     assert report["codes_unchanged"] >= CODE_AGREE, report
@@ -238,6 +243,7 @@ def test_omniquant_two_ranks_take_one_process_steps(tmp_path: Path, tiny_llama_d
     one, two, _ = _run_pair(tmp_path, "omniquant", tiny_llama_dir, texts, bs_one=4)
     report = _compare(one, two)
     print(f"\nomniquant: 1 (bs 4) vs 2 ranks (bs 2) {report}")
+    assert report["quant_meta_equal"], report
     assert report["trans_rel"] <= TRANS_RTOL, report
     assert report["max_steps_unflipped"] <= FLOAT_STEPS, report
     assert report["codes_unchanged"] >= CODE_AGREE, report

@@ -135,12 +135,24 @@ class ChannelAbsMax(MaxObserver):
 
 class ChannelRange(Observer):
     """``(min, max)`` per channel (last dim) over every token; ``per_tensor=True`` keeps one
-    pair for the whole tensor (static per-tensor activation ranges)."""
+    pair for the whole tensor (static per-tensor activation ranges).
 
-    def __init__(self, *, per_tensor: bool = False) -> None:
+    A per-tensor range that saw nothing on this rank (an MoE expert no token of this rank's
+    share was routed to) still joins the reduction, as ``(+inf, -inf)`` on ``device``, so the
+    ranks stay in step; :attr:`empty` tells afterwards whether any rank saw a token."""
+
+    def __init__(self, *, per_tensor: bool = False,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         self.per_tensor = per_tensor
+        self.device = device
         self.lo, self.hi = MinObserver(), MaxObserver()
+
+    @property
+    def empty(self) -> bool:
+        """No rank saw a token (read after :meth:`reduce`)."""
+        self._need()
+        return bool((self.lo.value > self.hi.value).all())
 
     def update(self, x: torch.Tensor) -> None:
         x2 = x.detach().float().reshape(-1, x.shape[-1])
@@ -153,6 +165,9 @@ class ChannelRange(Observer):
         self.count += 1
 
     def _combine(self) -> None:
+        if self.lo.best is None and self.per_tensor:
+            self.lo.best = torch.full((1,), float("inf"), device=self.device or "cpu")
+            self.hi.best = torch.full((1,), float("-inf"), device=self.device or "cpu")
         self.lo.reduce()
         self.hi.reduce()
 

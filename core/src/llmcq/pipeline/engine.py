@@ -147,12 +147,12 @@ def _attach_act(run: RunContext, block: Block, inputs: BlockInputs | None,
             raise PluginError("static activation quantization needs calibration inputs",
                               stage="quantize", where=block.name)
         targets = {n: m for n, m in block.linears().items() if n in records}
-        ranges = {n: ActRangeObserver() for n in targets}
+        ranges = {n: ActRangeObserver(run.device) for n in targets}
         inputs.observe(block.module, targets, lambda n, x, _y: ranges[n].update(x))
     for name, rec in records.items():
         rec.act = act
         if act.static:
-            scale, zero = ranges[name].qparams(act)
+            scale, zero = ranges[name].qparams(act, where=block.full_name(name))
             if not torch.isfinite(scale).all():
                 raise DataError(f"non-finite activations (NaN/Inf) at the input of "
                                 f"{block.full_name(name)} on calibration data")

@@ -78,16 +78,24 @@ class ActRangeObserver:
     combined over data-parallel ranks (:class:`llmcq.stats.ChannelRange`) before the scale
     is fitted, so every rank fixes the scale on every rank's tokens."""
 
-    def __init__(self) -> None:
-        self.range = ChannelRange(per_tensor=True)
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.range = ChannelRange(per_tensor=True, device=device)
 
     def update(self, x: torch.Tensor) -> None:
         self.range.update(x)
 
-    def qparams(self, spec: ActQuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.range.count == 0:
-            raise RuntimeError("observer saw no data")
-        lo, hi = self.range.reduce().value
+    def qparams(self, spec: ActQuantSpec, *, where: str = "the layer"
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scale and zero of the range over every rank's tokens; every rank calls it, also
+        one whose share sent no token here (it joins the reduction with an empty range)."""
+        from llmcq.errors import DataError
+
+        self.range.reduce()
+        if self.range.empty:
+            raise DataError(f"no calibration token reached {where}, so its static activation "
+                            "range cannot be fitted (an MoE expert no token was routed to?); "
+                            "use more calibration samples or dynamic activations")
+        lo, hi = self.range.value
         rng = torch.stack([lo.reshape(()), hi.reshape(())]).reshape(1, 1, 2)
         if spec.is_float:  # FP8: max|x| / 448
             scale, zero = grid_qparams(rng, spec)

@@ -5,13 +5,21 @@ every linear (mean absolute and mean squared), yet its perplexity at W3 g64 is f
 RTN's (the reference ``hqq`` package's even more so). The cause: the fractional zero point
 takes 0 off the grid, so the near-zero weights that v_proj holds for the few input channels
 with large mean activations are reconstructed as +-(a fraction of a step); their error times
-that mean is a bias in the values, which attention averaging does not remove. These tests
-assert those facts, so a change that moves them is seen.
+that mean is a bias in the values, which attention averaging does not remove.
+
+The perplexity test therefore never compares HQQ with RTN (a better HQQ, one that beat RTN,
+must pass). It bounds HQQ by perplexities it computes itself on the same tokens: below HQQ's
+own min-max start (the same grids with the unfitted fractional zero points, which is what an
+HQQ whose zero-point rounds never help would return, since each group keeps its best round),
+and no worse than the reference ``hqq`` package (when installed; it is a dev requirement).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +37,6 @@ from llmcq_hqq.solver import hqq_quantize
 pytestmark = pytest.mark.slow
 
 W3G64 = {"bit": 3, "symmetric": False, "granularity": "per_group", "group_size": 64}
-#: the reference package (hqq 0.2.8, Quantizer.quantize, axis 1, round_zero False) on the same
-#: 16 x 512 tokens: the perplexity it scored (README, "Measured")
-HQQ_PACKAGE_W3G64 = 346.80
 
 
 @pytest.fixture(scope="module")
@@ -39,27 +44,69 @@ def smollm2(smollm2_path: Path) -> tuple[Any, Any]:
     return load_pretrained(ModelSource(smollm2_path.parent, smollm2_path.name))
 
 
-def _config(data: Path, save: Path, method: str, weight: dict[str, Any]) -> dict[str, Any]:
-    return {
+def _config(data: Path, save: Path, quant: dict[str, Any] | None) -> dict[str, Any]:
+    """Evaluate the first 16 x 512 tokens: the quantized model (``quant``), else the model as
+    passed in (``pretrain``)."""
+    cfg: dict[str, Any] = {
         "model": {"type": "llama"},
-        "eval": {"eval_pos": ["fake_quant"], "name": "wikitext2",
+        "eval": {"eval_pos": ["fake_quant" if quant else "pretrain"], "name": "wikitext2",
                  "path": str(data / "wikitext2" / "test.txt"), "seq_len": 512,
                  "num_samples": 16},
-        "quant": {"method": method, "weight": weight},
         "save": {"save_path": str(save)},
     }
+    if quant:
+        cfg["quant"] = quant
+    return cfg
+
+
+def _replaced(model: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """A copy of ``model`` whose decoder-block linears hold ``fn(weight)`` (the tied
+    embedding/head stays float, as in ``llmcq run``)."""
+    m = copy.deepcopy(model)
+    for name, mod in m.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}":
+            mod.weight.data = fn(mod.weight.data.float()).to(mod.weight.dtype)
+    return m
+
+
+def _minmax_fractional(w: torch.Tensor) -> torch.Tensor:
+    """HQQ's start, computed here from its definition (not by the solver): per group of 64
+    input columns, ``s = (max - min) / 7``, ``z = -min / s`` not rounded,
+    ``W_r = s (clamp(round(W / s + z), 0, 7) - z)``."""
+    g = w.reshape(w.shape[0], -1, 64)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    s = ((hi - lo) / 7).clamp(min=1e-8)
+    z = -lo / s
+    return (s * (torch.round(g / s + z).clamp(0, 7) - z)).reshape(w.shape)
+
+
+def _hqq_package(w: torch.Tensor) -> torch.Tensor:
+    """hqq's ``Quantizer.quantize``: axis 1 (groups of input columns), ``round_zero=False``."""
+    from hqq.core.quantize import Quantizer
+
+    W_q, meta = Quantizer.quantize(w, nbits=3, group_size=64, axis=1, optimize=True,
+                                   round_zero=False, bitpack=False, device="cpu")
+    return ((W_q - meta["zero"]) * meta["scale"]).reshape(w.shape)
 
 
 @pytest.fixture(scope="module")
 def ppl(smollm2: Any, shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """W3 g64 perplexities on the same 16 x 512 tokens: ``hqq`` (ours, through the pipeline),
+    ``start`` (its min-max start) and, when the package is installed, ``package``."""
     model, tok = smollm2
-    out: dict[str, Any] = {}
-    for method, weight in [("rtn", W3G64), ("hqq", {**W3G64, "round_zp": False})]:
-        res = run(resolve_config(_config(shared_data, tmp_path_factory.mktemp(method), method,
-                                         weight)),
-                  progress=False, model=copy.deepcopy(model), tokenizer=tok)
-        out[method] = res["eval"]["fake_quant"]["wikitext2"]["ppl"]
-        out[f"{method}_recipe"] = res["recipe"]
+    cfg = _config(shared_data, tmp_path_factory.mktemp("hqq"),
+                  {"method": "hqq", "weight": {**W3G64, "round_zp": False}})
+    res = run(resolve_config(cfg), progress=False, model=copy.deepcopy(model), tokenizer=tok)
+    out: dict[str, Any] = {"hqq": res["eval"]["fake_quant"]["wikitext2"]["ppl"],
+                           "hqq_recipe": res["recipe"]}
+    fns = {"start": _minmax_fractional}
+    if importlib.util.find_spec("hqq") is not None:
+        fns["package"] = _hqq_package
+    for name, fn in fns.items():
+        cfg = _config(shared_data, tmp_path_factory.mktemp(name), None)  # same evaluation
+        res = run(resolve_config(cfg), progress=False, model=_replaced(model, fn),
+                  tokenizer=tok)
+        out[name] = res["eval"]["pretrain"]["wikitext2"]["ppl"]
     return out
 
 
@@ -87,9 +134,16 @@ def test_weight_error_below_rtn_on_real_layers(smollm2: Any, bits: int) -> None:
         assert sum(bool(ours[k] < rtn[k]) for k in ours) >= len(ours) - 3
 
 
-def test_perplexity_w3g64_against_rtn_and_the_reference_package(ppl: dict) -> None:
-    # measured on these 16 x 512 tokens: float 36.63, RTN 116.56, ours 312.78, package 346.80
+def test_perplexity_w3g64_below_its_start_and_no_worse_than_the_reference_package(
+        ppl: dict) -> None:
+    # measured on these 16 x 512 tokens: float 36.63, ours 311.52, start 329.39, package 346.80
+    # (RTN 116.56: on this model HQQ is worse than RTN, which this test never requires)
+    print({k: v for k, v in ppl.items() if k != "hqq_recipe"})  # shown by pytest -rP
     (step,) = ppl["hqq_recipe"]
     assert step["hqq"]["mean_abs_error"] < step["hqq"]["mean_abs_error_minmax"]
-    assert ppl["hqq"] < HQQ_PACKAGE_W3G64, ppl  # no worse than the reference implementation
-    assert ppl["hqq"] > ppl["rtn"], ppl  # and, on this model, worse than RTN (see above)
+    assert math.isfinite(ppl["hqq"]), ppl
+    assert ppl["hqq"] < ppl["start"], ppl  # the zero-point rounds lower the perplexity
+    if "package" not in ppl:
+        pytest.skip("the reference package is not installed (pip install hqq): "
+                    f"only the bound by the start was checked ({ppl})")
+    assert ppl["hqq"] <= ppl["package"], ppl  # no worse than the reference implementation

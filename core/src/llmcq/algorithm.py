@@ -54,10 +54,16 @@ class Algorithm:
         self.run = run
         self.step = step
         self.special: SpecialConfig = step.special
-        self.specs = run.specs
         self.weight = run.weight
         self.act = run.act
-        self.sparsity = run.specs.sparsity
+        # a stand-in run (unit tests, scripts) may carry only weight/act
+        specs = getattr(run, "specs", None)
+        if specs is None:
+            from llmcq.specs import RunSpecs
+
+            specs = RunSpecs(weight=self.weight, act=self.act)
+        self.specs = specs
+        self.sparsity = specs.sparsity
 
     @classmethod
     def implements(cls, stage: str) -> bool:

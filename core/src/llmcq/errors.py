@@ -90,6 +90,11 @@ class ConfigErrors(ConfigError):
         for e in errors:
             flat.extend(e.errors if isinstance(e, ConfigErrors) else [e])
         self.errors = flat
+        if not flat:  # an empty collection adds nothing when merged into another
+            LlmcqError.__init__(self, "no problems")
+            self.path, self.value, self.allowed, self.reason, self.suggestion = (
+                "config", None, None, None, None)
+            return
         first = flat[0]
         LlmcqError.__init__(self, f"{len(flat)} problems in the config:\n" + "\n".join(
             f"  - {e}" for e in flat) if len(flat) > 1 else str(first))

@@ -291,8 +291,9 @@ def validation_to_config_error(exc: ValidationError, raw: Any, prefix: str = "",
     :func:`check_keys`)."""
     errors = [_one_error(err, raw, prefix) for err in exc.errors()
               if not (skip_extra and err.get("type") == "extra_forbidden")]
-    if not errors:
-        errors = [_one_error(exc.errors()[0], raw, prefix)]
+    if not errors:  # only unknown keys, already reported by check_keys
+        return ConfigErrors([_one_error(exc.errors()[0], raw, prefix)]) if not skip_extra \
+            else ConfigErrors([])
     return errors[0] if len(errors) == 1 else ConfigErrors(errors)
 
 

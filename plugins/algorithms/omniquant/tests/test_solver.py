@@ -245,3 +245,57 @@ def test_training_act_quant_matches_core(gran, symmetric) -> None:
     assert torch.equal(y.detach(), fake_quantize_act(x.detach(), spec))
     y.pow(2).sum().backward()
     assert float(x.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("declared", ["rms_offset", "rms"])
+def test_let_transform_keeps_a_gemma_block_with_offset_norms(declared: str) -> None:
+    """LET's differentiable transform (what training sees) keeps the block's function on
+    Gemma's 1 + w norms when the norm kind is declared rms_offset, and not otherwise."""
+    import torch
+    from torch.func import functional_call
+    from transformers import AutoModelForCausalLM
+
+    from llmcq.model.adapter import resolve_block
+    from llmcq.model.layout import NormSite, prenorm_block
+    from llmcq.pipeline.blockwise import Block
+    from llmcq.testing.tiny_models import tiny_family_config
+    from llmcq_omniquant.algorithm import let_sites, transformed_params
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_family_config("gemma2")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * (0.08 if p.dim() >= 2 else 0.2))
+    layout = prenorm_block(mlp_norm="pre_feedforward_layernorm", norm_kind=declared,
+                           extra_norms=(NormSite("post_attention_layernorm", "rms_offset",
+                                                 "attn_out"),
+                                        NormSite("post_feedforward_layernorm", "rms_offset",
+                                                 "mlp_out")))
+    captured = {}
+
+    def grab(_m, args, kwargs):
+        captured["x"], captured["kw"] = args[0] if args else kwargs.pop("hidden_states"), kwargs
+
+    h = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 200, (1, 16)), use_cache=False)
+    h.remove()
+    module = model.model.layers[0]
+    block = Block(0, "model.layers.0", module, resolve_block(module, layout, where="b0"))
+    sites = [s for s in let_sites(block, (4, 4), up_down=False) if not s.linear]
+    assert len(sites) == 2 and all(s.norm_kind == declared for s in sites)
+    scales = {s.index: torch.rand(64, generator=torch.Generator().manual_seed(s.index)) * 1.5
+              + 0.5 for s in sites}
+    base = {n: p.detach().float() for n, p in module.named_parameters()}
+    kw = {k: v for k, v in captured["kw"].items() if k not in ("past_key_values",)}
+    with torch.no_grad():
+        ref = module(captured["x"], **kw)
+        out = functional_call(module, transformed_params(base, sites, scales, {}, (4, 4)),
+                              (captured["x"],), kw)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    out = out[0] if isinstance(out, tuple) else out
+    err = float((out - ref).abs().max())
+    if declared == "rms_offset":
+        assert err <= 1e-4 * float(ref.abs().max()) + 1e-5, err
+    else:
+        assert err > 1e-2 * float(ref.abs().max()), err

@@ -81,6 +81,8 @@ class LetSite:
     linear: bool  # the producer is a linear (its output rows absorb the scale), else a norm
     repeat: int  # consumer width / producer width (query heads per key/value head)
     shift: bool  # producer and consumers have biases to absorb a shift
+    #: a norm producer's declared kind (rms, layer, rms_offset: Gemma's 1 + w); None: linear
+    norm_kind: str | None = None
 
     @property
     def consumers(self) -> list[str]:
@@ -131,7 +133,8 @@ def let_sites(block: Block, heads: tuple[int, int], *, up_down: bool) -> list[Le
                 continue
             bias = getattr(prev, "bias", None)
             sites.append(LetSite(i, g, name, False, 1,
-                                 isinstance(bias, torch.Tensor) and consumers_bias))
+                                 isinstance(bias, torch.Tensor) and consumers_bias,
+                                 g.prev_norm_kind))
     return sites
 
 
@@ -146,7 +149,8 @@ def transformed_params(base: dict[str, torch.Tensor], sites: list[LetSite],
     for s in sites:
         scale, shift = scales[s.index], shifts.get(s.index)
         pw, pb = f"{s.producer}.weight", f"{s.producer}.bias"
-        w, b = solver.scale_producer(eff[pw], eff.get(pb), scale, shift, linear=s.linear)
+        w, b = solver.scale_producer(eff[pw], eff.get(pb), scale, shift, linear=s.linear,
+                                     offset=s.norm_kind == "rms_offset")
         eff[pw] = w
         if b is not None:
             eff[pb] = b

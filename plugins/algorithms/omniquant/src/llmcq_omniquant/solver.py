@@ -174,11 +174,15 @@ def reduce_to_kv_max(stat: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch
 
 
 def scale_producer(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor,
-                   shift: torch.Tensor | None, *, linear: bool
+                   shift: torch.Tensor | None, *, linear: bool, offset: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Producer parameters making its output ``(X - delta) / s``: a norm's ``weight``/``bias``
-    (``[C]``) or a linear's output rows (``weight [C, in]``, ``bias [C]``)."""
-    w = weight / (s.view(-1, 1) if linear else s)
+    (``[C]``) or a linear's output rows (``weight [C, in]``, ``bias [C]``). ``offset``: the
+    norm multiplies by ``1 + weight`` (Gemma), so ``weight' = (1 + weight) / s - 1``."""
+    if offset and not linear:
+        w = (1.0 + weight) / s - 1.0
+    else:
+        w = weight / (s.view(-1, 1) if linear else s)
     if shift is not None:
         if bias is None:
             raise ValueError("a shift needs a producer bias to absorb it")

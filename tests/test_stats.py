@@ -29,10 +29,11 @@ batches = [torch.randn(2, 5, 8, generator=g) * (i + 1) for i in range(4)]
 mine = batches[rank::world]
 obs = {"absmax": stats.ChannelAbsMax(), "mean": stats.MeanObserver(),
        "range": stats.ChannelRange(), "hess": stats.HessianObserver(8),
-       "tokens": stats.TokenSample(stride=3), "empty_here": stats.ChannelRange(per_tensor=True)}
+       "tokens": stats.TokenSample(stride=3), "empty_here": stats.ChannelRange(per_tensor=True),
+       "tokens_here": stats.TokenSample(stride=2, width=8)}
 for x in mine:
     for k, o in obs.items():
-        if k == "empty_here" and rank != 0:
+        if k in ("empty_here", "tokens_here") and rank != 0:
             continue  # only rank 0 sees this "expert"
         o.update(x)
 res = {}
@@ -84,6 +85,9 @@ def test_two_ranks_reduce_to_one_process(tmp_path: Path) -> None:
         rows = torch.cat(batches).reshape(-1, 8)
         assert all(bool((rows == t).all(1).any()) for t in r["tokens"])
         assert not r["empty_here_empty"] and r["never_empty"]
+        # rank 0's strided tokens only, gathered to every rank (rank 1 joined with none)
+        assert r["tokens_here"].shape == (10, 8)
+        assert torch.equal(r["tokens_here"], seen0.reshape(-1, 8)[::2])
     assert torch.equal(two[0]["tokens"], two[1]["tokens"])  # every rank holds the same sample
 
 

@@ -208,10 +208,14 @@ class TokenSample(Observer):
     all batches keeps; over several ranks it keeps the same number of tokens, drawn evenly
     from every rank's share."""
 
-    def __init__(self, stride: int, limit: int | None = None) -> None:
+    def __init__(self, stride: int, limit: int | None = None, *, width: int | None = None,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         self.stride = max(1, int(stride))
         self.limit = limit
+        #: row width and device: a rank that saw no token still joins the gather with
+        #: ``[0, width]`` rows (without them it cannot, and ``reduce`` raises)
+        self.width, self.device = width, device
         self.kept: list[torch.Tensor] = []
         self._seen = 0
         self.rows: torch.Tensor | None = None
@@ -224,7 +228,10 @@ class TokenSample(Observer):
 
     def _combine(self) -> None:
         if not self.kept:
-            raise RuntimeError("observer saw no data")
+            if self.width is None:
+                raise RuntimeError("observer saw no data (give TokenSample a width to let an "
+                                   "empty rank join)")
+            self.kept = [torch.zeros(0, self.width, device=self.device or "cpu")]
         mine = torch.cat(self.kept)
         self.kept = []
         if dist.active() and self.limit is not None:

@@ -85,8 +85,11 @@ def search_group_scale(group: ResolvedGroup, xs: list[torch.Tensor],
     stat = ChannelAbsMean()
     for x in xs:
         stat.update(x)
-    # data-parallel calibration: the mean over every rank's tokens (no-op on one rank)
-    s_x, _ = dist.weighted_mean(stat.mean(), stat.count)
+    device = next(iter(group.linears.values())).weight.device
+    # data-parallel calibration: the mean over every rank's tokens (no-op on one rank); a
+    # rank whose share sent no token here (an MoE expert) joins every reduction with zeros
+    local = stat.mean() if stat.count else torch.zeros(consumer_width(group), device=device)
+    s_x, _ = dist.weighted_mean(local, stat.count)
     s_w = None
     if version == "v1":
         s_w = weight_salience([lin.weight for lin in group.linears.values()],
@@ -96,7 +99,7 @@ def search_group_scale(group: ResolvedGroup, xs: list[torch.Tensor],
         s_w = None if s_w is None else reduce_to_kv(s_w, *heads)
     refs = [group.run_inspect(x, kw) for x, kw in zip(xs, kwargs, strict=True)]
     n_el = float(dist.all_reduce_sum(torch.tensor(
-        [float(sum(r.numel() for r in refs))], device=refs[0].device))) \
+        [float(sum(r.numel() for r in refs))], device=device))) \
         if dist.active() else sum(r.numel() for r in refs)
     exact = {n: lin.weight.data.clone() for n, lin in group.linears.items()}
 
@@ -118,6 +121,13 @@ def search_group_scale(group: ResolvedGroup, xs: list[torch.Tensor],
     finally:
         for n, lin in group.linears.items():
             lin.weight.data.copy_(exact[n])
+
+
+def _global_sum(n: int, device: torch.device) -> int:
+    """``n`` summed over the data-parallel ranks (``n`` itself in one process)."""
+    if not dist.active():
+        return n
+    return int(dist.all_reduce_sum(torch.tensor([float(n)], device=device)).item())
 
 
 class Awq(Algorithm):
@@ -228,9 +238,12 @@ class Awq(Algorithm):
             xs = inputs.collect(block.module, {first: group.linears[first]},
                                 stop_early=True)[first]
             kwargs = inputs.kwargs
-            if len(xs) != len(kwargs):
-                # an MoE expert sees only the batches that routed tokens to it
-                if not xs:
+            # an MoE expert sees only the batches that routed tokens to it; decided over
+            # every rank, so all ranks skip or search (and reduce) together
+            seen = _global_sum(len(xs), device)
+            partial = _global_sum(int(len(xs) != len(kwargs)), device)
+            if partial:
+                if not seen:
                     self.counts["groups_skipped_no_tokens"] += 1
                     self.run.log.warning("%s: %s received no calibration tokens; not scaled",
                                          block.name, ", ".join(group.linears))
@@ -281,6 +294,9 @@ class Awq(Algorithm):
             raise PluginError("the clip search needs calibration inputs", where=block.name)
         x = self._clip_inputs(block, group, inputs)
         out = {}
+        if x.shape[0] == 0:  # no rank's tokens reached it (an MoE expert): left unclipped
+            self.counts["groups_unclipped_no_tokens"] += 1
+            return out
         for n in names:
             lin = group.linears[n]
             # more output rows per step on a GPU: the search is launch-bound there (the
@@ -304,7 +320,8 @@ class Awq(Algorithm):
         total = int(dist.all_reduce_sum(torch.tensor([float(inputs.n_tokens)],
                                                      dtype=torch.float64, device=device))
                     .item()) if dist.active() else inputs.n_tokens
-        sample = TokenSample(max(1, total // n_tok), limit=n_tok)
+        sample = TokenSample(max(1, total // n_tok), limit=n_tok,
+                             width=group.linears[first].in_features, device=device)
         inputs.observe(block.module, {first: group.linears[first]},
                        lambda _n, x, _y: sample.update(x), stop_early=True)
         return sample.reduce().value

@@ -189,3 +189,30 @@ def test_no_progress_silences_library_bars(llmcq_cli: Any, tmp_path: Path,
     assert res.returncode == 0, res
     assert "it/s" not in res.stderr and "Loading weights" not in res.stderr, res.stderr
     shutil.rmtree(tmp_path / "o")
+
+
+@pytest.mark.parametrize("family", ["granite", "olmo2"])
+def test_tokenizer_less_checkpoints_run_through_auto(family: str, tmp_path: Path,
+                                                     tiny_tokenizer: Any) -> None:
+    """The issue's cases: tiny Granite and OLMo2 folders without tokenizer files, through
+    the automatic adapter, calibrated on random ids with no text evaluation."""
+    import transformers
+
+    from llmcq.pipeline.runner import run
+    from llmcq.testing.tiny_models import save_tiny_model
+
+    cls = {"granite": "GraniteConfig", "olmo2": "Olmo2Config"}[family]
+    cfg_model = getattr(transformers, cls)(vocab_size=400, hidden_size=64, intermediate_size=96,
+                                           num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=2)
+    folder = save_tiny_model(tmp_path / family, cfg_model, tiny_tokenizer)
+    for name in TOKENIZER_FILES:
+        (folder / name).unlink(missing_ok=True)
+    cfg = _rtn(folder, tmp_path / "o")
+    cfg["model"]["type"] = "auto"
+    cfg["quant"]["method"] = "gptq"
+    cfg["calib"] = {"name": "random", "n_samples": 2, "seq_len": 32}
+    cfg["save"]["save_trans"] = True
+    out = run(resolve_config(cfg), progress=False)
+    assert out["quantized_linears"] == 2 * 7
+    assert not (tmp_path / "o" / "transformed_model" / "tokenizer.json").exists()

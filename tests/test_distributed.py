@@ -43,6 +43,8 @@ from typing import Any
 import pytest
 import torch
 
+from llmcq.testing.gloo import run_ranks
+
 #: sum-reduced methods' transformed (float) weights: a reordered float32 sum, through the
 #: scale search's pow/div (measured 3e-7; far below bf16/fp16 resolution)
 TRANS_RTOL = 1e-5
@@ -279,20 +281,8 @@ def test_gptq_hessians_of_linears_seen_on_some_ranks_only(tmp_path: Path) -> Non
     """MoE experts: on 2 ranks expert 0 sees only rank 0's batches and expert 1 only rank
     1's; every rank still reduces the same Hessians in the same order and holds one
     process's (owners, counts, values); an expert no rank saw stays absent."""
-    script = tmp_path / "hessians.py"
-    script.write_text(HESSIAN_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
     def launch(world: int) -> list[dict[str, Any]]:
-        outs = [tmp_path / f"w{world}-r{r}.pt" for r in range(world)]
-        procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world),
-                                   str(tmp_path / f"rdv{world}"), str(outs[r])], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for r in range(world)]
-        for p in procs:
-            log, _ = p.communicate(timeout=120)
-            assert p.returncode == 0, log[-3000:]
-        return [torch.load(o) for o in outs]
+        return run_ranks(HESSIAN_WORKER, world, tmp_path, name="hessians")
 
     (ref,) = launch(1)
     assert ref["owner"] == {"e0.gate": "e0.gate", "e0.up": "e0.gate",

@@ -4,14 +4,12 @@ that saw nothing still joins (no hang) and an all-empty range is a clear error."
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from llmcq.testing.gloo import run_ranks
 from llmcq.stats import (ChannelAbsMax, ChannelRange, HessianObserver, MeanObserver,
                          TokenSample)
 
@@ -51,18 +49,7 @@ if world > 1:
 
 
 def _run(tmp: Path, world: int) -> list[dict]:
-    script = tmp / "w.py"
-    script.write_text(WORKER)
-    outs = [tmp / f"w{world}-{r}.pt" for r in range(world)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world),
-                               str(tmp / f"rdv{world}"), str(outs[r])], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    for p in procs:
-        log, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, log[-3000:]
-    return [torch.load(o) for o in outs]
+    return run_ranks(WORKER, world, tmp)
 
 
 def test_two_ranks_reduce_to_one_process(tmp_path: Path) -> None:

@@ -7,19 +7,18 @@ flip at a tie)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+
+from llmcq.testing.gloo import run_ranks
 
 WORKER = r'''
 import sys
 import torch
 import torch.distributed as D
 
-rank, world, rdv, model_dir, calib_txt, out = sys.argv[1:7]
+rank, world, rdv, out, model_dir, calib_txt = sys.argv[1:7]
 rank, world = int(rank), int(world)
 if world > 1:
     D.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world)
@@ -65,27 +64,15 @@ if world > 1:
 '''
 
 
-def _launch(tmp: Path, world: int, model_dir: Path, calib: Path) -> list[Path]:
-    script = tmp / "worker.py"
-    script.write_text(WORKER)
-    outs = [tmp / f"w{world}-r{r}.pt" for r in range(world)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world),
-                               str(tmp / f"rdv-{world}"), str(model_dir), str(calib),
-                               str(outs[r])], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
-    for p in procs:
-        log, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, log[-3000:]
-    return outs
+def _launch(tmp: Path, world: int, model_dir: Path, calib: Path) -> list[dict]:
+    return run_ranks(WORKER, world, tmp, str(model_dir), str(calib), timeout=300)
 
 
 def test_two_gloo_ranks_clip_on_the_same_tokens(tmp_path: Path, tiny_llama_dir: Path,
                                                shared_data: Path) -> None:
     calib = shared_data / "wikitext2" / "valid.txt"
-    (one,) = _launch(tmp_path, 1, tiny_llama_dir, calib)
-    r0, r1 = (torch.load(p) for p in _launch(tmp_path, 2, tiny_llama_dir, calib))
-    ref = torch.load(one)
+    (ref,) = _launch(tmp_path, 1, tiny_llama_dir, calib)
+    r0, r1 = _launch(tmp_path, 2, tiny_llama_dir, calib)
     assert len(ref["clips"]) == 2 * 5 and len(ref["scales"]) == 14  # q/k never clipped
     for kind in ("scales", "clips"):
         assert set(r0[kind]) == set(r1[kind]) == set(ref[kind])

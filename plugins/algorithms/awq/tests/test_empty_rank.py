@@ -4,12 +4,11 @@ with the scale one process computes on the tokens that exist."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+
+from llmcq.testing.gloo import run_ranks
 
 WORKER = r'''
 import sys
@@ -42,18 +41,7 @@ if world > 1:
 
 
 def _run(tmp: Path, world: int) -> list[dict]:
-    script = tmp / "w.py"
-    script.write_text(WORKER)
-    outs = [tmp / f"w{world}-{r}.pt" for r in range(world)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world),
-                               str(tmp / f"rdv{world}"), str(outs[r])], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    for p in procs:
-        log, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, log[-3000:]
-    return [torch.load(o) for o in outs]
+    return run_ranks(WORKER, world, tmp)
 
 
 def test_a_rank_without_tokens_joins_the_scale_search(tmp_path: Path) -> None:

@@ -603,16 +603,10 @@ def _model_spec(cfg: RunConfig, source: ModelSource,
         return spec, info
     # not an adapter name: a Hugging Face model_type one adapter serves, or the checkpoint's
     # own model_type (or an llmc name) left to the automatic adapter
-    for info in infos:
-        try:
-            spec, info = registry.load_spec("llmcq.models", info.name, field="model.type",
-                                            kind=ModelSpec)
-        except Exception:
-            continue
-        assert isinstance(spec, ModelSpec)
-        if registry.normalize(mtype) in {registry.normalize(t) for t in spec.model_types}:
-            notes.append(f"model.type {mtype!r} is served by adapter {spec.name!r}")
-            return spec, info
+    served = _serving_adapter(mtype, infos)
+    if served is not None:
+        notes.append(f"model.type {mtype!r} is served by adapter {served[0].name!r}")
+        return served
     checkpoint_type = peek_model_type(source)
     same = checkpoint_type is not None and \
         registry.normalize(checkpoint_type) == registry.normalize(mtype)
@@ -707,9 +701,13 @@ def _check_save_path(cfg: RunConfig) -> None:
             break
 
 
-def _adapter_for(source: ModelSource) -> tuple[ModelSpec, EntryPointInfo]:
-    model_type = peek_model_type(source)
-    infos = registry.discover("llmcq.models")
+def _serving_adapter(model_type: str | None, infos: list[EntryPointInfo]
+                     ) -> tuple[ModelSpec, EntryPointInfo] | None:
+    """The family adapter whose ``model_types`` lists ``model_type`` (spelling-insensitive);
+    adapters that fail to load are skipped (``llmcq plugins --check`` reports them)."""
+    if not model_type:
+        return None
+    key = registry.normalize(model_type)
     for info in infos:
         try:
             spec, info = registry.load_spec("llmcq.models", info.name, field="model.type",
@@ -717,8 +715,17 @@ def _adapter_for(source: ModelSource) -> tuple[ModelSpec, EntryPointInfo]:
         except Exception:
             continue
         assert isinstance(spec, ModelSpec)
-        if model_type and model_type in spec.model_types:
+        if key in {registry.normalize(t) for t in spec.model_types}:
             return spec, info
+    return None
+
+
+def _adapter_for(source: ModelSource) -> tuple[ModelSpec, EntryPointInfo]:
+    model_type = peek_model_type(source)
+    infos = registry.discover("llmcq.models")
+    served = _serving_adapter(model_type, infos)
+    if served is not None:
+        return served
     # no family adapter: the automatic adapter (plugin "auto") when it is installed
     if any(registry.normalize(i.name) == AUTO_ADAPTER for i in infos):
         spec, info = registry.load_spec("llmcq.models", AUTO_ADAPTER, field="model.type",

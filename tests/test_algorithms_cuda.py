@@ -36,12 +36,24 @@ RECIPES: dict[str, dict[str, Any]] = {
     "smoothquant": {"method": "smoothquant", "weight": W8PC, "act": A8,
                     "special": {"alpha": 0.5}},
     "osplus": {"method": "osplus", "weight": W8PC, "act": A8},
+    # second-wave paths: LET through core's harness with activation STE, static act ranges,
+    # a 2:4 mask kept at zero by GPTQ's sweep (the torch loop on CUDA)
+    "omniquant-let-a8": {"method": "omniquant", "weight": {**W8PC, "calib_algo": "learnable"},
+                         "act": A8, "special": {"lwc": True, "let": True, "epochs": 1}},
+    "rtn-static-a8": {"method": "rtn", "weight": W8PC,
+                      "act": {"bit": 8, "symmetric": True, "granularity": "per_tensor",
+                              "static": True}},
+    "magnitude+gptq": {"method": "gptq", "weight": W4G16,
+                       "special": {"actorder": True, "static_groups": True},
+                       "sparse": {"method": "magnitude", "weight": {"mask_structure": "2:4"}}},
 }
 
 
 def _config(model: Path, data: Path, save: Path, device: str, quant: dict[str, Any]
             ) -> dict[str, Any]:
-    return {
+    quant = dict(quant)
+    sparse = quant.pop("sparse", None)
+    return {**({"sparse": sparse} if sparse else {}),
         "base": {"seed": 0, "device": device},
         "model": {"type": "llama", "path": str(model)},
         "calib": {"name": "wikitext2", "path": str(data / "wikitext2" / "valid.txt"),
@@ -67,3 +79,6 @@ def test_algorithm_on_cuda_matches_cpu(name: str, tmp_path: Path, tiny_llama_dir
     ppl = {d: r["eval"]["fake_quant"]["wikitext2"]["ppl"] for d, r in out.items()}
     assert all(torch.isfinite(torch.tensor(p)) for p in ppl.values()), ppl
     assert ppl["cuda"] == pytest.approx(ppl["cpu"], rel=0.02), ppl
+    if "sparse" in RECIPES[name]:  # pruned weights stayed zero on the GPU too
+        assert out["cuda"]["compression"]["mask_sparsity"] == 0.5
+        assert out["cuda"]["compression"]["sparsity"] >= 0.5

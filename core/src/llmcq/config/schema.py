@@ -256,21 +256,6 @@ class QuantSection(Section):
     def methods(self) -> list[str]:
         return [self.method] if isinstance(self.method, str) else list(self.method)
 
-    def special_of(self, method: str) -> dict[str, Any] | None:
-        """The ``special`` keys of one method of the recipe, as written (None when the
-        recipe does not use it): the whole mapping for a single method, the method's own
-        sub-mapping for a list. Exporters read it to refuse what a method's result cannot
-        be written as (GPTQ's ``g_idx``, for example)."""
-        names = [m.lower() for m in self.methods]
-        if method.lower() not in names:
-            return None
-        if len(names) == 1:
-            return dict(self.special)
-        for key, value in self.special.items():
-            if key.lower() == method.lower() and isinstance(value, dict):
-                return dict(value)
-        return {}
-
     @model_validator(mode="after")
     def _something_to_do(self) -> QuantSection:
         if not self.methods:

@@ -161,8 +161,11 @@ def validate(config: str, overrides: tuple[str, ...], overwrite: bool, debug: bo
         names = ", ".join(sorted({f.name for f in resolved.features}))
         click.echo(f"records: {names}")
     if resolved.calib is not None and cfg.calib is not None:
-        click.echo(f"calib:   {resolved.calib[0].name} {cfg.calib.path} ({cfg.calib.n_samples} x "
-                   f"{cfg.calib.seq_len}, {cfg.calib.preproc}, seed {cfg.calib.seed})")
+        dspec, c = resolved.calib[0], cfg.calib
+        where = f" {c.path}" if c.path else ""
+        how = f", {c.preproc}" if dspec.needs_tokenizer else ", token ids"
+        click.echo(f"calib:   {dspec.name}{where} ({c.n_samples} x {c.seq_len}{how}, "
+                   f"seed {c.seed})")
     for ev in resolved.evals:
         e = cfg.eval[ev.index]
         names = ", ".join(d[0].name for d in ev.datasets)

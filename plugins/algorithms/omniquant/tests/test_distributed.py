@@ -22,56 +22,24 @@ import torch
 from llmcq.testing.gloo import run_ranks
 
 WORKER = r'''
-import sys
 import torch
-import torch.distributed as D
+from llmcq.testing.gloo import join_ranks, leave_ranks, quantize_blocks
 
-rank, world, rdv, out, model_dir, calib_txt = sys.argv[1:7]
-rank, world = int(rank), int(world)
-if world > 1:
-    D.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world)
-torch.set_num_threads(1)
-from llmcq.config.loader import resolve_config
-from llmcq.model.adapter import ModelAdapter
-from llmcq.model.layout import llama_like_layout
-from llmcq.model.loading import ModelSource, load_pretrained
-from llmcq.pipeline.builtin import Builtin
-from llmcq.pipeline.context import RunContext
-from llmcq.pipeline.engine import quantize_model
-from llmcq.pipeline.runner import _build_steps
-from llmcq.plugins.manager import make_plugin_manager
-
-
-class Layout(ModelAdapter):  # core's Llama layout, roles declared (no family plugin needed)
-    layout = llama_like_layout()
-
-
-model, tok = load_pretrained(ModelSource(model_dir))
-raw = {"base": {"seed": 0, "device": "cpu"}, "model": {"type": "llama", "path": model_dir},
-       "quant": {"method": "omniquant", "quant_out": True,
-                 "special": {"epochs": 2, "lwc": True, "lwc_lr": 0.05, "let": True,
-                             "let_lr": 0.01, "search_clip_init": True},
-                 "weight": {"bit": 3, "symmetric": False, "granularity": "per_group",
-                            "group_size": 16, "calib_algo": "learnable", "ste": True}},
-       "calib": {"name": "wikitext2", "path": calib_txt, "n_samples": 8, "seq_len": 32,
-                 "bs": 2, "preproc": "wikitext2_gptq"},
-       "save": {"save_path": out + ".save", "overwrite": True}}
-resolved = resolve_config(raw, overwrite=True)
-ctx = RunContext(resolved=resolved, device=torch.device("cpu"),
-                 pm=make_plugin_manager(builtin=Builtin()), progress=False)
-ctx.adapter = Layout(resolved.model[0], resolved.config.model)
-ctx.model = model
-_build_steps(ctx)
+rank, world, out, (model_dir, calib_txt) = join_ranks()
+quant = {"method": "omniquant", "quant_out": True,
+         "special": {"epochs": 2, "lwc": True, "lwc_lr": 0.05, "let": True, "let_lr": 0.01,
+                     "search_clip_init": True},
+         "weight": {"bit": 3, "symmetric": False, "granularity": "per_group", "group_size": 16,
+                    "calib_algo": "learnable", "ste": True}}
 g = torch.Generator().manual_seed(0)
-batches = [torch.randint(0, len(tok), (2, 32), generator=g) for _ in range(4)]
+batches = [torch.randint(0, 500, (2, 32), generator=g) for _ in range(4)]
 if world == 1:  # one process: batches of 4 = what ranks 0 and 1 hold as their batch i
     batches = [torch.cat(batches[i:i + 2]) for i in (0, 2)]
-quantize_model(ctx, batches)
+ctx = quantize_blocks(quant, model_dir, calib_txt, batches, save=out + ".save")
 summary = ctx.steps[0].algorithm.summary()
 torch.save({"records": {k: (r.qweight, r.dequantize()) for k, r in ctx.records.items()},
             "block_loss": summary["block_loss"]}, out)
-if world > 1:
-    D.destroy_process_group()
+leave_ranks()
 '''
 
 

@@ -7,6 +7,7 @@ to the mean-gradient schedule computed here by hand)."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -239,6 +240,8 @@ def test_settings_and_sampling_are_checked() -> None:
         recon.ReconSettings(epochs=1, iterations=1)
     with pytest.raises(ValueError, match="optimizer"):
         recon.ReconSettings(optimizer="sgd")
+    with pytest.raises(ValueError, match="lr_schedule 'step'; allowed: constant, cosine"):
+        recon.ReconSettings(lr_schedule="step")
     block = toy_block()
     inputs = BlockInputs([torch.randn(2, 4, 8)] * 2, [{"m": torch.ones(2, 4)}] * 2)
     s = nn.Parameter(torch.ones(8))
@@ -246,6 +249,64 @@ def test_settings_and_sampling_are_checked() -> None:
         recon.reconstruct(block, inputs, recon.Targets(list(inputs.hidden)),
                           [recon.ParamGroup([s], lr=0.1)],
                           settings=recon.ReconSettings(iterations=2), params=scale_params(s))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_lr_factor_follows_torch_schedulers(schedule: str) -> None:
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.3)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=7, eta_min=0.0)
+             if schedule == "cosine" else
+             torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=7))
+    for t in range(8):
+        assert math.isclose(opt.param_groups[0]["lr"], 0.3 * recon.lr_factor(schedule, t, 7),
+                            rel_tol=1e-9, abs_tol=1e-12), t
+        opt.step()
+        sched.step()
+    assert recon.lr_factor("constant", 5, 7) == 1.0
+
+
+def test_signsgd_schedule_moves_each_step_by_the_scheduled_rate() -> None:
+    """A target far away keeps the gradient's sign fixed: signed descent with a linearly
+    decaying rate moves the scale by exactly lr * sum_t (1 - t / T)."""
+    block, inputs = toy_block(), batches(1)
+    targets = planted(block, inputs, torch.full((8,), 100.0))
+    s = nn.Parameter(torch.ones(8))
+    res = recon.reconstruct(block, inputs, targets, [recon.ParamGroup([s], lr=0.01)],
+                            settings=recon.ReconSettings(iterations=20, batch_size=2,
+                                                         optimizer="signsgd",
+                                                         lr_schedule="linear"),
+                            params=scale_params(s))
+    moved = 0.01 * sum(1 - t / 20 for t in range(20))
+    assert res.steps == 20
+    assert torch.allclose(s.detach(), torch.full((8,), 1.0 + moved), atol=1e-6), s
+
+
+def test_keep_best_ends_with_the_tensors_of_the_lowest_step_loss() -> None:
+    """Signed descent with a constant large rate overshoots and oscillates around the
+    optimum: the last tensors are not the best ones, and keep_best returns those that gave
+    the lowest loss of any step (recorded here as the loss saw them)."""
+    block, inputs = toy_block(), batches(2)
+    targets = planted(block, inputs, S_TRUE)
+    s = nn.Parameter(torch.ones(8))
+    seen: list[tuple[float, torch.Tensor]] = []
+
+    def loss(out: torch.Tensor, batch: recon.Batch) -> torch.Tensor:
+        value = recon.mse(out, batch.target)
+        seen.append((float(value.detach()), s.detach().clone()))
+        return value
+
+    res = recon.reconstruct(block, inputs, targets, [recon.ParamGroup([s], lr=0.3)],
+                            settings=recon.ReconSettings(epochs=10, optimizer="signsgd",
+                                                         keep_best=True),
+                            params=scale_params(s), loss=loss)
+    best = min(range(len(seen)), key=lambda i: seen[i][0])
+    assert res.best_step == best and res.best_loss == pytest.approx(seen[best][0])
+    assert torch.equal(s.detach(), seen[best][1])
+    assert best < len(seen) - 1 and seen[-1][0] > seen[best][0]  # the last was worse
+    plain = recon.reconstruct(block, inputs, targets, [recon.ParamGroup([s], lr=0.3)],
+                              settings=recon.ReconSettings(epochs=1), params=scale_params(s))
+    assert plain.best_step is None and plain.best_loss is None
 
 
 WORKER = textwrap.dedent(r'''
@@ -272,13 +333,30 @@ WORKER = textwrap.dedent(r'''
     s = nn.Parameter(torch.ones(8))
     def params(base):
         return {**base, "lin.weight": base["lin.weight"] * s.view(1, -1)}
+    signed = len(sys.argv) > 6
+    settings = (recon.ReconSettings(epochs=3, optimizer="signsgd", lr_schedule="linear",
+                                    keep_best=True) if signed else recon.ReconSettings(epochs=3))
     res = recon.reconstruct(Block(0, "t.0", Toy(), []), inputs, targets,
-                            [recon.ParamGroup([s], lr=0.05)],
-                            settings=recon.ReconSettings(epochs=3), params=params)
+                            [recon.ParamGroup([s], lr=0.05)], settings=settings, params=params)
     torch.save({"s": s.detach(), "losses": res.losses, "steps": res.steps,
-                "lin": lin.weight.detach()}, out)
+                "lin": lin.weight.detach(), "best": (res.best_step, res.best_loss)}, out)
     D.destroy_process_group()
 ''')
+
+
+def _gloo_pair(tmp_path: Path, *extra: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outs = [tmp_path / f"r{r}.pt" for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(r), "2",
+                               str(tmp_path / "rdv"), str(outs[r]), str(tmp_path / "data.pt"),
+                               *extra],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for r in range(2)]
+    for p in procs:
+        log, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, log[-3000:]
+    return torch.load(outs[0]), torch.load(outs[1])
 
 
 def test_two_gloo_ranks_average_gradients(tmp_path: Path) -> None:
@@ -288,17 +366,7 @@ def test_two_gloo_ranks_average_gradients(tmp_path: Path) -> None:
     hidden = [torch.randn(2, 6, 8, generator=g) for _ in range(3)]
     target = [torch.nn.functional.linear(h, w * S_TRUE.view(1, -1)) for h in hidden]
     torch.save({"hidden": hidden, "target": target}, tmp_path / "data.pt")
-    (tmp_path / "worker.py").write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    outs = [tmp_path / f"r{r}.pt" for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(r), "2",
-                               str(tmp_path / "rdv"), str(outs[r]), str(tmp_path / "data.pt")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for r in range(2)]
-    for p in procs:
-        log, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, log[-3000:]
-    r0, r1 = (torch.load(o) for o in outs)
+    r0, r1 = _gloo_pair(tmp_path)
     assert torch.equal(r0["s"], r1["s"]) and r0["losses"] == r1["losses"]
     assert r0["steps"] == r1["steps"] == 3 * 2  # ceil(3 / 2) steps per epoch
 
@@ -319,6 +387,20 @@ def test_two_gloo_ranks_average_gradients(tmp_path: Path) -> None:
     assert torch.allclose(r0["s"], s.detach(), atol=1e-6), (r0["s"], s)
     # the mean of one rank's gradients would land elsewhere
     assert not torch.allclose(r0["s"], torch.ones(8))
+
+
+def test_two_gloo_ranks_agree_on_the_best_step(tmp_path: Path) -> None:
+    """keep_best under torchrun: the step losses are means over both ranks, so both ranks
+    keep the same step and end with the same tensors (signed descent, linear schedule)."""
+    torch.manual_seed(0)
+    w = nn.Linear(8, 8, bias=False).weight.detach()
+    g = torch.Generator().manual_seed(5)
+    hidden = [torch.randn(2, 6, 8, generator=g) for _ in range(3)]
+    target = [torch.nn.functional.linear(h, w * S_TRUE.view(1, -1)) for h in hidden]
+    torch.save({"hidden": hidden, "target": target}, tmp_path / "data.pt")
+    r0, r1 = _gloo_pair(tmp_path, "signed")
+    assert r0["best"] == r1["best"] and r0["best"][0] is not None
+    assert torch.equal(r0["s"], r1["s"]) and not torch.equal(r0["s"], torch.ones(8))
 
 
 def test_refuse_data_parallel_is_a_no_op_in_one_process() -> None:

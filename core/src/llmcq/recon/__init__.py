@@ -40,8 +40,10 @@ What the harness owns (the plumbing); the maths (``params``, the loss) stays the
 
 * **Schedule** (:class:`ReconSettings`): ``epochs`` passes over the batches in order, one
   AdamW/Adam step per batch; or ``iterations`` steps on ``batch_size`` samples drawn at
-  random (seeded). ``weight_decay`` per :class:`ParamGroup` or for all; optional gradient
-  norm clipping; or an optimizer factory (signed gradient descent).
+  random (seeded). AdamW, Adam or signed gradient descent (``signsgd``), or a factory;
+  ``weight_decay`` per :class:`ParamGroup` or for all; a learning-rate schedule per call
+  (``constant``, ``cosine``, ``linear``); optional gradient norm clipping; ``keep_best``
+  ends with the tensors of the lowest step loss.
 * **Forward**: ``torch.func.functional_call(block.module, params(base), (x,), kwargs)``:
   the module's own parameters are never written; they are frozen while training and their
   ``requires_grad`` flags restored afterwards. The learnable tensors end with
@@ -72,6 +74,7 @@ from __future__ import annotations
 
 from llmcq.recon.dp import average_gradients, global_count, refuse_data_parallel, steps_per_epoch
 from llmcq.recon.losses import TargetLoss, kl_divergence, mse, neg_log_cosine
+from llmcq.recon.optim import SignSGD, lr_factor
 from llmcq.recon.quant import act_fake_quant, act_quant_hooks, fake_quant_grouped
 from llmcq.recon.settings import (ActQuant, Batch, BatchLoss, ParamGroup, ParamsFn,
                                   ReconResult, ReconSettings)
@@ -82,4 +85,4 @@ __all__ = ["reconstruct", "ReconSettings", "ParamGroup", "ActQuant", "Batch", "B
            "ParamsFn", "ReconResult", "FloatChain", "Targets", "TargetLoss", "mse",
            "neg_log_cosine", "kl_divergence", "act_fake_quant", "act_quant_hooks",
            "fake_quant_grouped", "float_kwargs", "average_gradients", "global_count",
-           "steps_per_epoch", "refuse_data_parallel"]
+           "steps_per_epoch", "refuse_data_parallel", "SignSGD", "lr_factor"]

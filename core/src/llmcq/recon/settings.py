@@ -13,10 +13,13 @@ if TYPE_CHECKING:
     from llmcq.quant.spec import ActQuantSpec
 
 __all__ = ["ReconSettings", "ParamGroup", "ActQuant", "Batch", "ReconResult", "ParamsFn",
-           "BatchLoss", "OPTIMIZERS"]
+           "BatchLoss", "OPTIMIZERS", "LR_SCHEDULES"]
 
-#: optimizers the settings can name (anything else: pass a factory)
-OPTIMIZERS = ("adamw", "adam")
+#: optimizers the settings can name (anything else: pass a factory); ``signsgd`` is signed
+#: gradient descent, ``p <- p - lr * sign(grad)`` (AutoRound / SignRound)
+OPTIMIZERS = ("adamw", "adam", "signsgd")
+#: learning-rate schedules over the steps of one :func:`~llmcq.recon.reconstruct` call
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 #: maps the block's float parameters (name -> tensor) to the parameters the training forward
 #: uses (e.g. ``Q(LET(W))``: fake-quantized, differentiable in the learnable tensors)
@@ -36,6 +39,13 @@ class ReconSettings:
     whatever it says. ``optimizer``: ``"adamw"`` or ``"adam"`` with ``weight_decay`` as the
     default of every :class:`ParamGroup`, or a factory ``f(param_groups) -> Optimizer``.
     ``max_grad_norm``: clip the (rank-averaged) gradient norm before each step.
+    ``lr_schedule``: every group's learning rate over the ``T`` steps of one call
+    (``t`` = steps taken): ``constant``; ``cosine``, ``lr (1 + cos(pi t / T)) / 2`` (torch's
+    ``CosineAnnealingLR`` with ``eta_min`` 0: TesseraQ, per hardening stage); ``linear``,
+    ``lr (1 - t / T)`` (AutoRound).
+    ``keep_best``: track every step's loss (the mean over the ranks' batches under
+    ``torchrun``) and end with the learnable tensors that produced the lowest one (as they
+    were before that step's update; AutoRound keeps its best iteration this way).
     ``log_every``: in iterations mode, the mean loss is logged (and checked for NaN/Inf)
     every ``log_every`` iterations (default: once, at the end); in epochs mode every epoch.
     ``rollback_nonfinite``: a non-finite logged loss restores the learnable tensors to the
@@ -48,6 +58,8 @@ class ReconSettings:
     amp: bool = False
     optimizer: str | Callable[[list[dict[str, Any]]], torch.optim.Optimizer] = "adamw"
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    keep_best: bool = False
     max_grad_norm: float | None = None
     seed: int = 0
     log_every: int | None = None
@@ -64,6 +76,9 @@ class ReconSettings:
         if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)} "
                              "or a factory")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r}; allowed: "
+                             f"{', '.join(LR_SCHEDULES)}")
         if self.log_every is not None and self.log_every < 1:
             raise ValueError("log_every is at least 1")
 
@@ -128,12 +143,16 @@ class ReconResult:
     every rank's batches; ``first``/``last``: the first and the last of them (NaN when
     nothing was trained); ``steps``: optimizer steps taken; ``rolled_back``: a non-finite
     loss restored the tensors of the previous logged point (``losses[-1]`` is that loss);
-    ``amp``: whether bfloat16 autocast was on."""
+    ``amp``: whether bfloat16 autocast was on; with ``keep_best``: ``best_loss``, the lowest
+    step loss, and ``best_step``, the step (0-based) whose starting tensors were kept (None
+    without ``keep_best``)."""
 
     losses: list[float] = field(default_factory=list)
     steps: int = 0
     rolled_back: bool = False
     amp: bool = False
+    best_loss: float | None = None
+    best_step: int | None = None
 
     @property
     def first(self) -> float:

@@ -16,6 +16,7 @@ from llmcq import dist
 from llmcq.pipeline.blockwise import Block, BlockInputs, block_output
 from llmcq.recon.dp import average_gradients, steps_per_epoch
 from llmcq.recon.losses import TargetLoss
+from llmcq.recon.optim import SignSGD, lr_factor
 from llmcq.recon.quant import act_quant_hooks
 from llmcq.recon.settings import (ActQuant, Batch, BatchLoss, ParamGroup, ParamsFn,
                                   ReconResult, ReconSettings)
@@ -43,6 +44,8 @@ def float_kwargs(v: Any, dtype: torch.dtype = torch.float32) -> Any:
 def _optimizer(groups: list[dict[str, Any]], s: ReconSettings) -> torch.optim.Optimizer:
     if callable(s.optimizer):
         return s.optimizer(groups)
+    if s.optimizer == "signsgd":
+        return SignSGD(groups)
     cls = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
     return cls(groups, weight_decay=s.weight_decay)
 
@@ -143,6 +146,30 @@ def reconstruct(block: Block, inputs: BlockInputs, targets: Targets,
     for p in flags:
         p.requires_grad_(False)
     parallel = dist.active()
+    base_lr = [g["lr"] for g in optimizer.param_groups]
+    total_steps = (s.epochs * steps_per_epoch(len(inputs), device=dev) if s.epochs
+                   else s.iterations)
+    best: list[torch.Tensor] | None = None
+
+    def track_best(value: torch.Tensor | None) -> None:
+        """Keep the tensors that produced the lowest step loss so far (before the update)."""
+        nonlocal best
+        if parallel:  # the step's loss over every rank's batch, the same on every rank
+            both = torch.stack([torch.zeros((), dtype=torch.float64, device=dev)
+                                if value is None else value.double(),
+                                torch.tensor(0.0 if value is None else 1.0,
+                                             dtype=torch.float64, device=dev)])
+            dist.all_reduce_sum(both)
+            if float(both[1]) == 0:
+                return
+            loss = float(both[0]) / float(both[1])
+        elif value is None:
+            return
+        else:
+            loss = float(value)
+        if _finite(loss) and (result.best_loss is None or loss < result.best_loss):
+            result.best_loss, result.best_step = loss, result.steps
+            best = [p.detach().clone() for p in learnable]
 
     def step(batch: Batch | None) -> torch.Tensor | None:
         """One optimizer step on ``batch`` (None: this rank only joins the reduction)."""
@@ -162,9 +189,15 @@ def reconstruct(block: Block, inputs: BlockInputs, targets: Targets,
             optimizer.zero_grad(set_to_none=True)
         if parallel:
             average_gradients(learnable, contributed=batch is not None)
+        if s.keep_best:
+            track_best(None if value is None else value.detach())
         if s.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(learnable, s.max_grad_norm)
         optimizer.step()
+        if s.lr_schedule != "constant":  # the rate of the next step
+            f = lr_factor(s.lr_schedule, result.steps + 1, total_steps)
+            for g, lr in zip(optimizer.param_groups, base_lr, strict=True):
+                g["lr"] = lr * f
         if after_step is not None:
             with torch.no_grad():
                 after_step()
@@ -239,6 +272,10 @@ def reconstruct(block: Block, inputs: BlockInputs, targets: Targets,
                                 "epoch" if s.epochs else "window")
                     break
                 snapshot = [p.detach().clone() for p in learnable]
+        if best is not None:
+            with torch.no_grad():
+                for p, saved in zip(learnable, best, strict=True):
+                    p.copy_(saved)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)

@@ -80,13 +80,14 @@ class AutoRoundSpec(AlgorithmSpec):
         if not weight.round_zp:
             raise ConfigError("quant.weight.round_zp", False, allowed="True",
                               reason="AutoRound rounds its zero points to integers")
-        if special.enable_quanted_input != bool(quant.quant_out):
-            raise ConfigError(step.key("enable_quanted_input"), special.enable_quanted_input,
-                              allowed=str(bool(quant.quant_out)),
-                              reason="llmcq feeds blocks their quantized predecessors' "
-                              f"outputs with quant.quant_out, which is {bool(quant.quant_out)}"
-                              ": set quant.quant_out to the same value (auto-round's default "
-                              "is enable_quanted_input: True, i.e. quant_out: True)")
+        quant_out = bool(quant.quant_out)
+        if special.enable_quanted_input != quant_out:
+            mine = special.enable_quanted_input
+            raise ConfigError(step.key("enable_quanted_input"), mine, allowed=str(quant_out),
+                              reason=f"auto-round's enable_quanted_input is llmcq's "
+                              f"quant.quant_out, which is {quant_out}: set quant.quant_out: "
+                              f"{mine} (auto-round's default, True, trains each block on the "
+                              f"quantized blocks' outputs), or enable_quanted_input: {quant_out}")
         calib = step.config.calib
         for key, ours in (("nsamples", "n_samples"), ("seqlen", "seq_len")):
             given = getattr(special, key)

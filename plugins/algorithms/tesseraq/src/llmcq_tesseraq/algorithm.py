@@ -13,9 +13,10 @@ Per block:
    ranges: v1 searched on the fly (:func:`llmcq.quant.clip.search_clip` on about 512 tokens
    of each group's input gathered from every rank, :class:`llmcq.stats.TokenSample`), v2
    those an earlier step of the recipe published for the block or ``<clip_path>/clips.pth``;
-   queries and keys (declared roles ``q``, ``k``, ``qkv``) keep min-max, as in llmc. The
-   weights are clamped to the ranges (as llmc's v1 does) and each linear's grid is fixed:
-   min-max per group of the clamped weight. Then PAR on core's harness
+   queries and keys (declared roles ``q``, ``k``, ``qkv``) keep min-max, as in llmc. Each
+   linear's grid is fixed: min-max per group of the weight clamped to its range (v1 also
+   clamps the float weights in place, as llmc's v1 does; v2 leaves them alone, as llmc's
+   learnable clip factors do: the codes are the same either way). Then PAR on core's harness
    (:func:`llmcq.recon.reconstruct`, once per stage with a fresh Adam): before each stage
    the most decided rounding variables are hardened (:func:`solver.harden`), then
    ``iterations`` steps on ``batch_size`` samples drawn at random train the soft ones (and
@@ -178,17 +179,18 @@ class TesseraQ(Algorithm):
         targets = self._chain.targets(block, inputs, quant_out=self._quant_out,
                                       aug_loss=self.sp.aug_loss)
         linears = block.linears()
+        weights = {name: lin.weight.data for name, lin in linears.items()}
         if self.sp.weight_clip:
-            clips = self._clips(block, inputs)
             with torch.no_grad():
-                for name, (lo, hi) in clips.items():
-                    w = linears[name].weight
-                    w.data.copy_(apply_clip(w.data, lo.to(w.device), hi.to(w.device),
-                                            self.weight))
+                for name, (lo, hi) in self._clips(block, inputs).items():
+                    w = weights[name]
+                    weights[name] = apply_clip(w, lo.to(w.device), hi.to(w.device),
+                                               self.weight)
+                    if self.sp.clip_version == "v1":  # llmc's v1 clamps the weights in place
+                        w.copy_(weights[name])
         with torch.no_grad():
-            state = {name: init_linear(lin.weight.data, self.weight,
-                                       optimize_scale=self.sp.optimize_scale)
-                     for name, lin in linears.items()}
+            state = {name: init_linear(w, self.weight, optimize_scale=self.sp.optimize_scale)
+                     for name, w in weights.items()}
         act = None if self.act is None else recon.ActQuant(self.act, ste=self._aste)
         with torch.no_grad():  # llmc logs the loss before and after: here on every sample
             nearest = {n: _nearest(t) for n, t in state.items()}
@@ -204,11 +206,11 @@ class TesseraQ(Algorithm):
                 q = solver.codes(t.base, h, t.zero, self.weight)
                 scale = solver.effective_scale(t.scale, t.nu)
                 out[name] = (q, scale, t.zero)
-                changed.append(solver.change_ratio(t.base, h, linears[name].weight.data,
-                                                   t.scale, self.weight))
+                changed.append(solver.change_ratio(t.base, h, weights[name], t.scale,
+                                                   self.weight))
                 t.state = h.to(torch.int8)
             after = self._block_loss(block, inputs, targets, state, act)
-        del targets
+        del targets, weights
         self._losses.append((before, after))
         log.info("%s: TesseraQ block loss %.4g (round to nearest) -> %.4g", block.name,
                  before, after)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,18 @@ METHODS: dict[str, Method] = {
                             special_act={"lwc": True, "let": True, "alpha": 0.5,
                                          "let_lr": 0.001, "epochs": OMNI_EPOCHS},
                             weight_extra=LEARNABLE, quant_out=True),
+    # learned rounding (issue 14), each with its reference's own schedule: TesseraQ llmc's
+    # tesseraq_w_only.yml (10 hardening stages x 250 Adam steps, batch 2), started from AWQ's
+    # scales and clips in one recipe, or alone (its own AWQ clip search on the fly, v1);
+    # AutoRound auto-round 0.15.1's defaults (200 signed steps, batch 8, lr 1/200, best step
+    # kept), quantized-chain inputs, against the auto-round package on the same tokens
+    "tesseraq": Method(["awq", "tesseraq"], tuple(WEIGHT_ONLY),
+                       special={"awq": AWQ_SPECIAL, "tesseraq": {"weight_clip": False}},
+                       quant_out=True),
+    "tesseraq-noawq": Method("tesseraq", tuple(WEIGHT_ONLY),
+                             special={"weight_clip": True, "clip_version": "v1"},
+                             quant_out=True),
+    "autoround": Method("autoround", tuple(WEIGHT_ONLY), peer="autoround", quant_out=True),
     # GPTQ without llmc's true_sequential, which llm-compressor does not have
     "gptq-nots": Method("gptq", tuple(WEIGHT_ONLY), peer="gptq",
                         special={**GPTQ_SPECIAL, "static_groups": True,
@@ -153,7 +166,9 @@ def run_peer(peer: str, setting: str, calib: dict[str, Any], windows: int | None
     dense folder with llmcq's perplexity code (bench/peers/check_folder.py), applying the
     peer's own activation fake-quant semantics for W-A rows."""
     peers = REPO / "bench" / "peers"
-    py = REPO / ".venv-peers" / "bin" / "python"
+    # the peers' interpreter: their venv here; $LLMCQ_PEERS_PYTHON on the GPU machine, where
+    # the peer's wheels are carried onto python3's path (bench/gpu/README.md)
+    py = Path(os.environ.get("LLMCQ_PEERS_PYTHON") or REPO / ".venv-peers" / "bin" / "python")
     if not py.exists():
         raise RuntimeError("peer venv missing: bash bench/peers/setup.sh")
     with tempfile.TemporaryDirectory(prefix="llmcq-peer-") as tmp:

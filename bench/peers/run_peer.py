@@ -15,6 +15,8 @@ Methods (the decoder blocks' linears are quantized, the tied lm_head stays float
   awq          llm-compressor AWQModifier + QuantizationModifier (needs --calib and a GPU)
   smoothquant  llm-compressor SmoothQuantModifier + QuantizationModifier (needs --calib)
   hqq          the hqq package's HQQLinear with its defaults (data-free, weight-only, asym)
+  autoround    the auto-round package's AutoRound (SignRound; needs --calib; weight-only),
+               float32 on the CPU (--ar-amp false), our calibration ids as its dataset
 
 Activation quantization (``--act-bits``, per-token dynamic) cannot be stored in a dense
 folder: it is recorded in ``peer_meta.json`` under ``activation`` with the exact formula, and
@@ -42,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_model import ensure_exported  # noqa: E402
 
 LLMC_METHODS = ("rtn", "gptq", "awq", "smoothquant")
-METHODS = (*LLMC_METHODS, "hqq")
-NEEDS_CALIB = ("gptq", "awq", "smoothquant")
+METHODS = (*LLMC_METHODS, "hqq", "autoround")
+NEEDS_CALIB = ("gptq", "awq", "smoothquant", "autoround")
 META = "peer_meta.json"
 
 
@@ -96,6 +98,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="SmoothQuant smoothing_strength (llm-compressor default 0.5)")
     g.add_argument("--awq-n-grid", type=int, default=20, help="AWQ grid points")
     g.add_argument("--awq-duo-scaling", choices=("true", "false", "both"), default="true")
+    g.add_argument("--ar-iters", type=int, default=200, help="AutoRound iters per block")
+    g.add_argument("--ar-lr", type=float, default=None,
+                   help="AutoRound lr (default: the package's, 1/iters)")
+    g.add_argument("--ar-minmax-lr", type=float, default=None,
+                   help="AutoRound minmax_lr (default: the package's, lr)")
+    g.add_argument("--ar-batch-size", type=int, default=8, help="AutoRound batch_size")
+    g.add_argument("--ar-minmax-tuning", choices=("true", "false"), default="true",
+                   help="AutoRound enable_minmax_tuning")
+    g.add_argument("--ar-not-use-best-mse", choices=("true", "false"), default="false")
+    g.add_argument("--ar-quanted-input", choices=("true", "false"), default="true",
+                   help="AutoRound enable_quanted_input (llmcq: quant.quant_out)")
+    g.add_argument("--ar-seed", type=int, default=42, help="AutoRound seed")
+    g.add_argument("--ar-amp", choices=("true", "false"), default="false",
+                   help="AutoRound amp; true casts the whole model to bfloat16 (also on the "
+                        "CPU); default false: float32, as llmcq trains on the CPU")
+    g.add_argument("--ar-scale-dtype", choices=("fp16", "fp32"), default="fp16",
+                   help="AutoRound scale_dtype (the package's default fp16)")
     args = ap.parse_args(argv)
     if args.method not in NEEDS_CALIB and args.calib is not None:
         print(f"run_peer: {args.method} is data-free; --calib is ignored", file=sys.stderr)
@@ -127,6 +146,8 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
         s.update(smoothing_strength=args.sq_alpha)
     if args.method == "awq":
         s.update(n_grid=args.awq_n_grid, duo_scaling=args.awq_duo_scaling)
+    if args.method == "autoround":
+        s.update(autoround_settings(args))
     return s
 
 
@@ -146,7 +167,8 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
-    for name in ("torch", "transformers", "llmcompressor", "compressed-tensors", "hqq"):
+    for name in ("torch", "transformers", "llmcompressor", "compressed-tensors", "hqq",
+                 "auto-round"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -164,8 +186,8 @@ def decoder_linears(model: Any) -> dict[str, Any]:
 
 def check_group_size(model: Any, args: argparse.Namespace) -> None:
     """Refuse what the peer refuses (or would silently mis-group), before any work."""
-    if args.group_size == -1:
-        return
+    if args.group_size == -1 or args.method == "autoround":
+        return  # auto-round pads a partial last group (as llmcq does)
     bad = sorted({int(m.in_features) for m in decoder_linears(model).values()
                   if m.in_features % args.group_size})
     if not bad:
@@ -197,7 +219,10 @@ def distinct_per_group(w: Any, group_size: int) -> int:
 
     rows, cols = w.shape
     g = cols if group_size == -1 else group_size
-    groups = w.reshape(rows, cols // g, g)
+    pad = (-cols) % g  # a partial last group (auto-round): repeat its last column
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(rows, pad)], dim=1)
+    groups = w.reshape(rows, -1, g)
     s, _ = torch.sort(groups, dim=-1)
     return int(((s[..., 1:] != s[..., :-1]).sum(-1) + 1).max())
 
@@ -378,6 +403,73 @@ def run_hqq(args: argparse.Namespace, model: Any) -> tuple[dict[str, Any], dict[
                                        "opt_params": None if opt is None else opt.default}}
 
 
+# --------------------------------------------------------------------------- auto-round
+
+
+def autoround_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """AutoRound's arguments as passed (None: the package derives it)."""
+    return {"iters": args.ar_iters, "lr": args.ar_lr, "minmax_lr": args.ar_minmax_lr,
+            "batch_size": args.ar_batch_size,
+            "enable_minmax_tuning": args.ar_minmax_tuning == "true",
+            "not_use_best_mse": args.ar_not_use_best_mse == "true",
+            "enable_quanted_input": args.ar_quanted_input == "true",
+            "seed": args.ar_seed, "amp": args.ar_amp == "true",
+            "scale_dtype": args.ar_scale_dtype}
+
+
+def check_autoround(args: argparse.Namespace, calib: list[list[int]] | None) -> None:
+    """What run_peer refuses for auto-round, before any work."""
+    if args.method != "autoround":
+        return
+    if args.act_bits is not None:
+        raise PeerRefused("run_peer drives auto-round weight-only (as llmcq's autoround)")
+    if not calib or len({len(s) for s in calib}) != 1:
+        raise PeerRefused("auto-round skips samples shorter than its seqlen: give samples of "
+                          "one length")
+
+
+def run_autoround(args: argparse.Namespace, model: Any, tok: Any, calib: list[list[int]]
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """auto-round's AutoRound (SignRound) on our calibration ids; the linears it quantizes
+    end holding its dequantized weights (its ``unwrapper`` writes them), read back here."""
+    import torch
+    from auto_round import AutoRound
+    from auto_round.algorithms.quantization.sign_round.config import SignRoundConfig
+    from auto_round.schemes import QuantizationScheme
+
+    check_autoround(args, calib)
+    s = autoround_settings(args)
+    scheme = QuantizationScheme.from_dict({
+        "bits": args.bits, "sym": args.sym, "data_type": "int", "act_bits": 16,
+        "group_size": -1 if args.group_size == -1 else args.group_size})
+    config = SignRoundConfig(iters=s["iters"], lr=s["lr"], minmax_lr=s["minmax_lr"],
+                             enable_minmax_tuning=s["enable_minmax_tuning"],
+                             not_use_best_mse=s["not_use_best_mse"],
+                             enable_quanted_input=s["enable_quanted_input"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # pre-tokenized samples, one [1, seqlen] tensor each: no dataset download, no text
+    ar = AutoRound(model, tokenizer=tok, scheme=scheme, alg_configs=config,
+                   dataset=[torch.tensor([ids]) for ids in calib], nsamples=len(calib),
+                   seqlen=len(calib[0]), batch_size=s["batch_size"], seed=s["seed"],
+                   amp=s["amp"], scale_dtype=s["scale_dtype"], enable_torch_compile=False,
+                   device_map="cpu", low_cpu_mem_usage=False)
+    out = ar.quantize()
+    qmodel = out[0] if isinstance(out, tuple) else out
+    if qmodel is not model:
+        raise RuntimeError("auto-round returned another model object")
+    updates = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    linears = decoder_linears(model)
+    quantized = sorted(n for n in linears if not torch.equal(updates[f"{n}.weight"],
+                                                             before[f"{n}.weight"]))
+    import importlib.metadata as md
+
+    return updates, {"quantized_modules": quantized,
+                     "autoround": {"version": md.version("auto-round"), **s,
+                                   "resolved_lr": getattr(config, "lr", None),
+                                   "resolved_minmax_lr": getattr(config, "minmax_lr", None),
+                                   "dataset": "pre-tokenized calibration ids (--calib)"}}
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -467,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     torch.manual_seed(0)
     meta: dict[str, Any] = {
-        "peer": ("hqq" if args.method == "hqq" else "llm-compressor"),
+        "peer": {"hqq": "hqq", "autoround": "auto-round"}.get(args.method, "llm-compressor"),
         "method": args.method, "settings": settings_of(args), "versions": versions(),
         "calib": None, "status": "running",
     }
@@ -500,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     load_s = time.perf_counter() - t0
     try:
         check_group_size(model, args)
+        check_autoround(args, calib)
         if args.method == "hqq" and (args.sym or args.act_bits is not None):
             run_hqq(args, model)  # raises PeerRefused
     except PeerRefused as exc:
@@ -510,6 +603,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.method == "hqq":
             updates, extra = run_hqq(args, model)
             peer_model = None
+        elif args.method == "autoround":
+            assert calib is not None
+            updates, extra = run_autoround(args, model, tok, calib)
+            peer_model = None  # its forward already uses the written weights
         else:
             updates, extra = run_llmcompressor(args, model, tok, calib)
             peer_model = model

@@ -78,6 +78,8 @@ def make_ctx(model: Any, algo: str, special: dict[str, Any] | None = None,
            "save": {"save_path": str(Path(folder) / "out"), "overwrite": True}}
     if algo == "rtn":
         raw["quant"].pop("special")
+    if algo in ("tesseraq", "autoround"):  # trained on the quantized chain's inputs
+        raw["quant"]["quant_out"] = True
     try:
         resolved = resolve_config(raw, overwrite=True)
     except Exception:

@@ -113,6 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--ar-amp", choices=("true", "false"), default="false",
                    help="AutoRound amp; true casts the whole model to bfloat16 (also on the "
                         "CPU); default false: float32, as llmcq trains on the CPU")
+    g.add_argument("--ar-device", default="cpu",
+                   help="AutoRound device_map (cuda on the GPU machine)")
     g.add_argument("--ar-scale-dtype", choices=("fp16", "fp32"), default="fp16",
                    help="AutoRound scale_dtype (the package's default fp16)")
     args = ap.parse_args(argv)
@@ -413,7 +415,7 @@ def autoround_settings(args: argparse.Namespace) -> dict[str, Any]:
             "enable_minmax_tuning": args.ar_minmax_tuning == "true",
             "not_use_best_mse": args.ar_not_use_best_mse == "true",
             "enable_quanted_input": args.ar_quanted_input == "true",
-            "seed": args.ar_seed, "amp": args.ar_amp == "true",
+            "seed": args.ar_seed, "amp": args.ar_amp == "true", "device": args.ar_device,
             "scale_dtype": args.ar_scale_dtype}
 
 
@@ -452,7 +454,7 @@ def run_autoround(args: argparse.Namespace, model: Any, tok: Any, calib: list[li
                    dataset=[torch.tensor([ids]) for ids in calib], nsamples=len(calib),
                    seqlen=len(calib[0]), batch_size=s["batch_size"], seed=s["seed"],
                    amp=s["amp"], scale_dtype=s["scale_dtype"], enable_torch_compile=False,
-                   device_map="cpu", low_cpu_mem_usage=False)
+                   device_map=s["device"], low_cpu_mem_usage=False)
     out = ar.quantize()
     qmodel = out[0] if isinstance(out, tuple) else out
     if qmodel is not model:

@@ -1,10 +1,10 @@
 """TesseraQ through ``run()`` on the tiny Llama (2 blocks, hidden 64, intermediate 160, GQA
 4/2 heads): after the last stage every rounding variable is hard, the records hold exactly
 the trained codes and tuned scales and the evaluated model computes with exactly their
-dequantized weights; untrained it is round-to-nearest; training lowers the block error;
-``[awq, tesseraq]`` clips with AWQ's published ranges; ``[omniquant, tesseraq]`` with
-OmniQuant's; W4A4 trains with per-token activations. (The trained ``[awq, tesseraq]``
-recipe runs in test_two_step.py.)"""
+dequantized weights; training lowers the block loss below round-to-nearest's; untrained
+``[awq, tesseraq]`` is round-to-nearest of the weights clamped to AWQ's published ranges;
+``[omniquant, tesseraq]`` clips with OmniQuant's; W4A4 trains with per-token activations.
+(The trained ``[awq, tesseraq]`` recipe runs in test_two_step.py.)"""
 
 from __future__ import annotations
 
@@ -17,12 +17,9 @@ import torch
 
 import llmcq
 from llmcq.config.loader import resolve_config
-from llmcq.pipeline.blockwise import capture_block_inputs
-from llmcq.pipeline.runner import calibration_batches, run
+from llmcq.pipeline.runner import run
 from llmcq.plugins import registry
 from llmcq.quant.clip import apply_clip
-from llmcq.quant.qparams import quantize_weight
-from llmcq_llama.adapter import LlamaAdapter
 from llmcq_tesseraq import solver
 from llmcq_tesseraq.algorithm import TesseraQ
 
@@ -49,7 +46,7 @@ def _cfg(model: Path, data: Path, save: Path, special: dict[str, Any], *,
         "base": {"seed": 0, "device": "cpu"},
         "model": {"type": "llama", "path": str(model)},
         "calib": {"name": "wikitext2", "path": str(data / "wikitext2" / "valid.txt"),
-                  "n_samples": 8, "seq_len": 32, "preproc": "wikitext2_gptq", "bs": 1,
+                  "n_samples": 6, "seq_len": 32, "preproc": "wikitext2_gptq", "bs": 1,
                   "seed": 1},
         "eval": {"eval_pos": [], "name": "wikitext2",
                  "path": str(data / "wikitext2" / "test.txt"), "seq_len": 32,
@@ -71,6 +68,16 @@ class _Spy:
         self.records = dict(run.records)
         self.artefacts = run.artefacts
         return []
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    """The tiny blocks train faster on one thread than on two threads fighting over the
+    cores (with each other and with other jobs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -137,38 +144,11 @@ def test_hard_rounding_records_and_model_are_the_trained_ones(
         assert torch.equal(t.weight(spec), rec.dequantize()), name
         assert torch.equal(modules[name].weight.data, rec.dequantize()), name
     summary = res["recipe"][0]
-    assert len(summary["block_loss"]) == 2 and summary["thresholds"] == SHORT["thresholds"]
+    assert summary["thresholds"] == SHORT["thresholds"]
     assert all(0 < c < 0.5 for c in summary["change_ratio"]), summary
-
-
-def test_untrained_is_round_to_nearest_and_training_lowers_the_block_error(
-        tmp_path: Path, tiny_llama_dir: Path, shared_data: Path,
-        tiny: tuple[Any, Any]) -> None:
-    model, tok = tiny
-    resolved = resolve_config(_cfg(tiny_llama_dir, shared_data, tmp_path / "c", SHORT))
-    assert resolved.calib is not None and resolved.config.calib is not None
-    samples = resolved.calib[0].calibration_ids(tok, resolved.config.calib)
-    inputs = capture_block_inputs(model, LlamaAdapter(), calibration_batches(samples, 1),
-                                  torch.device("cpu"))
-    want = inputs.forward(model.model.layers[0])
-
-    def block0_error(special: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-        m = copy.deepcopy(model)
-        spy, res = _run(_cfg(tiny_llama_dir, shared_data, tmp_path / str(len(special)),
-                             special), m, tok)
-        got = inputs.forward(m.model.layers[0])
-        err = sum(float(((g - w) ** 2).mean()) for g, w in zip(got, want, strict=True))
-        return err, spy.records
-
-    err0, records0 = block0_error({**SHORT, "iterations": 0, "optimize_scale": False})
-    spec = resolved.specs.weight
-    for name, rec in records0.items():  # no training: round to nearest on the min-max grid
-        w = dict(model.named_modules())[name].weight.data
-        q, qp = quantize_weight(w, spec)
-        assert torch.equal(rec.qweight.float(), q) and torch.equal(rec.scale, qp.scale), name
-    err1, _ = block0_error({**SHORT, "iterations": 12})
-    # measured: 0.038 -> 0.017
-    assert err1 < 0.7 * err0, (err0, err1)
+    # on the calibration samples the learned rounding and scales beat round to nearest
+    losses = summary["block_loss"]
+    assert len(losses) == 2 and all(after < 0.9 * before for before, after in losses), losses
 
 
 @pytest.mark.skipif(not _installed("awq"), reason="the awq plugin is not installed")

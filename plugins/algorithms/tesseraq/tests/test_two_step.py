@@ -66,6 +66,16 @@ class _Spy:
         return []
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    """The tiny blocks train faster on one thread than on two threads fighting over the
+    cores (with each other and with other jobs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir: Path) -> tuple[Any, Any]:
     return load_pretrained(ModelSource(tiny_llama_dir))

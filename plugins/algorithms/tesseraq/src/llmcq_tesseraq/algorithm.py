@@ -38,7 +38,7 @@ same decisions and writes the same records. A step averages ``W * batch_size`` s
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -83,11 +83,33 @@ class LinearRounding:
     scale: torch.Tensor
     zero: torch.Tensor | None
     nu: nn.Parameter | None
+    #: what does not change between hardenings, spread over the columns once (the training
+    #: forward runs every step): for the ``state`` object it was computed for
+    _fixed: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def _pieces(self, spec: WeightQuantSpec) -> dict[str, Any]:
+        if self._fixed.get("state") is not self.state:
+            cols = self.base.shape[1]
+            zero = None if self.zero is None else solver.per_column(self.zero, spec, cols)
+            self._fixed = {
+                "state": self.state, "zero": zero,
+                "offset": self.base if zero is None else self.base + zero,
+                "soft": self.state == solver.SOFT, "hard": self.state.float(),
+                "scale": solver.per_column(self.scale, spec, cols) if self.nu is None
+                else None,
+            }
+        return self._fixed
 
     def weight(self, spec: WeightQuantSpec) -> torch.Tensor:
-        """The fake-quantized weight with the current (soft and hard) rounding."""
-        return solver.fake_quant(self.base, solver.rounding(self.r, self.state), self.scale,
-                                 self.zero, self.nu, spec)
+        """The fake-quantized weight with the current (soft and hard) rounding: the values
+        of :func:`solver.fake_quant`, with the fixed parts computed once per state."""
+        p = self._pieces(spec)
+        h = torch.where(p["soft"], solver.rectified_sigmoid(self.r), p["hard"])
+        lo, hi = solver.bounds(spec)
+        q = torch.clamp(p["offset"] + h, lo, hi)
+        scale = p["scale"] if self.nu is None else solver.per_column(
+            solver.effective_scale(self.scale, self.nu), spec, self.base.shape[1])
+        return solver.dequantize(q, p["zero"], scale)
 
 
 def _nearest(t: LinearRounding) -> LinearRounding:

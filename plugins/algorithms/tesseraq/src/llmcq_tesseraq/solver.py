@@ -33,7 +33,7 @@ from llmcq.quant.spec import PerGroup, WeightQuantSpec
 __all__ = ["ZETA", "GAMMA", "SOFT", "rectified_sigmoid", "rectified_sigmoid_inverse",
            "grid_qparams", "per_column", "init_rounding", "rounding", "harden", "quantile",
            "final_rounding", "scale_factor", "effective_scale", "codes", "fake_quant",
-           "hard_share", "l2_loss", "change_ratio"]
+           "hard_share", "l2_loss", "change_ratio", "bounds", "dequantize"]
 
 #: AdaRound's stretch of the sigmoid: h = clamp(sigmoid(r) (ZETA - GAMMA) + GAMMA, 0, 1)
 ZETA = 1.1
@@ -141,7 +141,8 @@ def effective_scale(scale: torch.Tensor, nu: torch.Tensor | None) -> torch.Tenso
     return (scale * scale_factor(nu)).clamp(min=SCALE_EPS)
 
 
-def _bounds(spec: WeightQuantSpec) -> tuple[int, int]:
+def bounds(spec: WeightQuantSpec) -> tuple[int, int]:
+    """``(qmin, qmax)`` of the integer grid."""
     if spec.symmetric:
         return -(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1
     return 0, 2**spec.bits - 1
@@ -151,7 +152,7 @@ def codes(base: torch.Tensor, h: torch.Tensor, zero: torch.Tensor | None,
           spec: WeightQuantSpec) -> torch.Tensor:
     """``clamp(floor(W / s) + h + z, qmin, qmax)`` (``[out, in]``; ``zero`` per group): the
     integer codes when ``h`` is hard, differentiable in ``h`` inside the grid."""
-    lo, hi = _bounds(spec)
+    lo, hi = bounds(spec)
     q = base + h
     if zero is not None:
         q = q + per_column(zero, spec, base.shape[1])
@@ -166,10 +167,15 @@ def fake_quant(base: torch.Tensor, h: torch.Tensor, scale: torch.Tensor,
     to (the same operations in the same order as ``QuantizedLinear.dequantize``)."""
     q = codes(base, h, zero, spec)
     cols = base.shape[1]
-    s = per_column(effective_scale(scale, nu), spec, cols)
-    if zero is None:
-        return q * s
-    return (q - per_column(zero, spec, cols)) * s
+    return dequantize(q, None if zero is None else per_column(zero, spec, cols),
+                      per_column(effective_scale(scale, nu), spec, cols))
+
+
+def dequantize(q: torch.Tensor, zero_cols: torch.Tensor | None,
+               scale_cols: torch.Tensor) -> torch.Tensor:
+    """``(q - z) s`` with the zero points and scales spread over the columns (the order of
+    ``QuantizedLinear.dequantize``)."""
+    return q * scale_cols if zero_cols is None else (q - zero_cols) * scale_cols
 
 
 def l2_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 
 CALIB_N, CALIB_LEN = 4, 128
 WINDOWS, SEQ = 4, 512
-ITERATIONS, STAGES = 8, [0.5, 0.1]
+ITERATIONS, STAGES = 4, [0.5, 0.1]
 N_GRID = 5
 W2G64 = {"bit": 2, "symmetric": False, "granularity": "per_group", "group_size": 64}
 
@@ -82,11 +82,13 @@ def results(smollm2: tuple[Any, Any], shared_data: Path,
 
 
 def test_w2g64_tesseraq_beats_awq(results: dict[str, Any]) -> None:
+    # measured: AWQ 1574, TesseraQ 413 (8 steps per block); 356 with 12, 229 with 16
     assert results["tesseraq"] < 0.5 * results["awq"], results
     summary = results["tesseraq_recipe"]
     assert len(summary["block_loss"]) == 30 and not summary["nonfinite_loss_blocks"]
     # the learned rounding and scales beat AWQ's round-to-nearest on the calibration samples
-    # in almost every block. Measured: all but block 11 (where SmolLM2's massive activation
-    # appears and dominates the L2 loss; 16 Adam steps of 2 samples overshoot its scales)
+    # in almost every block. Measured: every block, or all but block 11 in some runs (where
+    # SmolLM2's massive activation appears and dominates the L2 loss; a few Adam steps of 2
+    # samples can overshoot there)
     losses = summary["block_loss"]
     assert sum(after < before for before, after in losses) >= 25, losses

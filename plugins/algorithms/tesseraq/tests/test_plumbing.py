@@ -158,7 +158,7 @@ def test_awq_then_tesseraq_clips_with_awqs_ranges(tmp_path: Path, tiny_llama_dir
     """Untrained, ``[awq (v2 clips), tesseraq (v2)]`` gives round-to-nearest of the
     AWQ-scaled weights clamped to AWQ's ranges: what AWQ alone with clip_version v1 (clamp)
     then core's round-to-nearest gives."""
-    awq = {"trans": True, "trans_version": "v2", "weight_clip": True, "n_grid": 5}
+    awq = {"trans": True, "trans_version": "v2", "weight_clip": True, "n_grid": 3}
     untrained = {**SHORT, "iterations": 0, "optimize_scale": False, "weight_clip": True,
                  "clip_version": "v2"}
     learn = {**W2G24, "calib_algo": "learnable"}
@@ -208,7 +208,7 @@ def test_omniquant_then_tesseraq_reads_omniquants_clips(
 def test_w4a4_trains_with_per_token_activations(tmp_path: Path, tiny_llama_dir: Path,
                                                 shared_data: Path,
                                                 tiny: tuple[Any, Any]) -> None:
-    spy, res = _run(_cfg(tiny_llama_dir, shared_data, tmp_path, {**SHORT, "iterations": 10},
+    spy, res = _run(_cfg(tiny_llama_dir, shared_data, tmp_path, {**SHORT, "iterations": 8},
                          weight=W4PC, act=A4), copy.deepcopy(tiny[0]), tiny[1])
     assert all(r.act is not None and r.act.bits == 4 for r in spy.records.values())
     # the block loss with the learned rounding and scales below round-to-nearest's

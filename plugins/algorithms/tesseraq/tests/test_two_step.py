@@ -28,8 +28,8 @@ from llmcq.plugins import registry
 W2 = {"bit": 2, "symmetric": False, "granularity": "per_group", "group_size": 16,
       "calib_algo": "learnable"}
 AWQ = {"trans": True, "trans_version": "v2", "weight_clip": True, "clip_version": "v2",
-       "n_grid": 5, "do_gqa_trans": True}
-TQ = {"iterations": 5, "batch_size": 2, "lr": 0.01, "scale_lr": 0.005,
+       "n_grid": 3, "do_gqa_trans": True}
+TQ = {"iterations": 3, "batch_size": 2, "lr": 0.01, "scale_lr": 0.005,
       "thresholds": [0.5, 0.1], "weight_clip": True, "clip_version": "v2"}
 
 pytestmark = pytest.mark.skipif(
@@ -43,7 +43,7 @@ def _cfg(model: Path, data: Path, save: Path, method: Any, special: dict[str, An
         "base": {"seed": 0, "device": "cpu"},
         "model": {"type": "llama", "path": str(model)},
         "calib": {"name": "wikitext2", "path": str(data / "wikitext2" / "valid.txt"),
-                  "n_samples": 6, "seq_len": 32, "preproc": "wikitext2_gptq", "bs": 1,
+                  "n_samples": 4, "seq_len": 32, "preproc": "wikitext2_gptq", "bs": 1,
                   "seed": 1},
         "eval": {"eval_pos": ["fake_quant"], "name": "wikitext2",
                  "path": str(data / "wikitext2" / "test.txt"), "seq_len": 32,

@@ -45,7 +45,7 @@ class TesseraQSpecial(SpecialConfig):
     batch_size: int = Field(2, ge=1)
     #: True: train in float32; False: bfloat16 autocast on CUDA (float32 on the CPU)
     deactive_amp: bool = False
-    #: average the loss against the float block run on the (quantized) inputs in
+    #: also the loss against the float block run on the (quantized) inputs, the two averaged
     aug_loss: bool = False
     #: learn a factor 2 * rectified_sigmoid(nu) per group on the dequantization scale
     optimize_scale: bool = True

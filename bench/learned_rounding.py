@@ -171,23 +171,33 @@ def merge(paths: list[Path], into: Path) -> None:
 
 
 def table(path: Path) -> None:
+    """The table: both evaluations, ours / the package on each (AutoRound rows), calibration
+    seconds, peak GPU and CPU memory."""
     data = json.loads(path.read_text())
     rows = data["rows"]
     out = []
+
+    def mib(v: Any) -> Any:
+        return round(v / 2**20) if v else "-"
+
     for setting in A.WEIGHT_ONLY:
         peer = rows.get(f"peer:autoround|{setting}", {})
         for method in ORDER:
             r = rows.get(f"{method}|{setting}")
             if r is None:
                 continue
-            ratio = (r["ppl"] / peer["ppl"] if method == "autoround" and "ppl" in r
-                     and "ppl" in peer else "-")
-            mib = r.get("peak_cuda_bytes") or r.get("peak_cpu_bytes")
+            ratios = ["-", "-"]
+            if method == "autoround":
+                for i, k in enumerate(("ppl", "ppl_full")):
+                    if k in r and k in peer:
+                        ratios[i] = r[k] / peer[k]
             out.append([setting, method, r.get("ppl", (r.get("error") or "-")[:40]),
-                        r.get("ppl_full", "-"), ratio, r.get("calib_s", "-"),
-                        round(mib / 2**20) if mib else "-", r.get("device", "-")])
+                        r.get("ppl_full", "-"), *ratios, r.get("calib_s", "-"),
+                        mib(r.get("peak_cuda_bytes")), mib(r.get("peak_cpu_bytes")),
+                        r.get("device", "-")])
     print(markdown_table(["setting", "method", f"ppl ({WINDOWS} windows)", "ppl (whole test)",
-                          "ours/auto-round", "calib s", "peak MiB", "ran on"], out))
+                          f"ours/auto-round ({WINDOWS})", "ours/auto-round (whole)",
+                          "calib s", "peak GPU MiB", "peak CPU MiB", "ran on"], out))
 
 
 def main() -> None:

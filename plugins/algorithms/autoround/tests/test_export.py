@@ -1,11 +1,12 @@
-"""Export parity of AutoRound on the tiny Llama (2 blocks, hidden 64, intermediate 160): a
-short run written with ``save_vllm`` (compressed-tensors pack-quantized: W4 g32 asymmetric, W8
+"""Export parity of AutoRound on the tiny Llama (2 blocks, hidden 64, intermediate 160): a short
+run written with ``save_vllm`` (compressed-tensors pack-quantized: W4 g32 asymmetric, W8
 per-channel symmetric) and ``save_fake``. The packed checkpoint decodes exactly to the
 records' codes, scales and zero points (test_plumbing.py checks that the records are the
-trained fake-quantized weights); reloaded by the real consumer stack (transformers + compressed-tensors,
-dequantized on the CPU) it has the records' dequantized weights bit for bit and the logits of
-llmcq's fake-quantized model, in-process and reloaded from save_fake, within 1e-5 (the bound
-plugins/backends/vllm/tests/test_vllm_export.py sets for weight-only RTN exports)."""
+trained fake-quantized weights); reloaded by the real consumer stack (transformers +
+compressed-tensors, dequantized on the CPU) it has the records' dequantized weights bit for
+bit and the logits of llmcq's fake-quantized model, in-process and reloaded from save_fake,
+within 1e-5 (the bound plugins/backends/vllm/tests/test_vllm_export.py sets for weight-only
+RTN exports)."""
 
 from __future__ import annotations
 

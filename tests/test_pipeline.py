@@ -369,3 +369,67 @@ def test_cuda_run_matches_cpu_reload(tmp_path: Path, tiny_llama_dir: Path,
     assert torch.allclose(logits(reloaded, x), logits(model, x), atol=1e-4)
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "fake_quant_model"))
     assert plain.model.layers[0].self_attn.q_proj.weight.shape == (64, 64)
+
+
+# ---------------------------------------------------------------- float targets in a recipe
+
+SEEN: dict[str, Any] = {}
+
+
+class Clipper(Algorithm):
+    """An earlier step that changes the function in place (as AWQ's clipping does)."""
+
+    def transform(self, block: Any, inputs: Any) -> None:
+        SEEN.setdefault("before", {})[block.index] = {
+            n: p.detach().clone() for n, p in block.module.named_parameters()}
+        w = block.linears()["mlp.down_proj"].weight
+        w.clamp_(-0.5 * float(w.abs().max()), 0.5 * float(w.abs().max()))
+
+
+class Trainer(Algorithm):
+    """A later step that trains against the float block (Algorithm.float_targets)."""
+
+    float_targets = True
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        from llmcq import recon
+
+        self.chain = recon.FloatChain()
+
+    def transform(self, block: Any, inputs: Any) -> None:
+        from llmcq.pipeline.blockwise import block_output
+
+        t = self.chain.targets(block, inputs, quant_out=False, aug_loss=False)
+        before = SEEN["before"][block.index]
+        assert block.float_params is not None
+        assert all(torch.equal(block.float_params[n], before[n]) for n in before)
+        current = [block_output(block.module(h, **kw)) for h, kw in inputs.batches()]
+        SEEN.setdefault("diff_float", []).append(max(
+            float((a - b).abs().max()) for a, b in zip(t.target, current)))
+        # the targets are the block before the clipping: rebuilt by hand
+        from torch.func import functional_call
+
+        ref = [block_output(functional_call(block.module, before, (h,), kw))
+               for h, kw in inputs.batches()]
+        SEEN.setdefault("equal_ref", []).append(all(
+            torch.equal(a, b) for a, b in zip(t.target, ref)))
+
+
+def test_float_targets_are_the_block_before_the_recipe_changed_it(
+        tmp_path: Path, tiny_llama_dir: Path, shared_data: Path, tiny: Any) -> None:
+    SEEN.clear()
+    for name, cls in (("clipper", "Clipper"), ("trainer", "Trainer")):
+        registry.register("llmcq.algorithms", AlgorithmSpec(
+            name=name, impl=f"{__name__}:{cls}", needs_calibration=True))
+    try:
+        model, tok = tiny
+        cfg = base_config(tiny_llama_dir, shared_data, tmp_path / "out",
+                          method=["clipper", "trainer", "rtn"])
+        cfg["calib"] = calib(shared_data)
+        run(resolve_config(cfg), progress=False, model=model, tokenizer=tok)
+    finally:
+        for name in ("clipper", "trainer"):
+            registry.unregister("llmcq.algorithms", name)
+    assert SEEN["equal_ref"] == [True, True]
+    assert min(SEEN["diff_float"]) > 0  # the clipped block answers differently

@@ -50,6 +50,13 @@ class Algorithm:
     ``self.run``: the :class:`~llmcq.pipeline.context.RunContext`.
     """
 
+    #: True: the algorithm trains against the float block's outputs
+    #: (:class:`llmcq.recon.FloatChain`); the engine then keeps each block's parameters from
+    #: before the recipe's first quant step changes it in ``block.float_params``, so an
+    #: earlier step's in-place change that is not function-preserving (AWQ's clipping) does
+    #: not become part of the targets
+    float_targets: bool = False
+
     def __init__(self, *, run: RunContext, step: Step) -> None:
         self.run = run
         self.step = step

@@ -29,6 +29,11 @@ class Block:
     ``masks``: keep-masks of the linears pruned by earlier sparse steps of the recipe
     (relative name -> bool ``[out, in]``, on the block's device); a quantizer that declares
     ``uses_masks`` keeps those weights at zero while it optimizes.
+
+    ``float_params``: the block's parameters (name -> tensor) as they were before the first
+    quant step of the recipe changed the block, kept by the engine when a step's algorithm
+    sets ``float_targets`` (reconstruction targets are then the float model's,
+    whatever an earlier step did in place, e.g. AWQ's clipping); None otherwise.
     """
 
     index: int
@@ -36,6 +41,7 @@ class Block:
     module: nn.Module
     groups: list[ResolvedGroup]
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    float_params: dict[str, torch.Tensor] | None = None
 
     def linears(self) -> dict[str, nn.Linear]:
         """Every quantizable linear of the block (relative name -> module), in group order."""

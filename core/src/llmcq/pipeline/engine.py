@@ -181,6 +181,11 @@ def quantize_model(run: RunContext, batches: list[torch.Tensor] | None) -> None:
     # (sparse.sparsity_out) or quantized ones (quant.quant_out)
     dense_next = sparse is not None and not sparse.sparsity_out and not (quantizing and
                                                                          quant_out)
+    # a step that trains against the float block: keep the block's parameters from before the
+    # first quant step changes anything (Algorithm.float_targets)
+    quant_steps = [s for s in run.steps if s.spec.kind != "sparse"]
+    keep_float = quant_steps[0] if any(s.algorithm is not None and s.algorithm.float_targets
+                                       for s in quant_steps) else None
     for i in tqdm(range(len(blocks)), desc="blocks", disable=not run.progress):
         module: nn.Module = blocks[i]
         name = f"{adapter.layout.blocks}.{i}"
@@ -191,6 +196,9 @@ def quantize_model(run: RunContext, batches: list[torch.Tensor] | None) -> None:
         dense_out = inputs.forward(module) if dense_next and inputs is not None and \
             not last else None
         for step in run.steps:
+            if step is keep_float:
+                block.float_params = {n: p.detach().clone()
+                                      for n, p in module.named_parameters()}
             call_stage(run, "calibrate", hook.llmcq_calibrate, step=step, where=name,
                        block=block, inputs=inputs)
             call_stage(run, "transform", hook.llmcq_transform, step=step, where=name,
@@ -222,6 +230,7 @@ def quantize_model(run: RunContext, batches: list[torch.Tensor] | None) -> None:
         for rel, rec in records.items():
             run.records[block.full_name(rel)] = rec.to("cpu")
         block.masks.clear()
+        block.float_params = None
         _offload(module, resident)
         run.drop_scratch(i)
         if run.device.type == "cuda":

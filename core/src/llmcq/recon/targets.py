@@ -11,9 +11,11 @@ block's output on them. With ``quant_out`` the engine feeds each block the outpu
 ``aug_loss`` adds a second target, the float block on the quantized inputs, ``B_i(x_q)``
 (the same tensor as ``target`` in block 0, or without ``quant_out``).
 
-Targets are computed before the step changes the block, on the block as earlier recipe
-steps left it (AWQ's scales folded in: function-preserving, so the float targets stay the
-float model's up to rounding).
+Targets are the float block's: when the engine kept ``block.float_params`` (the block
+before the recipe's first quant step, for an algorithm with ``float_targets``) the float
+block runs with those parameters, so an earlier step's in-place change
+that is not function-preserving (AWQ's clipping) is not learned as the target. Otherwise
+they are computed on the block as it is when called (before the calling step changes it).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.func import functional_call
 
 from llmcq.pipeline.blockwise import Block, BlockInputs, block_output
 
@@ -54,18 +57,25 @@ class FloatChain:
     @torch.no_grad()
     def targets(self, block: Block, inputs: BlockInputs, *, quant_out: bool, aug_loss: bool,
                 keep_inputs: bool = False) -> Targets:
-        module = block.module
+        module, params = block.module, block.float_params
+
+        def run(hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+            if params is None:
+                return [block_output(module(h, **kw))
+                        for h, kw in zip(hidden, inputs.kwargs, strict=True)]
+            return [block_output(functional_call(module, params, (h,), kw))
+                    for h, kw in zip(hidden, inputs.kwargs, strict=True)]
+
         if not quant_out:
-            out = inputs.forward(module)
+            out = inputs.forward(module) if params is None else run(list(inputs.hidden))
             return Targets(out, out if aug_loss else None,
                            list(inputs.hidden) if keep_inputs else None)
         if block.index == 0 or self._hidden is None:
             self._hidden = list(inputs.hidden)
         float_in = self._hidden
-        out = [block_output(module(h, **kw))
-               for h, kw in zip(float_in, inputs.kwargs, strict=True)]
+        out = run(float_in)
         self._hidden = out
         aug = None
         if aug_loss:
-            aug = out if block.index == 0 else inputs.forward(module)
+            aug = out if block.index == 0 else run(list(inputs.hidden))
         return Targets(out, aug, float_in if keep_inputs else None)

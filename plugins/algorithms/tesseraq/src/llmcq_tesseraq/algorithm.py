@@ -156,6 +156,9 @@ class TesseraQ(Algorithm):
     ```
     """
 
+    #: targets are the float block's, also after an earlier step clipped in place
+    float_targets = True
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         sp = self.special

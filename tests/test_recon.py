@@ -405,3 +405,29 @@ def test_two_gloo_ranks_agree_on_the_best_step(tmp_path: Path) -> None:
 
 def test_refuse_data_parallel_is_a_no_op_in_one_process() -> None:
     recon.refuse_data_parallel("x", "y")  # no ranks: nothing raised
+
+
+def test_cycle_sampler_sees_every_sample_equally_often() -> None:
+    """sampler="cycle" walks a shuffled order (AutoRound's index sampler): over 6 steps of 2
+    from 4 samples each sample appears 3 times; "random" draws afresh (counts differ)."""
+    seen: dict[str, list[int]] = {}
+    block = toy_block()
+    inputs = BlockInputs([torch.randn(1, 4, 8) for _ in range(4)], [{} for _ in range(4)])
+    targets = recon.Targets(list(inputs.hidden))
+    for sampler in ("cycle", "random"):
+        s = nn.Parameter(torch.ones(8))
+        got: list[int] = []
+
+        def loss(out: torch.Tensor, batch: recon.Batch, got: list[int] = got) -> torch.Tensor:
+            got.extend(int(i) for i in batch.index)
+            return recon.mse(out, batch.target)
+
+        recon.reconstruct(block, inputs, targets, [recon.ParamGroup([s], lr=0.01)],
+                          settings=recon.ReconSettings(iterations=6, batch_size=2,
+                                                       sampler=sampler, seed=1),
+                          params=scale_params(s), loss=loss)
+        seen[sampler] = [got.count(i) for i in range(4)]
+    assert seen["cycle"] == [3, 3, 3, 3]
+    assert sum(seen["random"]) == 12
+    with pytest.raises(ValueError, match="sampler 'x'; allowed: random, cycle"):
+        recon.ReconSettings(sampler="x")

@@ -13,13 +13,15 @@ if TYPE_CHECKING:
     from llmcq.quant.spec import ActQuantSpec
 
 __all__ = ["ReconSettings", "ParamGroup", "ActQuant", "Batch", "ReconResult", "ParamsFn",
-           "BatchLoss", "OPTIMIZERS", "LR_SCHEDULES"]
+           "BatchLoss", "OPTIMIZERS", "LR_SCHEDULES", "SAMPLERS"]
 
 #: optimizers the settings can name (anything else: pass a factory); ``signsgd`` is signed
 #: gradient descent, ``p <- p - lr * sign(grad)`` (AutoRound / SignRound)
 OPTIMIZERS = ("adamw", "adam", "signsgd")
 #: learning-rate schedules over the steps of one :func:`~llmcq.recon.reconstruct` call
 LR_SCHEDULES = ("constant", "cosine", "linear")
+#: how sampled iterations draw their samples
+SAMPLERS = ("random", "cycle")
 
 #: maps the block's float parameters (name -> tensor) to the parameters the training forward
 #: uses (e.g. ``Q(LET(W))``: fake-quantized, differentiable in the learnable tensors)
@@ -43,6 +45,10 @@ class ReconSettings:
     (``t`` = steps taken): ``constant``; ``cosine``, ``lr (1 + cos(pi t / T)) / 2`` (torch's
     ``CosineAnnealingLR`` with ``eta_min`` 0: TesseraQ, per hardening stage); ``linear``,
     ``lr (1 - t / T)`` (AutoRound).
+    ``sampler`` (sampled iterations): ``random``, each step ``batch_size`` samples drawn
+    afresh (TesseraQ, llmc's ``randperm(n)[:bs]``); ``cycle``, walk a shuffled order of all
+    samples and reshuffle when fewer than ``batch_size`` are left (AutoRound's index sampler:
+    every sample is seen equally often, which matters on small calibration sets).
     ``keep_best``: track every step's loss (the mean over the ranks' batches under
     ``torchrun``) and end with the learnable tensors that produced the lowest one (as they
     were before that step's update; AutoRound keeps its best iteration this way).
@@ -59,6 +65,7 @@ class ReconSettings:
     optimizer: str | Callable[[list[dict[str, Any]]], torch.optim.Optimizer] = "adamw"
     weight_decay: float = 0.0
     lr_schedule: str = "constant"
+    sampler: str = "random"
     keep_best: bool = False
     max_grad_norm: float | None = None
     seed: int = 0
@@ -79,6 +86,8 @@ class ReconSettings:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}; allowed: "
                              f"{', '.join(LR_SCHEDULES)}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler {self.sampler!r}; allowed: {', '.join(SAMPLERS)}")
         if self.log_every is not None and self.log_every < 1:
             raise ValueError("log_every is at least 1")
 

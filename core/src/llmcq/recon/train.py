@@ -106,6 +106,23 @@ class _Pool:
                      None if self.float_hidden is None else self.float_hidden[pick], idx)
 
 
+def _sampler(n: int, s: ReconSettings) -> Callable[[], torch.Tensor]:
+    """The sample indices of each sampled iteration (seeded by ``s.seed``)."""
+    gen = torch.Generator().manual_seed(s.seed)
+    if s.sampler == "random":
+        return lambda: torch.randperm(n, generator=gen)[: s.batch_size]
+    state = {"order": torch.randperm(n, generator=gen), "at": 0}
+
+    def cycle() -> torch.Tensor:
+        if state["at"] + s.batch_size > n:  # too few left: reshuffle (AutoRound)
+            state["order"], state["at"] = torch.randperm(n, generator=gen), 0
+        at = int(state["at"])
+        state["at"] = at + s.batch_size
+        return state["order"][at:at + s.batch_size]
+
+    return cycle
+
+
 def reconstruct(block: Block, inputs: BlockInputs, targets: Targets,
                 groups: Sequence[ParamGroup], *, settings: ReconSettings,
                 params: ParamsFn | None = None, loss: BatchLoss | None = None,
@@ -224,7 +241,7 @@ def reconstruct(block: Block, inputs: BlockInputs, targets: Targets,
                 yield epoch()
             return
         pool = _Pool(inputs, targets, kwargs)
-        gen = torch.Generator().manual_seed(s.seed)
+        draw = _sampler(len(pool), s)
         every = s.log_every or s.iterations
         done = 0
         while done < s.iterations:
@@ -233,7 +250,7 @@ def reconstruct(block: Block, inputs: BlockInputs, targets: Targets,
 
             def chunk(count: int = count) -> Iterator[Batch]:
                 for _ in range(count):
-                    yield pool.batch(torch.randperm(len(pool), generator=gen)[: s.batch_size])
+                    yield pool.batch(draw())
 
             yield chunk()
 

@@ -177,6 +177,7 @@ class AutoRound(Algorithm):
             settings=recon.ReconSettings(iterations=self.sp.iters, batch_size=self._batch,
                                          amp=self.sp.amp, optimizer="signsgd",
                                          lr_schedule="linear", keep_best=keep_best,
+                                         sampler="cycle",
                                          seed=self.sp.seed,
                                          log_every=max(1, self.sp.iters // LOG_WINDOWS)),
             params=params, loss=recon.TargetLoss(recon.mse),

@@ -2,9 +2,12 @@
 
     .venv/bin/python bench/export_gguf_llamacpp.py [--windows 8] [--seq-len 512]
         [--weight '{"bit": 4, "symmetric": false, "granularity": "per_group", "group_size": 32}']
+        [--method tesseraq|autoround --quick [--special JSON] [--calib-n 8] [--calib-len 128]]
 
 Steps: quantize with RTN (the weight grid given, default W4 g32 asym, i.e. Q4_1) and export
-with the ``gguf`` backend; wikitext2 perplexity (first N windows of the test set) of
+with the ``gguf`` backend (``--method tesseraq`` / ``autoround``: that learned-rounding
+algorithm instead, with the schedule and calibration of bench/exports.py's options, recorded
+in the JSON); wikitext2 perplexity (first N windows of the test set) of
 
 * llmcq's in-process fake-quantized model,
 * the GGUF loaded by ``transformers`` (``gguf_file=``), plus the max logit difference on the
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from exports import calib_section, method_quant
 from llmcq.config.loader import resolve_config
 from llmcq.eval.ppl import perplexity
 from llmcq.model.loading import ModelSource, bundled_model_path, load_pretrained
@@ -110,9 +114,17 @@ def main() -> None:
                     '"granularity": "per_group", "group_size": 32}')
     ap.add_argument("--llama-perplexity", default=os.environ.get("LLAMA_PERPLEXITY"),
                     help="llama.cpp's llama-perplexity binary (see the module docstring)")
+    ap.add_argument("--method", choices=["rtn", "tesseraq", "autoround"], default="rtn")
+    ap.add_argument("--quick", action="store_true", help="short schedule (exports.QUICK)")
+    ap.add_argument("--special", type=json.loads, default={},
+                    help="quant.special overrides (JSON), on top of --quick's")
+    ap.add_argument("--calib-n", type=int, default=8)
+    ap.add_argument("--calib-len", type=int, default=128)
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args()
     weight = json.loads(args.weight)
+    mq = method_quant(args.method, args.quick, args.special)
+    calib = calib_section(args.calib_n, args.calib_len) if args.method != "rtn" else None
     src = bundled_model_path()
     assert src is not None, "bundled model missing"
     model, tok = load_pretrained(ModelSource(src.parent, src.name))
@@ -121,11 +133,19 @@ def main() -> None:
     ids = ids[0, : args.windows * args.seq_len].view(-1, args.seq_len)
     out: dict[str, Any] = {"weight": weight, "windows": int(ids.shape[0]),
                            "seq_len": args.seq_len}
+    if calib is not None:  # the learned run's schedule, so it can be reproduced
+        out.update(method=args.method, quick=args.quick, special=mq["special"],
+                   quant_out=True, calib={**calib, "path": "wikitext2/valid.txt"})
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = {"model": {"type": "llama"}, "quant": {"method": "rtn", "weight": weight},
-               "save": {"save_path": tmp, "save_gguf": True}}
+        cfg: dict[str, Any] = {"model": {"type": "llama"}, "quant": {**mq, "weight": weight},
+                               "save": {"save_path": tmp, "save_gguf": True}}
+        if calib is not None:
+            cfg["calib"] = calib
         fq = copy.deepcopy(model)
+        t0 = time.perf_counter()
         run(resolve_config(cfg), progress=False, model=fq, tokenizer=tok)
+        if calib is not None:
+            out["quantize_s"] = round(time.perf_counter() - t0, 1)
         path = next((Path(tmp) / "gguf_quant_model").glob("*.gguf"))
         n_params = sum(p.numel() for p in model.parameters())  # a tied head counts once
         out["file"] = path.name
@@ -141,6 +161,9 @@ def main() -> None:
         out["max_logit_diff_transformers_vs_fake_quant"] = float(diff)
         out["ppl_transformers_gguf"] = perplexity(loaded, ids.reshape(-1), args.seq_len,
                                                   progress=False)[0]
+        if calib is not None:
+            out["ppl_ratio_transformers_gguf"] = out["ppl_transformers_gguf"] / out[
+                "ppl_fake_quant"]
         if args.llama_perplexity:
             # the text whose tokens are ``ids`` (the prefix they came from), for the tool
             text_file = Path(tmp) / "wikitext2-test-prefix.txt"

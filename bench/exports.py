@@ -3,6 +3,8 @@ by a reader written from the consumer's published source, against llmcq's in-pro
 fake-quantized model.
 
     .venv/bin/python bench/exports.py [--windows 4] [--seq-len 512]
+    .venv/bin/python bench/exports.py --method tesseraq --quick   # or autoround
+        [--special '{"iterations": 20}'] [--calib-n 8] [--calib-len 128]
 
 One RTN run per setting writes every backend that takes it:
 
@@ -14,6 +16,14 @@ One RTN run per setting writes every backend that takes it:
 * W8 per-channel symmetric with dynamic per-token int8 activations: ``vllm``
   (int-quantized) and ``trtllm`` (W8A8 SmoothQuant layout; the reader quantizes each linear's
   input per token, as the engine does).
+
+``--method tesseraq`` / ``autoround`` runs that learned-rounding algorithm instead (calibrated
+on ``--calib-n`` x ``--calib-len`` tokens of wikitext2 valid; ``--quick`` is a short schedule,
+QUICK below, that takes minutes on 2 CPU cores; ``--special`` overrides keys on top of it) on
+W4 g64 asymmetric (the same four backends) and W8 per-channel symmetric *weight-only*
+(``vllm`` pack-quantized, ``gptq``, ``trtllm``: AutoRound refuses ``quant.act``, AWQ's GEMM
+layout packs 4 bits only), and writes bench/results/exports_<method>.json with the schedule
+and calibration used.
 
 GGUF has its own script (groups of 32, llama.cpp itself): bench/export_gguf_llamacpp.py.
 For each export: bytes on disk per parameter, how it was read, max |logit difference| on
@@ -30,11 +40,12 @@ import importlib.util
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import REPO, WIKI_TEST, markdown_table, write_json
+from _common import REPO, WIKI_TEST, WIKI_VALID, markdown_table, write_json
 from llmcq.config.loader import resolve_config
 from llmcq.eval.ppl import perplexity
 from llmcq.model.loading import ModelSource, bundled_model_path, load_pretrained
@@ -47,6 +58,38 @@ SETTINGS = {
     "w8a8": ({"bit": 8, "symmetric": True, "granularity": "per_channel"},
              {"bit": 8, "symmetric": True, "granularity": "per_token"}, ["vllm", "trtllm"]),
 }
+#: the learned methods' settings: W8 weight-only (AutoRound refuses quant.act)
+LEARNED_SETTINGS = {
+    "w4g64": SETTINGS["w4g64"],
+    "w8a16": ({"bit": 8, "symmetric": True, "granularity": "per_channel"}, None,
+              ["vllm", "gptq", "trtllm"]),
+}
+#: ``--quick``: short training schedules (minutes for SmolLM2-135M on 2 CPU cores), for
+#: export parity, not accuracy. TesseraQ: 3 PAR stages of 8 Adam steps, no clip search;
+#: AutoRound: 10 signed steps (lr 1 / iters, its default) on batches of 4.
+QUICK = {
+    "tesseraq": {"iterations": 8, "batch_size": 2, "lr": 0.001, "scale_lr": 0.001,
+                 "thresholds": [0.5, 0.2, 0.05], "weight_clip": False},
+    "autoround": {"iters": 10, "batch_size": 4},
+}
+
+
+def method_quant(method: str, quick: bool, special: dict[str, Any]) -> dict[str, Any]:
+    """The ``quant`` keys (besides the grid) of ``method``: its special keys (``QUICK`` when
+    ``quick``, then ``special`` on top) and ``quant_out: True`` (auto-round's
+    enable_quanted_input default, which AutoRound requires to match)."""
+    if method == "rtn":
+        assert not special, "rtn takes no special keys"
+        return {"method": "rtn"}
+    return {"method": method, "quant_out": True,
+            "special": {**(QUICK[method] if quick else {}), **special}}
+
+
+def calib_section(n: int, seq_len: int) -> dict[str, Any]:
+    return {"name": "wikitext2", "path": str(WIKI_VALID), "n_samples": n, "seq_len": seq_len,
+            "bs": 1, "preproc": "wikitext2_gptq", "seed": 0}
+
+
 FOLDERS = {"vllm": "vllm_quant_model", "gptq": "gptq_quant_model",
            "autoawq": "autoawq_quant_model", "trtllm": "trtllm_checkpoint"}
 
@@ -119,8 +162,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "exports.json")
+    ap.add_argument("--method", choices=["rtn", "tesseraq", "autoround"], default="rtn")
+    ap.add_argument("--quick", action="store_true", help="short training schedule (QUICK)")
+    ap.add_argument("--special", type=json.loads, default={},
+                    help="quant.special overrides (JSON), on top of --quick's")
+    ap.add_argument("--calib-n", type=int, default=8)
+    ap.add_argument("--calib-len", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default bench/results/exports.json (rtn), exports_<method>.json")
     args = ap.parse_args()
+    learned = args.method != "rtn"
+    out = args.out or REPO / "bench" / "results" / (
+        f"exports_{args.method}.json" if learned else "exports.json")
+    mq = method_quant(args.method, args.quick, args.special)
+    calib = calib_section(args.calib_n, args.calib_len) if learned else None
     src = bundled_model_path()
     assert src is not None, "bundled model missing"
     model, tok = load_pretrained(ModelSource(src.parent, src.name))
@@ -130,15 +185,20 @@ def main() -> None:
     ids = tok(text[: 8 * args.windows * args.seq_len], return_tensors="pt").input_ids[0]
     ids = ids[: args.windows * args.seq_len]
     rows: list[dict[str, Any]] = []
-    for setting, (weight, act, backends) in SETTINGS.items():
-        quant: dict[str, Any] = {"method": "rtn", "weight": weight}
+    for setting, (weight, act, backends) in (LEARNED_SETTINGS if learned else SETTINGS).items():
+        quant: dict[str, Any] = {**mq, "weight": weight}
         if act is not None:
             quant["act"] = act
         with tempfile.TemporaryDirectory(prefix="llmcq-exports-") as tmp:
-            cfg = {"base": {"seed": 0, "device": "cpu"}, "model": {"type": "llama"},
-                   "quant": quant, "save": {"save_path": tmp, "backends": backends}}
+            cfg: dict[str, Any] = {"base": {"seed": 0, "device": "cpu"},
+                                   "model": {"type": "llama"}, "quant": quant,
+                                   "save": {"save_path": tmp, "backends": backends}}
+            if calib is not None:
+                cfg["calib"] = calib
             fq = copy.deepcopy(model)
+            t0 = time.perf_counter()
             run(resolve_config(cfg), progress=False, model=fq, tokenizer=tok)
+            quantize_s = round(time.perf_counter() - t0, 1)
             ppl_fq = perplexity(fq, ids, args.seq_len, progress=False)[0]
             with torch.no_grad():
                 ref_logits = fq(input_ids=ids[None, : args.seq_len]).logits
@@ -155,17 +215,25 @@ def main() -> None:
                        "max_abs_logit": float(ref_logits.abs().max()),
                        "ppl_export": perplexity(loaded, ids, args.seq_len, progress=False)[0],
                        "ppl_fake_quant": ppl_fq}
+                if learned:  # (the RTN rows keep their committed fields)
+                    row.update(ppl_ratio=row["ppl_export"] / ppl_fq, quantize_s=quantize_s)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del loaded
-    write_json(args.out, {"model": "SmolLM2-135M-Instruct (bundled GGUF, float32)",
-                          "eval": f"wikitext2 test, first {args.windows} x {args.seq_len} "
-                                  "tokens", "rows": rows})
-    print(markdown_table(["setting", "backend", "bytes/param", "read by", "max logit diff",
-                          "ppl export", "ppl fake-quant"],
+    result: dict[str, Any] = {"model": "SmolLM2-135M-Instruct (bundled GGUF, float32)",
+                              "eval": f"wikitext2 test, first {args.windows} x {args.seq_len} "
+                                      "tokens", "rows": rows}
+    if learned:  # what was trained, so the numbers can be reproduced
+        result = {"method": args.method, "quick": args.quick, "special": mq["special"],
+                  "quant_out": True, "calib": {**calib, "path": "wikitext2/valid.txt"},
+                  "command": " ".join(["bench/exports.py", *sys.argv[1:]]), **result}
+    write_json(out, result)
+    headers = ["setting", "backend", "bytes/param", "read by", "max logit diff",
+               "ppl export", "ppl fake-quant"]
+    print(markdown_table(headers + (["ratio"] if learned else []),
                          [[r["setting"], r["backend"], r["bytes_per_param"], r["read_by"],
-                           r["max_logit_diff"], r["ppl_export"], r["ppl_fake_quant"]]
-                          for r in rows]))
+                           r["max_logit_diff"], r["ppl_export"], r["ppl_fake_quant"],
+                           *([r["ppl_ratio"]] if learned else [])] for r in rows]))
 
 
 if __name__ == "__main__":

@@ -349,3 +349,13 @@ def test_load_config_reads_file(tmp_path: Path, paths: dict[str, str]) -> None:
     cfg = _write(tmp_path, _raw(LLMC_RTN_W_ONLY, paths))
     r = load_config(cfg, ["quant.weight.group_size=64"])
     assert r.config.quant.weight.group_size == 64 and r.config_path == cfg
+
+
+def test_llmc_save_fp_is_save_trans(tmp_path: Path) -> None:
+    """llmc's older flag name (TesseraQ's README configs) selects the trans backend once."""
+    from llmcq.config.schema import SaveSection
+
+    assert SaveSection(save_fp=True).backend_names == ["trans"]
+    assert SaveSection(save_fp=True, save_trans=True, save_fake=True).backend_names == \
+        ["trans", "fake"]
+    assert SaveSection().backend_names == []

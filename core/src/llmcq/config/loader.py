@@ -548,10 +548,10 @@ def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
 
     # export: the record features first, then each backend's own grid checks
     backends = []
-    flag_of = {v: k for k, v in SAVE_FLAGS.items()}
     for name in cfg.save.backend_names if specs_ok else []:
-        field_path = f"save.{flag_of[name]}" if name in flag_of and \
-            getattr(cfg.save, flag_of[name]) else "save.backends"
+        flag = next((f for f, b in SAVE_FLAGS.items() if b == name and getattr(cfg.save, f)),
+                    None)  # the flag that selected it (save_trans or llmc's save_fp: trans)
+        field_path = f"save.{flag}" if flag else "save.backends"
         with errs.part():
             bspec, binfo = registry.load_spec("llmcq.backends", name, field=field_path,
                                               kind=BackendSpec)

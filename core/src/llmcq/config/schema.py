@@ -306,6 +306,7 @@ class SparseSection(Section):
 #: llmc's save flags and the backend each selects.
 SAVE_FLAGS = {
     "save_trans": "trans",
+    "save_fp": "trans",  # llmc's older name of save_trans (TesseraQ's README configs)
     "save_fake": "fake",
     "save_vllm": "vllm",
     "save_sgl": "sglang",
@@ -321,6 +322,8 @@ SAVE_FLAGS = {
 class SaveSection(Section):
     save_path: str = "./save"
     save_trans: bool = False
+    #: llmc's older name of save_trans (the transformed float model)
+    save_fp: bool = False
     save_fake: bool = False
     save_vllm: bool = False
     save_sgl: bool = False
@@ -340,7 +343,10 @@ class SaveSection(Section):
     @property
     def backend_names(self) -> list[str]:
         """Selected backends in a stable order: flags first (llmc order), then the list."""
-        names = [backend for flag, backend in SAVE_FLAGS.items() if getattr(self, flag)]
+        names: list[str] = []
+        for flag, backend in SAVE_FLAGS.items():
+            if getattr(self, flag) and backend not in names:
+                names.append(backend)
         for b in self.backends:
             if b not in names:
                 names.append(b)

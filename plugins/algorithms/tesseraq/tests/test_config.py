@@ -19,8 +19,7 @@ from llmcq_tesseraq import SCHEDULES, SPEC, TesseraQSpecial
 REPO = Path(__file__).resolve().parents[4]
 
 # the quant section of TesseraQ's README (the project's seed) and the sections around it,
-# llmc's spelling and values; {..} are the paths filled in. (The README's save section also
-# has save_fp: False, an older llmc name of save_trans that core's schema does not know.)
+# llmc's spelling and values; {..} are the paths filled in.
 SEED_README = """
 base:
     seed: &seed 42
@@ -46,6 +45,7 @@ eval:
     inference_per_block: False
     seq_len: 2048
 save:
+    save_fp: False
     save_lightllm: False
     save_fake: False
     save_path: {save}

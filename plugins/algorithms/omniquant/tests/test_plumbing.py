@@ -311,3 +311,34 @@ def test_cuda_bf16_autocast(tmp_path: Path, tiny_llama_dir: Path, shared_data: P
     res = _run(cfg, copy.deepcopy(model), tok)
     assert res["recipe"][0]["train_dtype"] == "bfloat16 autocast"
     assert res["eval"]["fake_quant"]["wikitext2"]["ppl"] < 1e4
+
+
+def test_published_clips_are_the_learned_range(tmp_path: Path, tiny_llama_dir: Path,
+                                               shared_data: Path, tiny: tuple[Any, Any]) -> None:
+    """Before a later quantizing step, OmniQuant clamps each weight to its learned range and
+    publishes that range: the clamped weights reach its bounds (each group's max is the
+    published hi where the clip is active) and never leave them."""
+    from llmcq.quant.qparams import group_view
+
+    model, tok = tiny
+    seen: list[float] = []
+
+    class Spy:
+        @llmcq.hookimpl(tryfirst=True)
+        def llmcq_quantize(self, run: Any, step: Any, block: Any) -> None:
+            clips = run.artefacts.for_block("clips", block, producer="omniquant")
+            assert clips
+            for name, (lo, hi) in clips.items():
+                wg = group_view(block.linears()[name].weight.data.float(),
+                                run.weight.granularity)
+                seen.append(float((wg.amax(-1) - hi).abs().max()))
+                seen.append(float((wg.amin(-1) - lo).abs().max()))
+
+    cfg = _cfg(tiny_llama_dir, shared_data, tmp_path / "out",
+               {"omniquant": {"epochs": 1, "lwc": True, "lwc_lr": 0.05},
+                "tesseraq": {"iterations": 1, "thresholds": [0.5], "weight_clip": True,
+                             "clip_version": "v2"}},
+               method=["omniquant", "tesseraq"])
+    run(resolve_config(cfg), progress=False, model=copy.deepcopy(model), tokenizer=tok,
+        extra_plugins=[Spy()])
+    assert seen and max(seen) < 1e-5, max(seen)

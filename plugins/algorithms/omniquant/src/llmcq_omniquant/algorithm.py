@@ -316,8 +316,10 @@ class OmniQuant(Algorithm):
             for name, lin in block.linears().items():
                 if name in state["lwc"]:
                     up, low = state["lwc"][name]
-                    lin.weight.data = solver.lwc_clip(lin.weight.data, self.weight, up, low)
+                    # the learned range of the weights LWC saw, before they are clamped to it
+                    # (of the clamped ones it would shrink a second time)
                     clips[block.full_name(name)] = self._learned_range(lin.weight.data, up, low)
+                    lin.weight.data = solver.lwc_clip(lin.weight.data, self.weight, up, low)
             self.run.artefacts.publish("clips", clips, producer=_KEY)
 
     def quantize(self, block: Block, inputs: BlockInputs | None) -> dict[str, QuantizedLinear]:

@@ -195,12 +195,17 @@ def test_omniquant_then_tesseraq_reads_omniquants_clips(
         if ".q_proj" in name or ".k_proj" in name:  # queries and keys keep min-max (llmc)
             assert torch.equal(scale, t.scale) and torch.equal(zero, t.zero), name
             continue
-        # the grid is min-max of the weight clamped to OmniQuant's published range
+        # the grid is min-max of the weight clamped to OmniQuant's published range (OmniQuant
+        # clamped it already: the published range is its learned one, not shrunk again)
         lo, hi = clips[name]
         clipped = apply_clip(w, lo, hi, spec)
         cscale, czero = solver.grid_qparams(clipped, spec)
         assert torch.equal(cscale, t.scale) and torch.equal(czero, t.zero), name
-        binding += int(not torch.equal(cscale, scale))
+        assert torch.equal(cscale, scale), name
+        # ... and narrower than the float weight's: OmniQuant's learned clipping took effect
+        float_w = tiny[0].get_submodule(name).weight.data
+        fscale, _ = solver.grid_qparams(float_w, spec)
+        binding += int(not torch.equal(fscale, t.scale))
     assert binding > 0
     assert len(res["recipe"][1]["block_loss"]) == 2
 

@@ -274,6 +274,8 @@ for b in range(rank, 4, world):  # batch b routes to expert b % 2; expert 2 gets
 bank.close()
 bank.all_reduce(targets)
 torch.save({"owner": bank.owner, "H": bank.H, "n": bank.n}, out)
+if world > 1:  # leave the group before exiting (gloo's threads abort the process otherwise)
+    D.destroy_process_group()
 """
 
 

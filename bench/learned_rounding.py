@@ -151,6 +151,8 @@ def measure(args: argparse.Namespace) -> None:
                 except RuntimeError as exc:
                     row = {"method": method, "setting": setting, "error": str(exc)[-800:]}
             row["device"] = dev
+            if os.environ.get("LLMCQ_BENCH_COMMIT"):  # the tree a device call ran
+                row["commit"] = os.environ["LLMCQ_BENCH_COMMIT"]
             rows[f"{method}|{setting}"] = row
             print(f"{setting} {method}: {row.get('ppl', row.get('error'))} "
                   f"full {row.get('ppl_full')}", flush=True)

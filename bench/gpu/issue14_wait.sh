@@ -1,10 +1,14 @@
-# Issue 14, device calls 2 and 3: wait up to T seconds (default 500) for the row jobs that
-# bench/gpu/issue14_rows.sh started, then return every finished or partial part file, the
-# jobs' logs and each llmcq run's log in $OUT/lr.tgz (parts/*.json, *.log, parts/logs/).
+# Issue 14, the calls after the one that starts the row jobs (issue14_rows*.sh): wait up to T
+# seconds (default 500) for them, sampling the GPU's utilization every 20 s into
+# /tmp/lr/gpu_util.log, then return every finished or partial part file, the jobs' logs and
+# each llmcq run's log in $OUT/lr.tgz (parts/*.json, *.log, parts/logs/).
 T=${T:-500}; end=$(( $(date +%s) + T ))
-while [ "$(date +%s)" -lt $end ] && pgrep -f learned_rounding.py >/dev/null; do
-  sleep 20; echo "$(date +%T) running: $(pgrep -fc learned_rounding.py)"; grep -h "full" /tmp/lr/*.log | tail -n 3
+while [ "$(date +%s)" -lt $end ] && pgrep -f "[l]earned_rounding.py" >/dev/null; do
+  sleep 20
+  echo "$(date +%T) $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)" \
+    >> /tmp/lr/gpu_util.log
+  echo "$(date +%T) running: $(pgrep -fc "[l]earned_rounding.py")"; grep -h "full" /tmp/lr/*.log | tail -n 3
 done
-nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+tail -n 3 /tmp/lr/gpu_util.log
 for f in /tmp/lr/*.log; do echo "== $f"; tail -n 4 $f; done
 (cd /tmp/lr && tar czf $OUT/lr.tgz parts $(ls *.log)); ls -la $OUT

@@ -101,21 +101,24 @@ def main() -> int:
     calib = C.batches(C.random_tokens(a.n_samples, a.seq_len, base.config.vocab_size, seed=0),
                       a.bs)
     res["tokens"] = sum(int(b.numel()) for b in calib)
+    def add(row: dict[str, Any]) -> None:  # written after every row: a cut call keeps them
+        res["rows"].append(row)
+        print(json.dumps(row, default=str)[:600], flush=True)
+        C.write_json(a.out, "rounding_speed", res)
+
     for bits in [int(b) for b in a.bits.split(",")]:
         B.W4.update(bit=bits, symmetric=False, group_size=128)
         if "tesseraq" not in skip:
             m = C.build_model(a.shape, a.tq_layers)
-            row = guarded(ours, m, "tesseraq", calib, TESSERAQ)
-            res["rows"].append({"method": "tesseraq", "bits": bits, **row})
+            add({"method": "tesseraq", "bits": bits, **guarded(ours, m, "tesseraq", calib,
+                                                                TESSERAQ)})
             del m
         if "autoround" not in skip:
-            row = guarded(ours, copy.deepcopy(base), "autoround", calib, AUTOROUND)
-            res["rows"].append({"method": "autoround", "bits": bits, **row})
+            add({"method": "autoround", "bits": bits,
+                 **guarded(ours, copy.deepcopy(base), "autoround", calib, AUTOROUND)})
         if "peer" not in skip:
-            row = guarded(peer, copy.deepcopy(base), calib, bits)
-            res["rows"].append({"method": "peer:auto-round", "bits": bits, **row})
-        print(json.dumps(res["rows"][-3:], default=str)[:2000], flush=True)
-        C.write_json(a.out, "rounding_speed", res)
+            add({"method": "peer:auto-round", "bits": bits,
+                 **guarded(peer, copy.deepcopy(base), calib, bits)})
     return 0
 
 

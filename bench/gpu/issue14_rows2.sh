@@ -1,0 +1,33 @@
+# Issue 14, second GPU session, device call 2: the rows the first session left (W4 g64 and
+# W3 per-channel TesseraQ, W3 per-channel for every method, the auto-round package at W2 g64)
+# and the reruns its fixes call for (TesseraQ from AWQ: float targets of the unscaled block;
+# AutoRound: the cycling sampler), one process per row group, each in its own session; then
+# wait up to T seconds (issue14_wait.sh). Carry: .whl, .carry/gg2, .carry/data, .carry/peerwhl
+# (see issue14_env.sh). Many small kernels from many processes: start CUDA MPS where the image
+# has it, so their kernels share the GPU instead of taking turns (left alone if it fails).
+source bench/gpu/issue14_env.sh || exit
+export OMP_NUM_THREADS=1 LLMCQ_BENCH_COMMIT=${COMMIT:-unknown}
+if command -v nvidia-cuda-mps-control >/dev/null; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
+  mkdir -p /tmp/mps /tmp/mpslog && nvidia-cuda-mps-control -d
+  if python3 -c "import torch; assert float(torch.ones(4, device='cuda').sum()) == 4"; then
+    echo "MPS on"
+  else
+    echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    echo "MPS failed: off"
+  fi
+else
+  echo "no MPS in the image"
+fi
+job tq-w2 tesseraq w2g64
+job tq-w3 tesseraq w3g64
+job tq-w4 tesseraq w4g64
+job tq-pc tesseraq w3pc
+job tqn-w4 tesseraq-noawq w4g64
+job tqn-pc tesseraq-noawq w3pc
+job ar-a autoround w2g64,w3g64
+job ar-b autoround w4g64,w3pc
+job peer peer:autoround w2g64,w3pc --peer-args "--ar-device cuda --ar-amp true"
+job base rtn,gptq,awq,awq+gptq,omniquant w3pc
+date; sleep 5; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+bash bench/gpu/issue14_wait.sh

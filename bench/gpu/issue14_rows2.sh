@@ -1,7 +1,8 @@
-# Issue 14, second GPU session, device call 2: the rows the first session left (W4 g64 and
-# W3 per-channel TesseraQ, W3 per-channel for every method, the auto-round package at W2 g64)
-# and the reruns its fixes call for (TesseraQ from AWQ: float targets of the unscaled block;
-# AutoRound: the cycling sampler), one process per row group, each in its own session; then
+# Issue 14, second GPU session, device call 2: the headline reruns the first session's fixes
+# call for (TesseraQ from AWQ at W2/W3 g64: float targets of the unscaled block; AutoRound:
+# the cycling sampler), W3 per-channel for every method but TesseraQ, the auto-round package
+# at W2 g64 and W3 per-channel, one process per row group, each in its own session (few: a
+# TesseraQ row is 75k small steps, its time grows with every job beside it); then
 # wait up to T seconds (issue14_wait.sh). Carry: .whl, .carry/gg2, .carry/data, .carry/peerwhl
 # (see issue14_env.sh). Many small kernels from many processes: start CUDA MPS where the image
 # has it, so their kernels share the GPU instead of taking turns (left alone if it fails).
@@ -21,10 +22,6 @@ else
 fi
 job tq-w2 tesseraq w2g64
 job tq-w3 tesseraq w3g64
-job tq-w4 tesseraq w4g64
-job tq-pc tesseraq w3pc
-job tqn-w4 tesseraq-noawq w4g64
-job tqn-pc tesseraq-noawq w3pc
 job ar-a autoround w2g64,w3g64
 job ar-b autoround w4g64,w3pc
 job peer peer:autoround w2g64,w3pc --peer-args "--ar-device cuda --ar-amp true"

@@ -7,8 +7,10 @@ while [ "$(date +%s)" -lt $end ] && pgrep -f "[l]earned_rounding.py" >/dev/null;
   sleep 20
   echo "$(date +%T) $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)" \
     >> /tmp/lr/gpu_util.log
+  for f in /tmp/lr/parts/logs/*.log; do  # blocks done per running llmcq run
+    [ -f "$f" ] && echo "$(date +%T) $(basename $f) $(grep -c "block loss\|: done" $f)"; done >> /tmp/lr/progress.log
   echo "$(date +%T) running: $(pgrep -fc "[l]earned_rounding.py")"; grep -h "full" /tmp/lr/*.log | tail -n 3
 done
-tail -n 3 /tmp/lr/gpu_util.log
+tail -n 3 /tmp/lr/gpu_util.log; tail -n 8 /tmp/lr/progress.log
 for f in /tmp/lr/*.log; do echo "== $f"; tail -n 4 $f; done
 (cd /tmp/lr && tar czf $OUT/lr.tgz parts $(ls *.log)); ls -la $OUT

@@ -27,12 +27,19 @@ act-order and no static groups, groups are consecutive columns *of the sweep ord
 result carries ``g_idx``. Lazy blocks are cut at group boundaries so that a group's grid is
 always fitted on fully updated weights (the reference code reads stale columns when the
 group size is smaller than the block size).
+
+Mixed precision (SliM-LLM, Huang et al. 2024): ``group_bits`` gives every group (per row) its
+own width; each column is then rounded and clamped on its group's grid and the OBS update is
+unchanged. ``fit_group`` replaces the grid fit of a group reached in the sweep (SliM-LLM's
+salience-weighted calibration); it receives the group's updated columns, the rows' widths and
+the ``U_jj`` of those columns. Neither is supported by the Triton kernel (the torch loop runs).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -42,7 +49,13 @@ from llmcq.quant.spec import PerChannel, PerGroup, PerTensor, WeightQuantSpec
 from llmcq_gptq import triton_sweep
 
 __all__ = ["accumulate_hessian", "inverse_cholesky", "owq_weak_columns", "owq_count",
-           "gptq_quantize", "GPTQResult"]
+           "gptq_quantize", "GPTQResult", "GroupFit", "code_bounds"]
+
+#: a group's grid fit in the sweep: ``fit(w [d_row, k] the group's columns as updated so far,
+#: bits [d_row] (long), d [k] the U_jj of those columns) -> (scale [d_row], zero [d_row] or
+#: None)``; the zero may be fractional
+GroupFit = Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                    tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
 @torch.no_grad()
@@ -155,8 +168,31 @@ def _fit_columns(Wcols: torch.Tensor, spec: WeightQuantSpec
     return qp.scale[:, 0], None if qp.zero is None else qp.zero[:, 0]
 
 
+def code_bounds(bits: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)`` integer code range of grids of the given widths (llmcq's conventions:
+    signed ``[-2^(b-1), 2^(b-1)-1]`` when symmetric, unsigned ``[0, 2^b-1]`` otherwise)."""
+    one = torch.ones_like(bits)
+    if symmetric:
+        return -(one << (bits - 1)), (one << (bits - 1)) - 1
+    return torch.zeros_like(bits), (one << bits) - 1
+
+
+def _fit_columns_bits(Wcols: torch.Tensor, spec: WeightQuantSpec, bits: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_fit_columns` with a width per row (``bits [d_row]``): one fit per width."""
+    scale = zero = None
+    for b in torch.unique(bits).tolist():
+        s, z = _fit_columns(Wcols, replace(spec, bits=int(b)))
+        rows = (bits == b).to(s.device)
+        scale = s if scale is None else torch.where(rows, s, scale)
+        if z is not None:
+            zero = z if zero is None else torch.where(rows, z, zero)
+    assert scale is not None
+    return scale, zero
+
+
 def _quantize_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, q: torch.Tensor,
-                     d: torch.Tensor, qmin: int, qmax: int,
+                     d: torch.Tensor, qmin: int | torch.Tensor, qmax: int | torch.Tensor,
                      keep: torch.Tensor | None = None) -> None:
     """Codes of one column into ``q`` and ``w - Q(w)`` into ``d`` (llmcq's grid formulas).
     ``keep``: the column's pruning mask; a pruned weight's target is exactly 0, so its whole
@@ -181,7 +217,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
                   static_groups: bool = False, weak: torch.Tensor | None = None,
                   float_dtype: torch.dtype | None = None, retries: int = 4,
                   return_dequant: bool = False, fused: bool | None = None,
-                  kernel: bool | None = None, mask: torch.Tensor | None = None) -> GPTQResult:
+                  kernel: bool | None = None, mask: torch.Tensor | None = None,
+                  group_bits: torch.Tensor | None = None,
+                  fit_group: GroupFit | None = None) -> GPTQResult:
     """Quantize ``W`` (``[d_row, d_col]``) column by column, compensating with ``H``.
 
     ``mask`` (bool ``[d_row, d_col]``, True = kept): weights an earlier sparse step pruned
@@ -201,11 +239,27 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
     :mod:`llmcq_gptq.triton_sweep` (one launch per block instead of six per column); the
     default (``None``) uses it whenever it can (float32 on CUDA with triton installed),
     ``False`` never, ``True`` insists.
+
+    ``group_bits`` (int ``[d_row, G]``, per-group granularity, integer grids, no weak
+    columns): the width of every group's grid (groups of the sweep order with act-order and
+    no static groups); ``None`` is ``spec.bits`` everywhere. ``fit_group`` (:data:`GroupFit`,
+    grids fitted during the sweep only, i.e. not with ``static_groups``): fits each group's
+    grid instead of ``spec``'s min-max / mse fit. With either, the torch loop runs.
     """
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
     dev = W.device
     R, C = W.shape
     gran = spec.granularity
+    if group_bits is not None or fit_group is not None:
+        if not isinstance(gran, PerGroup) or spec.is_float:
+            raise ValueError("group_bits / fit_group need per-group integer grids")
+        if weak is not None and weak.numel():
+            raise ValueError("group_bits / fit_group do not combine with weak (OWQ) columns")
+        if fit_group is not None and static_groups:
+            raise ValueError("fit_group fits grids during the sweep: not with static_groups")
+        if group_bits is not None and tuple(group_bits.shape) != (R, n_groups(C, gran)):
+            raise ValueError(f"group_bits must be [{R}, {n_groups(C, gran)}], got "
+                             f"{tuple(group_bits.shape)}")
     W = W.to(dt).clone()
     H = H.to(device=dev, dtype=dt)  # the caller's H is only read (no d_col^2 copy)
     diag0 = H.diagonal().clone()
@@ -256,7 +310,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
         zero_tab = None if spec.symmetric else torch.zeros(R, G, dtype=dt, device=dev)
         group_of = cols // g
         if not dynamic:  # static groups, on the original column order
-            if keep_mask is None:
+            if keep_mask is None and group_bits is not None:
+                for b in torch.unique(group_bits).tolist():
+                    qp = fit_weight_qparams(W, replace(spec, bits=int(b)))
+                    sel = (group_bits == b).to(dev)
+                    scale_tab = torch.where(sel, qp.scale.to(dt), scale_tab)
+                    if zero_tab is not None:
+                        zero_tab = torch.where(sel, qp.zero.to(dt), zero_tab)
+            elif keep_mask is None:
                 qp = fit_weight_qparams(W, spec)
                 scale_tab = qp.scale.to(dt)
                 zero_tab = None if qp.zero is None else qp.zero.to(dt)
@@ -295,6 +356,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
         S = scale_tab.to(dt)[:, gsel].T.expand(n_q, R).contiguous()
         Z = None if zero_tab is None else zero_tab.to(dt)[:, gsel].T.expand(n_q, R).contiguous()
 
+    # ---- mixed widths: the code range of every weight ([n_q, d_row], like S)
+    bits_rows = QLO = QHI = None
+    if group_bits is not None:
+        bits_rows = group_bits.to(device=dev, dtype=torch.long)
+        lo, hi = code_bounds(bits_rows[:, group_of[keep]].T, spec.symmetric)
+        QLO, QHI = lo.to(dt).contiguous(), hi.to(dt).contiguous()
+
     # ---- lazy blocks, cut at group boundaries when grids are fitted during the sweep
     blocks: list[tuple[int, int, dict[int, tuple[int, int]]]] = []
     if dynamic:
@@ -332,22 +400,35 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
     gpu_style = dev.type != "cpu" if fused is None else fused
     # torch's per-channel fake-quantization checks its zero points on the host (a device
     # sync per column, measured at ~67 us a column on an H100): only when asked for
-    fused = bool(fused) and dt == torch.float32 and (spec.symmetric or spec.round_zp)
+    fused = bool(fused) and dt == torch.float32 and (spec.symmetric or spec.round_zp) \
+        and QLO is None
     zero_row = torch.zeros(R, dtype=dt, device=dev) if Z is None else None
     qlo, qhi = spec.qmin, spec.qmax
 
-    use_kernel = kernel is not False and not fused and KT is None and \
-        triton_sweep.available(WT)
+    use_kernel = kernel is not False and not fused and KT is None and QLO is None and \
+        fit_group is None and triton_sweep.available(WT)
     if kernel is True and not use_kernel:
-        raise RuntimeError("kernel=True needs triton, a float32 CUDA weight, fused off and "
-                           "no mask")
+        raise RuntimeError("kernel=True needs triton, a float32 CUDA weight, fused off, "
+                           "no mask, no group_bits and no fit_group")
 
-    def fit_group(W1: torch.Tensor, b0: int, i: int, length: int, gi: int) -> None:
+    def fit_sweep_group(W1: torch.Tensor, b0: int, i: int, length: int, gi: int) -> None:
         """A group begins at block column ``i``: fit its grid on the updated weights."""
         cols_w = W1[i:i + length]
         if KT is not None:
             cols_w = cols_w * KT[b0 + i:b0 + i + length]
-        s_new, z_new = _fit_columns(cols_w.T, col_spec)
+        if fit_group is not None:
+            rows_b = bits_rows[:, gi] if bits_rows is not None else torch.full(
+                (R,), spec.bits, dtype=torch.long, device=dev)
+            s_new, z_new = fit_group(cols_w.T, rows_b, dU[b0 + i:b0 + i + length])
+            s_new = s_new.to(dt)
+            z_new = None if z_new is None else z_new.to(dt)
+            if (z_new is None) != (Z is None):
+                raise ValueError("fit_group must return a zero point exactly when the grid "
+                                 "is asymmetric")
+        elif bits_rows is not None:
+            s_new, z_new = _fit_columns_bits(cols_w.T, col_spec, bits_rows[:, gi])
+        else:
+            s_new, z_new = _fit_columns(cols_w.T, col_spec)
         S[b0 + i:b0 + i + length] = s_new
         scale_tab[:, gi] = s_new
         if z_new is not None:
@@ -366,7 +447,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
             cuts = sorted({0, n, *starts, *range(0, n, triton_sweep.MAX_COLUMNS)})
             for p0, p1 in itertools.pairwise(cuts):
                 if p0 in starts:
-                    fit_group(W1, b0, p0, *starts[p0])
+                    fit_sweep_group(W1, b0, p0, *starts[p0])
                 triton_sweep.sweep_block(
                     W1[p0:p1], U1[p0:p1, p0:p1], S[b0 + p0:b0 + p1],
                     None if Z is None else Z[b0 + p0:b0 + p1], Qc[b0 + p0:b0 + p1],
@@ -381,13 +462,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
         rows_s = S[b0:b1].unbind(0)
         rows_z = Z[b0:b1].unbind(0) if Z is not None else None
         rows_k = KT[b0:b1].unbind(0) if KT is not None else None
+        rows_lo = QLO[b0:b1].unbind(0) if QLO is not None else None
+        rows_hi = QHI[b0:b1].unbind(0) if QHI is not None else None
         # on a GPU, one update of the whole block with a strictly upper row of U (zeros up to
         # the diagonal) costs fewer launches than slicing; on a CPU slicing costs less work
         rows_u = U1.triu(1).unbind(0) if gpu_style else None
         deq: list[torch.Tensor] = []
         for i in range(n):
             if i in starts:
-                fit_group(W1, b0, i, *starts[i])
+                fit_sweep_group(W1, b0, i, *starts[i])
             w, d = rows_w[i], rows_d[i]
             if fused:  # Q_:j in one kernel: (clamp(round(w / s + z)) - z) * s
                 q = torch.fake_quantize_per_channel_affine(
@@ -396,7 +479,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
                 torch.sub(w, q if rows_k is None else q * rows_k[i], out=d)
             else:
                 _quantize_column(w, rows_s[i], None if rows_z is None else rows_z[i],
-                                 Qc[b0 + i], d, qlo, qhi,
+                                 Qc[b0 + i], d, qlo if rows_lo is None else rows_lo[i],
+                                 qhi if rows_hi is None else rows_hi[i],
                                  None if rows_k is None else rows_k[i])
             if rows_u is not None:
                 W1.addr_(rows_u[i], d, alpha=-1.0)

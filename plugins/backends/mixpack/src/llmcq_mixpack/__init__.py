@@ -1,0 +1,53 @@
+"""mixpack: llmcq's own packed format for per-group mixed-precision weights, and its loader.
+
+No serving engine reads per-group bit widths (SliM-LLM), so this backend writes them in a
+documented layout of our own (README "Format") and :func:`load_model` rebuilds a
+transformers model that computes with exactly the fake-quant weights. Torch-free:
+``llmcq validate`` imports this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmcq.api import BackendSpec
+
+__all__ = ["SPEC", "load_model", "MixPackLinear"]
+
+SPEC = BackendSpec(
+    name="mixpack",
+    aliases=("mix_pack",),
+    summary="per-group mixed-precision codes packed as bit planes per width, with a bit map, "
+            "scales and zeros; read back by llmcq_mixpack.load_model",
+    impl="llmcq_mixpack.export:export",
+    folder="mixpack_model",
+    stage="quantized",
+    # what a packed linear reproduces exactly (llmcq_mixpack.layout.ACCEPTED_FEATURES, kept
+    # here literally so this module imports no torch; a test checks they agree)
+    accepts=frozenset({"group_bits", "g_idx", "float_columns", "fractional_zero",
+                       "quantized_scales"}),
+    refusals={
+        "act_quant": "writes weight-only linears: MixPackLinear does not quantize its input "
+                     "(save_fake keeps activation settings)",
+        "float_format": "packs integer codes only, not FP8",
+        "sparse_outliers": "has no place for scattered float outliers",
+        "sparsity_mask": "stores dense codes and no mask",
+        "input_transform": "MixPackLinear applies no online input transform",
+        "kv_cache_quant": "has no KV-cache runtime",
+    },
+)
+
+
+def load_model(folder: Any, **kwargs: Any) -> Any:
+    """Load a mixpack folder (see :func:`llmcq_mixpack.loader.load_model`)."""
+    from llmcq_mixpack.loader import load_model as _load
+
+    return _load(folder, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MixPackLinear":  # imported on use: the spec module stays torch-free
+        from llmcq_mixpack.module import MixPackLinear
+
+        return MixPackLinear
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 from llmcq_mixpack.packing import (
+    code_counts,
     pack_bitplanes,
     pack_codes,
     unpack_bitplanes,
     unpack_codes,
-    width_map,
 )
 
 SIZES = (0, 1, 5, 31, 32, 33, 63, 97, 1000, 1031)
@@ -26,7 +26,8 @@ def test_pack_unpack_every_width_and_odd_sizes(bits: int) -> None:
             codes[0], codes[-1] = (1 << bits) - 1, 0
         planes = pack_bitplanes(codes, bits)
         assert planes.dtype == torch.int32 and tuple(planes.shape) == (bits, -(-n // 32))
-        assert torch.equal(unpack_bitplanes(planes, n), codes.to(torch.int32)), (bits, n)
+        back = unpack_bitplanes(planes, n)
+        assert back.dtype == torch.uint8 and torch.equal(back.long(), codes), (bits, n)
 
 
 def test_layout_on_hand_computed_words() -> None:
@@ -52,29 +53,49 @@ def test_numpy_unpackbits_reads_the_planes(bits: int) -> None:
     assert back.tolist() == codes.tolist()
 
 
-def test_codes_split_by_width_map_round_trip() -> None:
-    """A 7 x 53 linear, groups of 10 (a partial last group of 3), widths 1..8 mixed."""
-    gen = torch.Generator().manual_seed(3)
-    group_bits = torch.randint(1, 9, (7, 6), generator=gen)
-    widths = width_map(group_bits, torch.arange(53) // 10, 7)
-    assert widths.shape == (7, 53) and torch.equal(widths[:, 50:], group_bits[:, 5:6].expand(
-        7, 3).int())
-    codes = (torch.rand(7, 53, generator=gen) * (1 << widths).float()).floor().long()
-    streams = pack_codes(codes, widths)
-    assert sorted(streams) == sorted(int(b) for b in torch.unique(group_bits))
+def _codes_for(group_bits: torch.Tensor, n_in: int, gw: int, gen: torch.Generator
+               ) -> torch.Tensor:
+    rows = group_bits.shape[0]
+    widths = group_bits.expand(rows, -1)[:, torch.arange(n_in) // gw]
+    return (torch.rand(rows, n_in, generator=gen) * (1 << widths).float()).floor().long()
+
+
+@pytest.mark.parametrize(("rows", "n_in", "gw"), [(7, 53, 10), (5, 64, 32), (3, 9, 16),
+                                                  (4, 33, 33)])
+def test_codes_split_by_bit_map_round_trip(rows: int, n_in: int, gw: int) -> None:
+    """Widths 1..8 mixed; partial last groups (53 = 5 x 10 + 3), none (64 = 2 x 32), a
+    row shorter than a group (9 < 16), one group per row (per channel)."""
+    gen = torch.Generator().manual_seed(n_in)
+    group_bits = torch.randint(1, 9, (rows, -(-n_in // gw)), generator=gen)
+    codes = _codes_for(group_bits, n_in, gw, gen)
+    streams = pack_codes(codes, group_bits, gw)
+    counts = code_counts(group_bits, rows, n_in, gw)
+    assert sorted(streams) == sorted(counts) == sorted(int(b) for b in group_bits.unique())
+    assert sum(counts.values()) == rows * n_in
     for b, planes in streams.items():
-        assert planes.shape == (b, -(-int((widths == b).sum()) // 32))
-    assert torch.equal(unpack_codes(streams, widths), codes.int())
-    # row-major order within a width: the first code of width b is the first position of b
-    b = int(widths[0, 0])
-    first = unpack_bitplanes(streams[b], int((widths == b).sum()))[0]
-    assert int(first) == int(codes[0, 0])
+        assert planes.shape == (b, -(-counts[b] // 32))
+    back = unpack_codes(streams, group_bits, (rows, n_in), gw)
+    assert back.dtype == torch.uint8 and torch.equal(back.long(), codes)
 
 
-def test_a_shared_bit_map_row_broadcasts() -> None:
-    """Per tensor: one [1, 1] map for every row and column."""
-    assert torch.equal(width_map(torch.tensor([[3]]), torch.zeros(5, dtype=torch.long), 4),
-                       torch.full((4, 5), 3, dtype=torch.int32))
+def test_stream_order_full_groups_row_major_then_partial_groups() -> None:
+    """2 rows of 5 columns in groups of 2 (a partial group of 1 column per row)."""
+    group_bits = torch.tensor([[2, 3, 2], [2, 2, 3]])
+    codes = torch.tensor([[0, 1, 2, 3, 0], [1, 2, 3, 0, 5]])  # row 0: a0..a4, row 1: b0..b4
+    streams = pack_codes(codes, group_bits, 2)
+    # width 2: groups (0,0) (1,0) (1,1), then row 0's partial group
+    assert unpack_bitplanes(streams[2], 7).tolist() == [0, 1, 1, 2, 3, 0, 0]
+    # width 3: group (0,1), then row 1's partial group
+    assert unpack_bitplanes(streams[3], 3).tolist() == [2, 3, 5]
+
+
+def test_one_width_and_a_shared_bit_map_row() -> None:
+    """Per tensor: one [1, 1] map for every row, the whole row as one group."""
+    codes = torch.randint(0, 8, (4, 21), generator=torch.Generator().manual_seed(0))
+    streams = pack_codes(codes, torch.tensor([[3]]), 21)
+    assert list(streams) == [3] and streams[3].shape == (3, 3)  # 84 codes: 3 words a plane
+    assert torch.equal(unpack_bitplanes(streams[3], 84).long(), codes.reshape(-1))
+    assert torch.equal(unpack_codes(streams, torch.tensor([[3]]), (4, 21), 21).long(), codes)
 
 
 def test_refusals() -> None:
@@ -87,8 +108,10 @@ def test_refusals() -> None:
             pack_bitplanes(torch.tensor([0]), bits)
     with pytest.raises(ValueError, match="cannot hold exactly 33"):
         unpack_bitplanes(torch.zeros(2, 1, dtype=torch.int32), 33)
-    widths = torch.tensor([[2, 4]])
     with pytest.raises(ValueError, match="width 2: 1 codes do not fit"):
-        pack_codes(torch.tensor([[4, 4]]), widths)
-    with pytest.raises(ValueError, match=r"widths \[2, 4\] but the streams are \[2\]"):
-        unpack_codes({2: torch.zeros(2, 1, dtype=torch.int32)}, widths)
+        pack_codes(torch.tensor([[4, 4]]), torch.tensor([[2, 4]]), 1)
+    with pytest.raises(ValueError, match="does not fit 1 rows of 2 columns in groups of 1"):
+        pack_codes(torch.tensor([[0, 0]]), torch.tensor([[2]]), 1)
+    with pytest.raises(ValueError, match="2 codes of other widths"):
+        unpack_codes({2: torch.zeros(2, 1, dtype=torch.int32)}, torch.tensor([[2, 4, 2]]),
+                     (1, 6), 2)

@@ -14,6 +14,7 @@ from typing import Any
 
 from llmcq.errors import PluginError
 from llmcq.model.hf_io import save_hf_folder
+from llmcq.quant.compression import record_bits
 from llmcq.quant.record import QuantizedLinear
 
 from llmcq_mixpack.format import CODE_LAYOUT, FORMAT_VERSION, QUANT_METHOD
@@ -38,8 +39,7 @@ def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: P
         raise PluginError("mixpack: the run produced no quantized linears")
     state = OrderedDict((k, v.detach().to("cpu")) for k, v in model.state_dict().items())
     modules: dict[str, Any] = {}
-    codes = 0
-    bits_total = 0
+    grid_weights = code_bits = 0.0
     for name in sorted(records):
         try:
             packed = pack_record(records[name])
@@ -49,13 +49,14 @@ def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: P
         if state.pop(f"{name}.weight", None) is None:
             raise PluginError(f"mixpack: the model has no {name}.weight for this record")
         state.update(packed.tensors(name))
-        entry = packed.entry(bias=f"{name}.bias" in state)
-        modules[name] = entry
-        codes += sum(entry["widths"].values())
-        bits_total += sum(int(b) * n for b, n in entry["widths"].items())
+        modules[name] = packed.entry(bias=f"{name}.bias" in state)
+        counted = record_bits(records[name])  # results.json's convention: float columns out
+        grid_weights += counted["grid_weights"]
+        code_bits += counted["code_bits"]
     qcfg: dict[str, Any] = {
         "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
-        "code_layout": CODE_LAYOUT, "bits_mean": bits_total / codes, "modules": modules}
+        "code_layout": CODE_LAYOUT, "bits_mean": code_bits / grid_weights,
+        "modules": modules}
     save_hf_folder(model, getattr(run, "tokenizer", None), out_dir, state_dict=state,
                    quantization_config=qcfg)
     weight_files = sorted(out_dir.glob("*.safetensors"))

@@ -17,7 +17,7 @@ from llmcq.quant.record import QuantizedLinear
 from llmcq.quant.spec import PerGroup
 
 from llmcq_mixpack.format import MixPackFormatError, codes_key, tensor_key
-from llmcq_mixpack.packing import MAX_BITS, pack_codes, width_map, words_for
+from llmcq_mixpack.packing import MAX_BITS, code_counts, pack_codes, words_for
 
 __all__ = ["PackedLinear", "pack_record", "read_packed", "ACCEPTED_FEATURES"]
 
@@ -59,13 +59,10 @@ class PackedLinear:
         """Rows of ``scale``/``zero``/``group_bits``: 1 per tensor, else ``out``."""
         return 1 if self.granularity == "per_tensor" else self.out_features
 
-    def col_groups(self) -> torch.Tensor:
-        """Group of every stored column (``[in]``)."""
-        cols = torch.arange(self.in_features, device=self.scale.device)
-        if self.granularity == "per_group":
-            assert self.group_size is not None
-            return cols // self.group_size
-        return torch.zeros_like(cols)
+    @property
+    def group_width(self) -> int:
+        """Columns per group: the group size, or the whole row per channel / per tensor."""
+        return self.group_size if self.granularity == "per_group" else self.in_features  # type: ignore[return-value]
 
     def bit_map(self) -> torch.Tensor:
         """Per-group widths ``[R, G]`` (the stored map, or ``bits`` everywhere)."""
@@ -74,9 +71,10 @@ class PackedLinear:
         return torch.full((self.n_rows, self.n_groups), self.bits, dtype=torch.uint8,
                           device=self.scale.device)
 
-    def widths(self) -> torch.Tensor:
-        """The width of every stored weight, ``[out, in]``."""
-        return width_map(self.bit_map(), self.col_groups(), self.out_features)
+    def code_counts(self) -> dict[int, int]:
+        """``{width: codes}``: the length of each stream."""
+        return code_counts(self.bit_map(), self.out_features, self.in_features,
+                           self.group_width)
 
     def tensors(self, module: str) -> dict[str, torch.Tensor]:
         """The safetensors entries of this linear, keyed as the format names them."""
@@ -90,11 +88,10 @@ class PackedLinear:
 
     def entry(self, *, bias: bool) -> dict[str, Any]:
         """This linear's ``quantization_config.modules`` entry."""
-        counts = torch.bincount(self.widths().reshape(-1).long(), minlength=MAX_BITS + 1)
         return {"shape": [self.out_features, self.in_features],
                 "granularity": self.granularity, "group_size": self.group_size,
                 "symmetric": self.symmetric, "bits": self.bits,
-                "widths": {str(b): int(counts[b]) for b in sorted(self.streams)},
+                "widths": {str(b): n for b, n in sorted(self.code_counts().items())},
                 "group_bits": self.group_bits is not None,
                 "zero": None if self.zero is None else str(self.zero.dtype).split(".")[-1],
                 "col_perm": self.col_perm is not None,
@@ -152,8 +149,11 @@ def pack_record(rec: QuantizedLinear) -> PackedLinear:
     q = rec.qweight.to(torch.int32)
     if perm is not None:
         q = q[:, perm]
-    widths = packed.widths()
-    codes = q + (torch.ones_like(widths) << (widths - 1)) if rec.symmetric else q
+    bit_map = packed.bit_map().to(torch.int32)
+    if rec.symmetric:  # stored unsigned: q + 2^(b-1), each group at its own width
+        offset = (torch.ones_like(bit_map) << (bit_map - 1)).expand(out, -1)
+        q = q + offset[:, torch.arange(n_in) // packed.group_width]
+    codes = q
     if rec.float_columns is not None:
         cols, vals = rec.float_columns
         cols = cols.to(torch.int64).reshape(-1)
@@ -161,7 +161,7 @@ def pack_record(rec: QuantizedLinear) -> PackedLinear:
         codes[:, stored] = 0  # placeholders: these columns are overwritten by float_vals
         packed.float_cols = cols.to(torch.int32)
         packed.float_vals = vals.to(torch.float32).reshape(out, -1).contiguous()
-    packed.streams = pack_codes(codes, widths)
+    packed.streams = pack_codes(codes, bit_map, packed.group_width)
     return packed
 
 
@@ -223,8 +223,7 @@ def read_packed(module: str, entry: dict[str, Any],
             raise MixPackFormatError(f"tensor {key('float_cols')} indexes outside {n_in} "
                                      "columns")
         p.float_vals = _take(tensors, key("float_vals"), torch.float32, (out, k))
-    counts = torch.bincount(p.widths().reshape(-1).long(), minlength=MAX_BITS + 1)
-    expected = {str(b): int(c) for b, c in enumerate(counts.tolist()) if c}
+    expected = {str(b): n for b, n in sorted(p.code_counts().items())}
     if entry["widths"] != expected:
         raise MixPackFormatError(f"module {module}: code counts per width {entry['widths']} "
                                  f"disagree with its bit map ({expected})")

@@ -1,0 +1,299 @@
+"""Export -> load_model round trips: the reloaded model computes with the fake-quant weights
+bit for bit, so its logits (and perplexity) equal the fake-quant model's.
+
+* hand-made records on a tiny Llama with biases, one kind per linear: mixed widths 1..8,
+  symmetric and asymmetric, partial last groups, per channel, per tensor, uniform, act-order
+  ``g_idx``, float columns, fractional zeros, quantized scales, and a linear left in float;
+* a pipeline run with a test-only mixed-precision algorithm (``mixed_bits.py``) and
+  ``save_fake`` + ``mixpack`` (the bundled model: the one slow test).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from llmcq.capabilities import RECORD_FEATURES
+from llmcq.config.loader import resolve_config
+from llmcq.errors import PluginError
+from llmcq.eval.ppl import window_losses
+from llmcq.model.loading import ModelSource, load_pretrained
+from llmcq.pipeline.runner import run
+from llmcq.plugins import registry
+from llmcq.quant.fake import FakeQuantLinear, set_module
+from llmcq.quant.record import QuantizedLinear, QuantizedScales
+from llmcq.quant.spec import PerChannel, PerGroup, PerTensor, WeightQuantSpec
+from llmcq.quant.transform import MatrixTransform
+from llmcq_mixpack import SPEC, load_model
+from llmcq_mixpack.export import export
+from llmcq_mixpack.layout import ACCEPTED_FEATURES
+from llmcq_mixpack.module import MixPackLinear
+from safetensors.torch import load_file
+
+MIXED_BITS = "llmcq_mixpack_test_mixed_bits"
+
+
+def _mixed_bits() -> Any:
+    """tests/mixed_bits.py, as a module its algorithm's ``impl`` string can import."""
+    if MIXED_BITS not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            MIXED_BITS, Path(__file__).with_name("mixed_bits.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[MIXED_BITS] = module
+        spec.loader.exec_module(module)
+    return sys.modules[MIXED_BITS]
+
+
+MB = _mixed_bits()
+assert MB.MODULE == MIXED_BITS
+
+
+def test_spec_declares_what_the_layout_writes() -> None:
+    assert SPEC.accepts == ACCEPTED_FEATURES
+    assert SPEC.accepts <= set(RECORD_FEATURES)
+    assert set(SPEC.refusals) <= set(RECORD_FEATURES) - SPEC.accepts
+
+
+# ------------------------------------------------------------- hand-made records, tiny Llama
+
+def _rand_bits(shape: tuple[int, int], lo: int, hi: int, gen: torch.Generator) -> torch.Tensor:
+    bits = torch.randint(lo, hi + 1, shape, generator=gen)
+    bits.view(-1)[:2] = torch.tensor([lo, hi])  # both ends present
+    return bits
+
+
+def _record(kind: str, w: torch.Tensor, bias: torch.Tensor | None,
+            gen: torch.Generator) -> QuantizedLinear:
+    out, n_in = w.shape
+    if kind == "mixed_sym_g48":  # partial last group (64 = 48 + 16, 160 = 3 * 48 + 16)
+        spec = WeightQuantSpec(bits=3, symmetric=True, granularity=PerGroup(48))
+        return MB.mixed_record(w, spec, _rand_bits((out, -(-n_in // 48)), 2, 4, gen), bias)
+    if kind == "mixed_asym_1to8":
+        spec = WeightQuantSpec(bits=4, symmetric=False, granularity=PerGroup(16))
+        return MB.mixed_record(w, spec, _rand_bits((out, n_in // 16), 1, 8, gen), bias)
+    if kind == "uniform_asym_g64":
+        spec = WeightQuantSpec(bits=4, symmetric=False, granularity=PerGroup(64))
+        rec = MB.mixed_record(w, spec, torch.full((out, -(-n_in // 64)), 4), bias)
+        rec.group_bits = None
+        return rec
+    if kind == "per_channel_mixed":  # one width per row
+        spec = WeightQuantSpec(bits=4, symmetric=True, granularity=PerChannel())
+        return MB.mixed_record(w, spec, _rand_bits((out, 1), 2, 8, gen), bias)
+    if kind == "per_tensor":
+        spec = WeightQuantSpec(bits=8, symmetric=True, granularity=PerTensor())
+        return MB.mixed_record(w, spec, torch.tensor([[8]]), bias)
+    if kind == "g_idx":  # GPTQ act-order: columns quantized in a permuted order
+        spec = WeightQuantSpec(bits=3, symmetric=False, granularity=PerGroup(16))
+        perm = torch.randperm(n_in, generator=gen)
+        g_idx = torch.empty(n_in, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(n_in) // 16).to(torch.int32)
+        rec = MB.mixed_record(w[:, perm], spec, _rand_bits((out, n_in // 16), 2, 4, gen), bias)
+        rec.qweight = rec.qweight[:, torch.argsort(perm)].contiguous()
+        rec.g_idx = g_idx
+        return rec
+    if kind == "float_columns":  # their codes are off the grid: stored as placeholders
+        spec = WeightQuantSpec(bits=3, symmetric=True, granularity=PerGroup(32))
+        rec = MB.mixed_record(w, spec, _rand_bits((out, n_in // 32), 2, 4, gen), bias)
+        cols = torch.tensor([0, 33, n_in - 1])
+        rec.qweight[:, cols] = 100
+        rec.float_columns = (cols, w[:, cols].clone())
+        return rec
+    if kind == "fractional_zero":
+        spec = WeightQuantSpec(bits=3, symmetric=False, granularity=PerGroup(32),
+                               round_zp=False)
+        rec = MB.mixed_record(w, spec, _rand_bits((out, n_in // 32), 2, 4, gen), bias)
+        assert rec.zero is not None
+        rec.zero = rec.zero + torch.rand(rec.zero.shape, generator=gen) * 0.5
+        return rec
+    if kind == "quantized_scales":
+        spec = WeightQuantSpec(bits=4, symmetric=True, granularity=PerGroup(32))
+        rec = MB.mixed_record(w, spec, _rand_bits((out, n_in // 32), 3, 5, gen), bias)
+        codes = torch.randint(1, 16, rec.scale.shape, generator=gen)
+        rec.scale_codes = QuantizedScales(codes=codes, step=torch.full((1, n_in // 32), 2e-3),
+                                          zero=None, bits=4, group_rows=out)
+        rec.scale = rec.scale_codes.values()
+        return rec
+    raise AssertionError(kind)
+
+
+KINDS = ("mixed_sym_g48", "mixed_asym_1to8", "uniform_asym_g64", "per_channel_mixed",
+         "per_tensor", "g_idx", "float_columns", "fractional_zero", "quantized_scales")
+#: the linear kept in float (no record), as ignored_layers makes
+FLOAT_LINEAR = "model.layers.1.mlp.down_proj"
+
+
+@pytest.fixture(scope="module")
+def biased_llama(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Path:
+    """The tiny Llama with biases on every linear (the bias path of the format)."""
+    from llmcq.testing.tiny_models import save_tiny_model, tiny_llama_config
+
+    folder = tmp_path_factory.mktemp("tiny-llama-bias")
+    cfg = tiny_llama_config(vocab_size=len(tiny_tokenizer), attention_bias=True, mlp_bias=True)
+    return save_tiny_model(folder, cfg, tiny_tokenizer, perturb_vectors=True)
+
+
+def _fake_quantized(folder: Path) -> tuple[Any, Any, dict[str, QuantizedLinear]]:
+    model, tok = load_pretrained(ModelSource(folder))
+    gen = torch.Generator().manual_seed(0)
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
+    records = {}
+    for i, name in enumerate(n for n in names if n != FLOAT_LINEAR):
+        lin = model.get_submodule(name)
+        rec = _record(KINDS[i % len(KINDS)], lin.weight.data.float(), lin.bias, gen)
+        assert rec.problems() == [], (name, rec.problems())
+        records[name] = rec
+        set_module(model, name, FakeQuantLinear.from_record(rec, dtype=torch.float32))
+    return model, tok, records
+
+
+def test_every_kind_reloads_to_the_fake_quant_weights(tmp_path: Path,
+                                                      biased_llama: Path) -> None:
+    model, tok, records = _fake_quantized(biased_llama)
+    seen = {f for r in records.values() for f in r.features()}
+    assert seen == ACCEPTED_FEATURES  # every accepted feature is exercised
+    out = tmp_path / "mp"
+    out.mkdir()
+    export(SimpleNamespace(tokenizer=tok), model, records, out)
+
+    back = load_model(out)
+    x = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=x).logits, model(input_ids=x).logits)
+    for name, rec in records.items():
+        mod = back.get_submodule(name)
+        assert isinstance(mod, MixPackLinear), name
+        assert torch.equal(mod.dequantize(), rec.dequantize()), name
+        assert torch.equal(mod.bias, rec.bias), name
+    kept = back.get_submodule(FLOAT_LINEAR)
+    assert type(kept) is torch.nn.Linear
+    assert torch.equal(kept.weight, model.get_submodule(FLOAT_LINEAR).weight)
+
+    stored = load_file(str(out / "model.safetensors"))
+    assert not any(f"{n}.weight" in stored for n in records)  # no dense copy of a packed linear
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert set(qc["modules"]) == set(records)
+    codes = bits = 0
+    for name, rec in records.items():
+        entry = qc["modules"][name]
+        widths = (rec.group_bits if rec.group_bits is not None
+                  else torch.full(rec.scale.shape, rec.bits))[:, rec.column_groups()] \
+            .expand(rec.out_features, -1)  # per-tensor maps broadcast over rows
+        expected = {str(int(b)): int(n) for b, n in zip(*torch.unique(widths,
+                                                                      return_counts=True))}
+        assert entry["widths"] == expected, name
+        assert entry["group_bits"] == rec.mixed_bits and entry["col_perm"] == (
+            rec.g_idx is not None), name
+        on_grid = torch.ones(rec.in_features, dtype=torch.bool)
+        if rec.float_columns is not None:  # off the grid: not counted (results.json's rule)
+            on_grid[rec.float_columns[0]] = False
+        codes += int(on_grid.sum()) * rec.out_features
+        bits += int(widths[:, on_grid].sum())
+        for b, n in expected.items():  # int32 bit planes, n codes of b bits each
+            assert stored[f"{name}.codes_b{b}"].shape == (int(b), -(-n // 32)), (name, b)
+    assert qc["bits_mean"] == pytest.approx(bits / codes)
+    assert qc["format_version"] == 1 and qc["quant_method"] == "llmcq_mixpack"
+
+
+def test_a_feature_it_does_not_write_is_refused_before_writing(tmp_path: Path,
+                                                               biased_llama: Path) -> None:
+    model, tok, records = _fake_quantized(biased_llama)
+    name = next(iter(records))
+    rec = records[name]
+    rec.input_transform = MatrixTransform(torch.eye(rec.in_features))
+    with pytest.raises(PluginError, match=f"{name}.*input_transform"):
+        export(SimpleNamespace(tokenizer=tok), model, records, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ through the pipeline
+
+@pytest.fixture
+def mixed_rtn() -> Any:
+    registry.register("llmcq.algorithms", MB.SPEC)
+    yield MB.NAME
+    registry.unregister("llmcq.algorithms", MB.NAME)
+
+
+def _config(model: Path, save: Path, text: Path, *, n_windows: int, seq_len: int,
+            group_size: int) -> dict[str, Any]:
+    return {
+        "base": {"seed": 0, "device": "cpu"}, "model": {"type": "llama", "path": str(model)},
+        "eval": {"eval_pos": ["fake_quant"], "name": "wikitext2", "path": str(text),
+                 "seq_len": seq_len, "num_samples": n_windows},
+        "quant": {"method": MB.NAME, "weight": {"bit": 3, "symmetric": False,
+                                                "granularity": "per_group",
+                                                "group_size": group_size}},
+        "save": {"save_path": str(save), "save_fake": True, "backends": ["mixpack"]}}
+
+
+def _eval_text(tmp_path: Path, data: Path) -> Path:
+    """The start of wikitext2 test (enough for the few windows evaluated; tokenizing the
+    whole file would take most of the test's time)."""
+    path = tmp_path / "wikitext2_test_head.txt"
+    path.write_text((data / "wikitext2" / "test.txt").read_text()[:30_000])
+    return path
+
+
+def _eval_ids(tok: Any, text: Path, seq_len: int, n_windows: int) -> torch.Tensor:
+    """The windows the pipeline's evaluation of ``text`` cuts."""
+    from llmcq.data.datasets import DatasetSpec
+
+    dspec, _ = registry.load_spec("llmcq.datasets", "wikitext2", field="eval.name",
+                                  kind=DatasetSpec)
+    assert isinstance(dspec, DatasetSpec)
+    ids = dspec.evaluation_ids(tok, str(text), seq_len)
+    assert len(ids) >= n_windows * seq_len
+    return torch.tensor(ids[: n_windows * seq_len])
+
+
+def _check_run(out: Path, model: Any, tok: Any, text: Path, seq_len: int,
+               n_windows: int) -> tuple[float, float]:
+    """Reload the mixpack folder: its logits on the evaluated windows equal the in-process
+    fake-quant model's; returns its perplexity on them and the run's fake-quant one."""
+    results = json.loads((out / "results.json").read_text())
+    fq_ppl = results["eval"]["fake_quant"]["wikitext2"]["ppl"]
+    qc = json.loads((out / "mixpack_model" / "config.json").read_text())["quantization_config"]
+    assert qc["bits_mean"] == results["compression"]["weight_bits_mean"] == 3.0
+    assert results["outputs"]["mixpack"] == str(out / "mixpack_model")
+    back = load_model(out / "mixpack_model")
+    windows = _eval_ids(tok, text, seq_len, n_windows).view(n_windows, seq_len)
+    with torch.no_grad():  # one forward each (the pure-torch unpacking runs per forward)
+        logits = back(input_ids=windows).logits
+        assert torch.equal(logits, model(input_ids=windows).logits)
+    return math.exp(float(window_losses(logits, windows).double().mean())), fq_ppl
+
+
+def test_pipeline_run_reloads_with_the_fake_quant_perplexity(
+        tmp_path: Path, tiny_llama_dir: Path, shared_data: Path, mixed_rtn: str) -> None:
+    model, tok = load_pretrained(ModelSource(tiny_llama_dir))
+    out, text = tmp_path / "out", _eval_text(tmp_path, shared_data)
+    run(resolve_config(_config(tiny_llama_dir, out, text, n_windows=2, seq_len=128,
+                               group_size=32)), progress=False, model=model, tokenizer=tok)
+    ppl, fq_ppl = _check_run(out, model, tok, text, 128, 2)
+    assert math.isclose(ppl, fq_ppl, rel_tol=1e-5), (ppl, fq_ppl)  # batch of 2 vs 1 by 1
+
+
+@pytest.mark.slow
+def test_bundled_model_run_reloads_with_the_fake_quant_perplexity(
+        tmp_path: Path, smollm2_path: Path, shared_data: Path, mixed_rtn: str) -> None:
+    model, tok = load_pretrained(ModelSource(smollm2_path.parent, smollm2_path.name))
+    out, text = tmp_path / "out", _eval_text(tmp_path, shared_data)
+    cfg = _config(smollm2_path, out, text, n_windows=2, seq_len=256, group_size=64)
+    cfg["model"].pop("path")  # the bundled model
+    run(resolve_config(cfg), progress=False, model=model, tokenizer=tok)
+    ppl, fq_ppl = _check_run(out, model, tok, text, 256, 2)
+    sizes = {k: sum(f.stat().st_size for f in (out / k).glob("*.safetensors"))
+             for k in ("mixpack_model", "fake_quant_model")}
+    print(f"\nppl fake-quant {fq_ppl:.4f}, mixpack {ppl:.4f}; weights "
+          f"{sizes['mixpack_model'] / 1e6:.1f} MB vs {sizes['fake_quant_model'] / 1e6:.1f} MB")
+    assert math.isclose(ppl, fq_ppl, rel_tol=1e-5), (ppl, fq_ppl)  # batch of 2 vs 1 by 1
+    assert sizes["mixpack_model"] < 0.6 * sizes["fake_quant_model"]

@@ -37,6 +37,8 @@ RESULT = REPO / "bench" / "results" / "learned_rounding.json"
 WINDOWS = 16
 #: evaluate the whole test set too (off for a quick check on 2 CPU cores: --no-full)
 FULL = {"on": True}
+#: keys merged into our rows' quant.special (a diagnostic run at another schedule: --ours-special)
+OURS_SPECIAL: dict[str, Any] = {}
 ORDER = ("rtn", "gptq", "awq", "awq+gptq", "omniquant", "autoround", "peer:autoround",
          "tesseraq", "tesseraq-noawq")
 
@@ -68,6 +70,8 @@ def evaluate_folder(folder: Path) -> dict[str, Any]:
 
 def run_ours(method: str, setting: str, calib: dict[str, Any], log_dir: Path) -> dict[str, Any]:
     cfg = A.row_config(method, setting, calib, WINDOWS)
+    if OURS_SPECIAL:
+        cfg["quant"]["special"] = {**cfg["quant"].get("special", {}), **OURS_SPECIAL}
     with tempfile.TemporaryDirectory(prefix="llmcq-lr-") as tmp:
         cfg["save"] = {"save_fake": True, "save_path": str(Path(tmp) / "out")}
         res = run_config_keep(cfg, Path(tmp), label=f"{method}-{setting}", log_dir=log_dir)
@@ -214,8 +218,11 @@ def main() -> None:
     ap.add_argument("--into", type=Path, default=RESULT)
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--no-full", action="store_true", help="skip the whole-test evaluation")
+    ap.add_argument("--ours-special", type=json.loads, default={},
+                    help='JSON merged into our rows\' quant.special, e.g. \'{"iters": 20}\'')
     args = ap.parse_args()
     FULL["on"] = not args.no_full
+    OURS_SPECIAL.update(args.ours_special)
     if args.merge is not None:
         merge(args.merge, args.into)
         table(args.into)

@@ -7,7 +7,7 @@
 # (see issue14_env.sh). Many small kernels from many processes: start CUDA MPS where the image
 # has it, so their kernels share the GPU instead of taking turns (left alone if it fails).
 source bench/gpu/issue14_env.sh || exit
-export OMP_NUM_THREADS=1 LLMCQ_BENCH_COMMIT=${COMMIT:-unknown}
+export OMP_NUM_THREADS=1 LLMCQ_BENCH_COMMIT=${COMMIT:?set COMMIT to the commit the .whl wheels were built from}
 if command -v nvidia-cuda-mps-control >/dev/null; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
   mkdir -p /tmp/mps /tmp/mpslog && nvidia-cuda-mps-control -d

@@ -4,7 +4,8 @@ bit for bit, so its logits (and perplexity) equal the fake-quant model's.
 * hand-made records on a tiny Llama with biases, one kind per linear: mixed widths 1..8,
   symmetric and asymmetric, partial last groups, per channel, per tensor, uniform, act-order
   ``g_idx``, float columns, fractional zeros, quantized scales, and a linear left in float;
-* a pipeline run with a test-only mixed-precision algorithm (``mixed_bits.py``) and
+  the README's numpy reader reads the same weights from the files;
+* a pipeline run with a test-only mixed-precision algorithm (``records.py``) and
   ``save_fake`` + ``mixpack`` (the bundled model: the one slow test).
 """
 
@@ -13,11 +14,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from llmcq.capabilities import RECORD_FEATURES
@@ -27,9 +30,6 @@ from llmcq.eval.ppl import window_losses
 from llmcq.model.loading import ModelSource, load_pretrained
 from llmcq.pipeline.runner import run
 from llmcq.plugins import registry
-from llmcq.quant.fake import FakeQuantLinear, set_module
-from llmcq.quant.record import QuantizedLinear, QuantizedScales
-from llmcq.quant.spec import PerChannel, PerGroup, PerTensor, WeightQuantSpec
 from llmcq.quant.transform import MatrixTransform
 from llmcq_mixpack import SPEC, load_model
 from llmcq_mixpack.export import export
@@ -37,23 +37,23 @@ from llmcq_mixpack.layout import ACCEPTED_FEATURES
 from llmcq_mixpack.module import MixPackLinear
 from safetensors.torch import load_file
 
-MIXED_BITS = "llmcq_mixpack_test_mixed_bits"
+RECORDS = "llmcq_mixpack_test_records"
 
 
-def _mixed_bits() -> Any:
-    """tests/mixed_bits.py, as a module its algorithm's ``impl`` string can import."""
-    if MIXED_BITS not in sys.modules:
+def _records() -> Any:
+    """tests/records.py, as a module its algorithm's ``impl`` string can import."""
+    if RECORDS not in sys.modules:
         spec = importlib.util.spec_from_file_location(
-            MIXED_BITS, Path(__file__).with_name("mixed_bits.py"))
+            RECORDS, Path(__file__).with_name("records.py"))
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
-        sys.modules[MIXED_BITS] = module
+        sys.modules[RECORDS] = module
         spec.loader.exec_module(module)
-    return sys.modules[MIXED_BITS]
+    return sys.modules[RECORDS]
 
 
-MB = _mixed_bits()
-assert MB.MODULE == MIXED_BITS
+MB = _records()
+assert MB.MODULE == RECORDS
 
 
 def test_spec_declares_what_the_layout_writes() -> None:
@@ -63,72 +63,6 @@ def test_spec_declares_what_the_layout_writes() -> None:
 
 
 # ------------------------------------------------------------- hand-made records, tiny Llama
-
-def _rand_bits(shape: tuple[int, int], lo: int, hi: int, gen: torch.Generator) -> torch.Tensor:
-    bits = torch.randint(lo, hi + 1, shape, generator=gen)
-    bits.view(-1)[:2] = torch.tensor([lo, hi])  # both ends present
-    return bits
-
-
-def _record(kind: str, w: torch.Tensor, bias: torch.Tensor | None,
-            gen: torch.Generator) -> QuantizedLinear:
-    out, n_in = w.shape
-    if kind == "mixed_sym_g48":  # partial last group (64 = 48 + 16, 160 = 3 * 48 + 16)
-        spec = WeightQuantSpec(bits=3, symmetric=True, granularity=PerGroup(48))
-        return MB.mixed_record(w, spec, _rand_bits((out, -(-n_in // 48)), 2, 4, gen), bias)
-    if kind == "mixed_asym_1to8":
-        spec = WeightQuantSpec(bits=4, symmetric=False, granularity=PerGroup(16))
-        return MB.mixed_record(w, spec, _rand_bits((out, n_in // 16), 1, 8, gen), bias)
-    if kind == "uniform_asym_g64":
-        spec = WeightQuantSpec(bits=4, symmetric=False, granularity=PerGroup(64))
-        rec = MB.mixed_record(w, spec, torch.full((out, -(-n_in // 64)), 4), bias)
-        rec.group_bits = None
-        return rec
-    if kind == "per_channel_mixed":  # one width per row
-        spec = WeightQuantSpec(bits=4, symmetric=True, granularity=PerChannel())
-        return MB.mixed_record(w, spec, _rand_bits((out, 1), 2, 8, gen), bias)
-    if kind == "per_tensor":
-        spec = WeightQuantSpec(bits=8, symmetric=True, granularity=PerTensor())
-        return MB.mixed_record(w, spec, torch.tensor([[8]]), bias)
-    if kind == "g_idx":  # GPTQ act-order: columns quantized in a permuted order
-        spec = WeightQuantSpec(bits=3, symmetric=False, granularity=PerGroup(16))
-        perm = torch.randperm(n_in, generator=gen)
-        g_idx = torch.empty(n_in, dtype=torch.int32)
-        g_idx[perm] = (torch.arange(n_in) // 16).to(torch.int32)
-        rec = MB.mixed_record(w[:, perm], spec, _rand_bits((out, n_in // 16), 2, 4, gen), bias)
-        rec.qweight = rec.qweight[:, torch.argsort(perm)].contiguous()
-        rec.g_idx = g_idx
-        return rec
-    if kind == "float_columns":  # their codes are off the grid: stored as placeholders
-        spec = WeightQuantSpec(bits=3, symmetric=True, granularity=PerGroup(32))
-        rec = MB.mixed_record(w, spec, _rand_bits((out, n_in // 32), 2, 4, gen), bias)
-        cols = torch.tensor([0, 33, n_in - 1])
-        rec.qweight[:, cols] = 100
-        rec.float_columns = (cols, w[:, cols].clone())
-        return rec
-    if kind == "fractional_zero":
-        spec = WeightQuantSpec(bits=3, symmetric=False, granularity=PerGroup(32),
-                               round_zp=False)
-        rec = MB.mixed_record(w, spec, _rand_bits((out, n_in // 32), 2, 4, gen), bias)
-        assert rec.zero is not None
-        rec.zero = rec.zero + torch.rand(rec.zero.shape, generator=gen) * 0.5
-        return rec
-    if kind == "quantized_scales":
-        spec = WeightQuantSpec(bits=4, symmetric=True, granularity=PerGroup(32))
-        rec = MB.mixed_record(w, spec, _rand_bits((out, n_in // 32), 3, 5, gen), bias)
-        codes = torch.randint(1, 16, rec.scale.shape, generator=gen)
-        rec.scale_codes = QuantizedScales(codes=codes, step=torch.full((1, n_in // 32), 2e-3),
-                                          zero=None, bits=4, group_rows=out)
-        rec.scale = rec.scale_codes.values()
-        return rec
-    raise AssertionError(kind)
-
-
-KINDS = ("mixed_sym_g48", "mixed_asym_1to8", "uniform_asym_g64", "per_channel_mixed",
-         "per_tensor", "g_idx", "float_columns", "fractional_zero", "quantized_scales")
-#: the linear kept in float (no record), as ignored_layers makes
-FLOAT_LINEAR = "model.layers.1.mlp.down_proj"
-
 
 @pytest.fixture(scope="module")
 def biased_llama(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Path:
@@ -140,24 +74,9 @@ def biased_llama(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) 
     return save_tiny_model(folder, cfg, tiny_tokenizer, perturb_vectors=True)
 
 
-def _fake_quantized(folder: Path) -> tuple[Any, Any, dict[str, QuantizedLinear]]:
-    model, tok = load_pretrained(ModelSource(folder))
-    gen = torch.Generator().manual_seed(0)
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
-    records = {}
-    for i, name in enumerate(n for n in names if n != FLOAT_LINEAR):
-        lin = model.get_submodule(name)
-        rec = _record(KINDS[i % len(KINDS)], lin.weight.data.float(), lin.bias, gen)
-        assert rec.problems() == [], (name, rec.problems())
-        records[name] = rec
-        set_module(model, name, FakeQuantLinear.from_record(rec, dtype=torch.float32))
-    return model, tok, records
-
-
 def test_every_kind_reloads_to_the_fake_quant_weights(tmp_path: Path,
                                                       biased_llama: Path) -> None:
-    model, tok, records = _fake_quantized(biased_llama)
+    model, tok, records = MB.fake_quantized(biased_llama)
     seen = {f for r in records.values() for f in r.features()}
     assert seen == ACCEPTED_FEATURES  # every accepted feature is exercised
     out = tmp_path / "mp"
@@ -173,9 +92,9 @@ def test_every_kind_reloads_to_the_fake_quant_weights(tmp_path: Path,
         assert isinstance(mod, MixPackLinear), name
         assert torch.equal(mod.dequantize(), rec.dequantize()), name
         assert torch.equal(mod.bias, rec.bias), name
-    kept = back.get_submodule(FLOAT_LINEAR)
+    kept = back.get_submodule(MB.FLOAT_LINEAR)
     assert type(kept) is torch.nn.Linear
-    assert torch.equal(kept.weight, model.get_submodule(FLOAT_LINEAR).weight)
+    assert torch.equal(kept.weight, model.get_submodule(MB.FLOAT_LINEAR).weight)
 
     stored = load_file(str(out / "model.safetensors"))
     assert not any(f"{n}.weight" in stored for n in records)  # no dense copy of a packed linear
@@ -187,8 +106,8 @@ def test_every_kind_reloads_to_the_fake_quant_weights(tmp_path: Path,
         widths = (rec.group_bits if rec.group_bits is not None
                   else torch.full(rec.scale.shape, rec.bits))[:, rec.column_groups()] \
             .expand(rec.out_features, -1)  # per-tensor maps broadcast over rows
-        expected = {str(int(b)): int(n) for b, n in zip(*torch.unique(widths,
-                                                                      return_counts=True))}
+        values, counts = torch.unique(widths, return_counts=True)
+        expected = {str(int(b)): int(n) for b, n in zip(values, counts, strict=True)}
         assert entry["widths"] == expected, name
         assert entry["group_bits"] == rec.mixed_bits and entry["col_perm"] == (
             rec.g_idx is not None), name
@@ -202,10 +121,24 @@ def test_every_kind_reloads_to_the_fake_quant_weights(tmp_path: Path,
     assert qc["bits_mean"] == pytest.approx(bits / codes)
     assert qc["format_version"] == 1 and qc["quant_method"] == "llmcq_mixpack"
 
+    read_weight = _readme_reader()  # the README's numpy reader, written from the spec alone
+    for name, rec in records.items():
+        assert np.array_equal(read_weight(str(out), name), rec.dequantize().numpy()), name
+
+
+def _readme_reader() -> Any:
+    """``read_weight`` from the README's "A complete reader" block, executed as written."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(# reader:.*?)```", text, flags=re.S)
+    assert len(blocks) == 1, "the README has one '# reader:' block"
+    namespace: dict[str, Any] = {}
+    exec(compile(blocks[0], "README.md#reader", "exec"), namespace)  # noqa: S102
+    return namespace["read_weight"]
+
 
 def test_a_feature_it_does_not_write_is_refused_before_writing(tmp_path: Path,
                                                                biased_llama: Path) -> None:
-    model, tok, records = _fake_quantized(biased_llama)
+    model, tok, records = MB.fake_quantized(biased_llama)
     name = next(iter(records))
     rec = records[name]
     rec.input_transform = MatrixTransform(torch.eye(rec.in_features))

@@ -31,6 +31,8 @@ from llmcq.model.loading import ModelSource, load_pretrained
 from llmcq.pipeline.runner import run
 from llmcq.plugins import registry
 from llmcq.quant.transform import MatrixTransform
+from llmcq_fake import load_fake_quant
+from llmcq_fake.export import export as export_fake
 from llmcq_mixpack import SPEC, load_model
 from llmcq_mixpack.export import export
 from llmcq_mixpack.layout import ACCEPTED_FEATURES
@@ -120,6 +122,18 @@ def test_every_kind_reloads_to_the_fake_quant_weights(tmp_path: Path,
             assert stored[f"{name}.codes_b{b}"].shape == (int(b), -(-n // 32)), (name, b)
     assert qc["bits_mean"] == pytest.approx(bits / codes)
     assert qc["format_version"] == 1 and qc["quant_method"] == "llmcq_mixpack"
+
+    fake_dir = tmp_path / "fake"  # the same records as a save_fake folder, loaded in bf16
+    fake_dir.mkdir()
+    export_fake(SimpleNamespace(tokenizer=tok), model, records, fake_dir)
+    half = load_model(out, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(half(input_ids=x).logits,
+                           load_fake_quant(fake_dir, dtype=torch.bfloat16)(input_ids=x).logits)
+    half.half()  # a later cast moves the bias, never the float32 grid
+    mod = half.get_submodule(name)
+    assert mod.bias.dtype == torch.float16 and mod.scale.dtype == torch.float32
+    assert torch.equal(mod.dequantize(), rec.dequantize())
 
     read_weight = _readme_reader()  # the README's numpy reader, written from the spec alone
     for name, rec in records.items():

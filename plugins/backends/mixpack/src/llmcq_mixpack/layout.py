@@ -62,7 +62,10 @@ class PackedLinear:
     @property
     def group_width(self) -> int:
         """Columns per group: the group size, or the whole row per channel / per tensor."""
-        return self.group_size if self.granularity == "per_group" else self.in_features  # type: ignore[return-value]
+        if self.granularity == "per_group":
+            assert self.group_size is not None
+            return self.group_size
+        return self.in_features
 
     def bit_map(self) -> torch.Tensor:
         """Per-group widths ``[R, G]`` (the stored map, or ``bits`` everywhere)."""

@@ -4,6 +4,7 @@ dequantizes them on every forward (memory stays packed; speed is the kernel issu
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,11 +16,15 @@ from llmcq_mixpack.layout import PackedLinear
 __all__ = ["MixPackLinear"]
 
 _TENSORS = ("scale", "group_bits", "zero", "col_perm", "float_cols", "float_vals")
+#: float32 buffers that stay float32 when the model is cast (``model.half()``): they are the
+#: grid, and the weights equal the fake-quant ones only when it is exact
+_GRID = ("scale", "zero", "float_vals")
 
 
 class MixPackLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W = dequantize(packed)``; the packed tensors are buffers
-    (so ``.to(device)`` and ``state_dict`` see them), named as in the file."""
+    (so ``.to(device)`` and ``state_dict`` see them), named as in the file. Casting the
+    model (``.half()``) casts the bias, never the float32 grid."""
 
     def __init__(self, packed: PackedLinear, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -35,6 +40,16 @@ class MixPackLinear(nn.Module):
             self.register_parameter("bias", None)
         else:
             self.bias = nn.Parameter(bias, requires_grad=False)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MixPackLinear:
+        grid = {n: t for n in _GRID if (t := getattr(self, n)) is not None
+                and t.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, before in grid.items():  # moved, never cast
+            now = getattr(self, name)
+            if now.dtype != torch.float32:
+                setattr(self, name, before.to(now.device))
+        return self
 
     def packed(self) -> PackedLinear:
         """The packed tensors as they are now (on this module's device)."""

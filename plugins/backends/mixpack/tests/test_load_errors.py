@@ -168,6 +168,12 @@ def test_not_mixpack_or_another_version(folder: Path) -> None:
     _fails(folder, "no quantization_config; not a mixpack folder")
 
 
+def test_weight_files_outside_the_folder_are_refused(folder: Path) -> None:
+    _rewrite(folder, qc=lambda q: q.update(weight_files={"../model.safetensors": {}}))
+    _fails(folder, "weight file '../model.safetensors' is not a .safetensors file of the "
+           "folder")
+
+
 def test_missing_truncated_or_damaged_weight_file(folder: Path) -> None:
     path = folder / "model.safetensors"
     data = bytearray(path.read_bytes())

@@ -58,6 +58,10 @@ def check_header(folder: str, qc: Any) -> dict[str, Any]:
     for key in ("modules", "weight_files"):
         if not isinstance(qc.get(key), dict) or not qc[key]:
             raise MixPackFormatError(f"{folder}: quantization_config.{key} is missing or empty")
+    for file in qc["weight_files"]:
+        if "/" in file or "\\" in file or not file.endswith(".safetensors"):
+            raise MixPackFormatError(f"{folder}: weight file {file!r} is not a .safetensors "
+                                     "file of the folder")
     for name, entry in qc["modules"].items():
         keys = set(entry) if isinstance(entry, dict) else set()
         if keys != MODULE_KEYS:

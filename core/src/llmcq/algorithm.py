@@ -20,6 +20,12 @@ Lifetime: core builds one instance per recipe step per run, after the model is l
 before the first block (so ``__init__`` may refuse settings that need the model); the same
 instance sees every block in order and :meth:`summary` is read once at the end. Keep per-block
 state keyed by ``block.index`` and drop it when the block is done.
+
+Per-linear grids (``quant.mix_bits``, ``ignored_layers``): ``self.weight``/``self.act`` are
+the global ones; each linear's own are :meth:`Algorithm.weight_of` / :meth:`Algorithm.act_of`
+(None: kept in float, or its input unquantized), and :meth:`Algorithm.quantized_linears`
+lists the linears to quantize. An algorithm that uses them everywhere (records, search
+losses, learned parameters) declares ``AlgorithmSpec.per_layer_specs = True``.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
     from llmcq.pipeline.blockwise import Block, BlockInputs
     from llmcq.pipeline.context import RunContext, Step
     from llmcq.quant.record import QuantizedLinear
+    from llmcq.quant.spec import ActQuantSpec, WeightQuantSpec
 
 __all__ = ["Algorithm", "STAGES"]
 
@@ -71,6 +78,36 @@ class Algorithm:
             specs = RunSpecs(weight=self.weight, act=self.act)
         self.specs = specs
         self.sparsity = specs.sparsity
+
+    # ------------------------------------------------------------------ per linear
+
+    def weight_of(self, block: Block, name: str) -> WeightQuantSpec | None:
+        """The weight grid of the block's linear ``name`` (relative to the block): its
+        ``quant.mix_bits`` setting's, else ``quant.weight``; None when kept in float."""
+        if not hasattr(self.specs, "weight_for"):  # a stand-in run: the global grids only
+            return self.weight
+        return self.specs.weight_for(block.full_name(name))
+
+    def act_of(self, block: Block, name: str) -> ActQuantSpec | None:
+        """The activation quantization of that linear's input (None: left in float)."""
+        if not hasattr(self.specs, "act_for"):
+            return self.act
+        return self.specs.act_for(block.full_name(name))
+
+    def weights_of(self, block: Block) -> dict[str, WeightQuantSpec | None]:
+        """Every linear of the block with its weight grid (None: kept in float), in
+        ``block.linears()`` order; ``rtn_records`` takes it as its ``spec``."""
+        return {n: self.weight_of(block, n) for n in block.linears()}
+
+    def acts_of(self, block: Block) -> dict[str, ActQuantSpec | None]:
+        """Every linear of the block with its activation quantization (None: float input);
+        ``llmcq.recon.ActQuant`` takes it as its ``spec``."""
+        return {n: self.act_of(block, n) for n in block.linears()}
+
+    def quantized_linears(self, block: Block) -> dict[str, nn.Linear]:
+        """The block's linears that get a record (those not kept in float)."""
+        return {n: lin for n, lin in block.linears().items()
+                if self.weight_of(block, n) is not None}
 
     @classmethod
     def implements(cls, stage: str) -> bool:

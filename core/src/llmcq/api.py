@@ -20,6 +20,7 @@ from llmcq.errors import ConfigError, PluginLoadError
 if TYPE_CHECKING:
     from llmcq.capabilities import Feature, Need
     from llmcq.config.schema import QuantSection, RunConfig
+    from llmcq.layers import LayerPlan
     from llmcq.specs import RunSpecs
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "ModelSpec",
     "BackendSpec",
     "ExportTarget",
+    "LayerTarget",
     "EvaluatorSpec",
     "GROUPS",
 ]
@@ -174,6 +176,11 @@ class AlgorithmSpec(PluginSpec):
     #: layout facts (:data:`llmcq.capabilities.LAYOUT_FEATURES`) every run of the algorithm
     #: needs; override :meth:`needs` when it depends on the settings
     layout_needs: tuple[str, ...] = ()
+    #: quantizing algorithms: whether every grid, search loss and learned parameter uses
+    #: each linear's own spec (``Algorithm.weight_of`` / ``act_of``) and linears kept in
+    #: float get no record, so ``quant.mix_bits`` and ``ignored_layers`` are honoured;
+    #: without it a config with either is refused
+    per_layer_specs: bool = False
 
     def check(self, step: StepSettings) -> None:
         """Raise :class:`ConfigError` for settings this algorithm cannot honour. Overrides
@@ -226,7 +233,8 @@ class AlgorithmSpec(PluginSpec):
                 "supports_act": self.supports_act, "weight_formats": list(self.weight_formats),
                 "weight_calib_algos": list(self.weight_calib_algos),
                 "sparse_keys": list(self.sparse_keys), "uses_masks": self.uses_masks,
-                "layout_needs": list(self.layout_needs)}
+                "layout_needs": list(self.layout_needs),
+                "per_layer_specs": self.per_layer_specs}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -255,6 +263,20 @@ class ExportTarget:
 
     def has(self, name: str) -> bool:
         return any(f.name == name for f in self.features)
+
+
+@dataclass(frozen=True)
+class LayerTarget:
+    """What a backend's :meth:`BackendSpec.check_layers` checks once the model is loaded and
+    before any block runs: every quantizable linear's grids (``plan``), the save key that
+    selected the backend (``path``), and the sets of linears serving engines run as one
+    kernel: per block, each group of linears reading one input (q/k/v, gate/up:
+    ``shared_input``, full names) and the MoE experts' linears (``experts``)."""
+
+    plan: LayerPlan
+    path: str
+    shared_input: tuple[tuple[str, ...], ...] = ()
+    experts: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -286,6 +308,12 @@ class BackendSpec(PluginSpec):
         if self.stage == "quantized" and target.specs.weight is None:
             raise ConfigError(target.path, True, reason=f"backend {self.name!r} exports a "
                               "quantized model, but the config has no quant.weight section")
+
+    def check_layers(self, target: LayerTarget) -> None:
+        """Raise :class:`ConfigError` if the run's per-linear grids (``quant.mix_bits``,
+        ``ignored_layers``; ``layer_grids`` and ``float_linears`` were already checked against
+        :attr:`accepts`) cannot be written for this model, e.g. linears an engine fuses given
+        different grids. Called only for runs with per-linear settings."""
 
     def describe(self) -> dict[str, Any]:
         return {"stage": self.stage, "folder": self.folder, "accepts": sorted(self.accepts),

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from llmcq.specs import RunSpecs
 
 __all__ = ["RECORD_FEATURES", "LAYOUT_FEATURES", "Feature", "Need", "spec_features",
+           "layer_features",
            "check_backend", "check_layout", "check_records", "record_details",
            "describe_features"]
 
@@ -51,6 +52,9 @@ RECORD_FEATURES: dict[str, str] = {
     "float_format": "float codes (FP8)",
     "fractional_zero": "non-integral zero points",
     "quantized_scales": "per-group scales that are themselves quantized",
+    # run-level: declared by core from quant.mix_bits / ignored_layers (spec_features)
+    "layer_grids": "linears on different grids (layer-wise mixed precision, quant.mix_bits)",
+    "float_linears": "block linears kept in float (ignored_layers, mix_bits do_quant: False)",
 }
 
 #: what a model adapter's layout may provide, by name
@@ -133,6 +137,28 @@ def spec_features(specs: RunSpecs) -> list[Feature]:
     if specs.kv is not None:
         out.append(Feature("kv_cache_quant", "quant.kvcache", specs.kv.describe(),
                            source="quant.kvcache", hint="remove quant.kvcache"))
+    return out + layer_features(specs)
+
+
+def layer_features(specs: RunSpecs) -> list[Feature]:
+    """``layer_grids`` / ``float_linears`` of the config's per-linear settings, each naming
+    the key that brings it."""
+    rules = specs.layers
+    if rules is None:
+        return []
+    out = []
+    mixed = [s for s in rules.quantizing_settings if s.spec.grids() != rules.default.grids()]
+    if mixed:
+        out.append(Feature("layer_grids", mixed[0].path, mixed[0].spec.describe(),
+                           source="quant.mix_bits", hint="give every setting the global "
+                           "weight and act sections, or export with save_fake or save_vllm"))
+    floats = [s.path + ".do_quant" for s in rules.settings if s.spec.keeps_float]
+    if rules.ignored is not None:
+        floats.insert(0, "ignored_layers")
+    if floats:
+        out.append(Feature("float_linears", floats[0], None, source=floats[0].split(".")[0],
+                           hint="remove it to quantize every linear, or export with "
+                           "save_fake or save_vllm"))
     return out
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "DataError",
     "OutputExistsError",
     "closest",
+    "relocated",
 ]
 
 
@@ -79,6 +80,28 @@ class ConfigError(LlmcqError):
         if suggestion:
             msg += f"; did you mean {suggestion!r}?"
         super().__init__(msg)
+
+
+def relocated(err: ConfigError, moves: dict[str, str], *, note: str = "") -> ConfigError:
+    """``err`` with its key path moved: the first prefix of ``moves`` (old -> new) that the
+    path starts with is replaced; when none does, ``note`` is appended to the message.
+    Used to report a check made on one ``quant.mix_bits`` setting at that setting's keys."""
+    if isinstance(err, ConfigErrors):
+        return ConfigErrors([relocated(e, moves, note=note) for e in err.errors])
+    text = str(err)
+    for old, new in moves.items():
+        if err.path == old or err.path.startswith(old + "."):
+            path = new + err.path[len(old):]
+            text = path + text[len(err.path):] if text.startswith(err.path) else text
+            break
+    else:
+        path = err.path
+        text = f"{text} [{note}]" if note else text
+    out = ConfigError.__new__(type(err))
+    out.__dict__.update(err.__dict__)
+    out.path = path
+    out.args = (text,)
+    return out
 
 
 class ConfigErrors(ConfigError):

@@ -5,13 +5,22 @@ same objects, to algorithm specs at config time (``check``, ``produces``, ``need
 backend specs (``supports``), to algorithm drivers (``self.weight``, ``self.act``,
 ``self.sparsity``) and to exporters (``run.specs``). Nothing downstream re-reads the YAML
 sections to rebuild a grid.
+
+``weight``/``act`` are the global grids. With ``quant.mix_bits`` or ``ignored_layers``
+(``layers``, :mod:`llmcq.layers`) each linear may have its own: once the model is loaded the
+run binds the rules to the model's linears (:meth:`RunSpecs.bind`) and
+:meth:`RunSpecs.weight_for` / :meth:`RunSpecs.act_for` give each linear's grids by full name
+(None: kept in float). Without such rules they return the global grids for every linear.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from llmcq.errors import LlmcqError
+from llmcq.layers import BlockLinears, LayerPlan, LayerRules, LayerSpec
 from llmcq.quant.spec import ActQuantSpec, KVQuantSpec, WeightQuantSpec
 from llmcq.sparsity import SparsitySpec
 
@@ -31,6 +40,10 @@ class RunSpecs:
     sparsity: SparsitySpec | None = None
     #: llmc's ``quant.quant_out``: each block reads the quantized outputs of the one before
     quant_out: bool = False
+    #: per-linear settings (``quant.mix_bits``, ``ignored_layers``); None: global grids only
+    layers: LayerRules | None = None
+    #: ``layers`` bound to the loaded model's linears (:meth:`bind`)
+    plan: LayerPlan | None = None
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> RunSpecs:
@@ -39,7 +52,57 @@ class RunSpecs:
         act = ActQuantSpec.from_section(q.act) if q is not None and q.act else None
         sparsity = SparsitySpec.from_section(s) if s is not None else None
         return cls(weight=weight, act=act, kv=None, sparsity=sparsity,
-                   quant_out=bool(q.quant_out) if q is not None else False)
+                   quant_out=bool(q.quant_out) if q is not None else False,
+                   layers=LayerRules.from_config(cfg, weight, act))
+
+    # ------------------------------------------------------------------ per linear
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether the config gives some linears their own grids or keeps some in float."""
+        return self.layers is not None
+
+    def bind(self, prefix: str, blocks: BlockLinears) -> RunSpecs:
+        """These specs with ``layers`` matched against a loaded model whose blocks
+        ``{prefix}.{i}`` hold the quantizable linears ``blocks[i]`` (names relative to the
+        block). Raises a ConfigError naming every entry that matches no linear."""
+        if self.layers is None:
+            return self
+        return replace(self, plan=self.layers.bind(prefix, blocks))
+
+    def layer_for(self, full_name: str) -> LayerSpec:
+        """The grids of one linear (full module name): its ``quant.mix_bits`` setting, float
+        for ``ignored_layers`` / ``do_quant: False``, else the global ones."""
+        if self.layers is None:
+            return LayerSpec(self.weight, self.act)
+        if self.plan is None:
+            raise LlmcqError("per-layer settings (quant.mix_bits, ignored_layers) are resolved "
+                             "once the model is loaded: bind these specs first "
+                             "(RunSpecs.bind; a run does it before the first block)")
+        return self.plan.spec(full_name)
+
+    def weight_for(self, full_name: str) -> WeightQuantSpec | None:
+        """The weight grid of one linear; None when it is kept in float."""
+        return self.layer_for(full_name).weight
+
+    def act_for(self, full_name: str) -> ActQuantSpec | None:
+        """The activation quantization of one linear's input; None: its input stays float."""
+        return self.layer_for(full_name).act
+
+    def variants(self) -> list[tuple[str, RunSpecs]]:
+        """Config-time checks: the specs as each ``quant.mix_bits`` setting that quantizes
+        sees them (its key, these specs with its weight/act as the global ones)."""
+        if self.layers is None:
+            return []
+        return [(s.path, replace(self, weight=s.spec.weight, act=s.spec.act, layers=None,
+                                 plan=None))
+                for s in self.layers.quantizing_settings]
+
+    def any_act(self, pred: Callable[[ActQuantSpec], bool] = lambda a: True) -> bool:
+        """Whether the global act spec or any setting's satisfies ``pred`` (static ranges
+        need calibration data whichever linears they are for)."""
+        acts = [self.act] + [v.act for _, v in self.variants()]
+        return any(a is not None and pred(a) for a in acts)
 
     def describe(self) -> str:
         parts = []

@@ -29,6 +29,8 @@ from llmcq.api import (
     StepSettings,
 )
 from llmcq.capabilities import Feature, Need, check_backend, check_layout, spec_features
+from llmcq.config.layer_checks import (check_layer_backend, check_layer_sections,
+                                       check_layer_steps, layer_step_features)
 from llmcq.config.schema import FLOAT_BITS, SAVE_FLAGS, QuantSection, RunConfig, SpecialConfig
 from llmcq.data.datasets import DatasetSpec
 from llmcq.data.preproc import PREPROCESSORS
@@ -54,14 +56,12 @@ LLMC_AUTO_TYPES = ("internlm2", "minicpm", "starcoder")
 #: llmc keys llmcq does not implement yet, with what they are (clearer than "unknown key")
 LLMC_UNSUPPORTED = {
     "quant.kvcache": "KV-cache quantization",
-    "quant.mix_bits": "llmc's per-layer mixed-bit settings",
     "quant.quant_objects": "vision/language split quantization",
     "quant.language": "vision/language split quantization",
     "quant.vision": "vision/language split quantization",
     "quant.weight.int_range": "custom integer ranges",
     "quant.weight.qmax_to_tensor": "qmax_to_tensor",
     "quant.act.qmax_to_tensor": "qmax_to_tensor",
-    "ignored_layers": "ignored_layers",
     "opencompass": "OpenCompass evaluation",
     "calib.add_answer": "chat-data calibration",
     "calib.type": "multimodal calibration",
@@ -231,6 +231,17 @@ def _section_type(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
     return None, False
 
 
+def _mapped_section(annotation: Any) -> type[BaseModel] | None:
+    """The section class of a ``dict[str, Section]`` field (``quant.mix_bits``), else None."""
+    for arg in (typing.get_args(annotation) if typing.get_origin(annotation) in
+                (typing.Union, types.UnionType) else (annotation,)):
+        if typing.get_origin(arg) is dict:
+            value = typing.get_args(arg)[-1]
+            if isinstance(value, type) and issubclass(value, BaseModel):
+                return value
+    return None
+
+
 def check_keys(raw: dict[str, Any], model: type[BaseModel], path: str = "",
                errors: list[ConfigError] | None = None) -> None:
     """Unknown keys anywhere in ``raw`` -> ConfigError with the closest allowed key.
@@ -254,6 +265,11 @@ def check_keys(raw: dict[str, Any], model: type[BaseModel], path: str = "",
             continue
         cls, is_list = _section_type(fields[key].annotation)
         if cls is None:
+            mapped = _mapped_section(fields[key].annotation)
+            if mapped is not None and isinstance(value, dict):  # quant.mix_bits.setting_<i>
+                for name, item in value.items():
+                    if isinstance(item, dict):
+                        check_keys(item, mapped, f"{here}.{name}", errors)
             continue
         if isinstance(value, dict):
             check_keys(value, cls, here, errors)
@@ -490,6 +506,7 @@ def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
                                   "granularity and group_size of the weights", show_value=False)
             check_quant_types(cfg.quant)
         specs = _specs(cfg)
+        check_layer_sections(cfg, specs, check_quant_types)
         specs_ok = True
 
     # model
@@ -514,6 +531,8 @@ def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
                     spec.check(settings)
                 steps.append(ResolvedStep(method, spec, info, special, section_name, settings))
     with errs.part():
+        check_layer_steps(cfg, specs, steps)
+    with errs.part():
         _sparse_keys(cfg, steps)
     if cfg.sparse is not None and cfg.quant is not None:
         quantizer = next((st for st in reversed(steps) if st.section == "quant"
@@ -530,6 +549,7 @@ def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
         for st in steps:
             features += st.spec.produces(st.settings)
             needs += st.spec.needs(st.settings)
+        features += layer_step_features(cfg, specs, steps)
     if model is not None and model[0].provides is not None:
         with errs.part():
             check_layout(model[0].name, model[0].provides, needs)
@@ -559,6 +579,7 @@ def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
             check_backend(bspec.name, bspec.accepts, features, path=field_path,
                           accepts_detail=bspec.accepts_detail, reasons=bspec.refusals)
             bspec.supports(ExportTarget(cfg, specs, field_path, tuple(features)))
+            check_layer_backend(bspec, cfg, specs, field_path, features)
             backends.append(ResolvedBackend(name, bspec, binfo, field_path))
 
     with errs.part():
@@ -627,7 +648,7 @@ def _model_spec(cfg: RunConfig, source: ModelSource,
 def _calibration(cfg: RunConfig, steps: list[ResolvedStep], specs: RunSpecs, notes: list[str]
                  ) -> tuple[bool, tuple[DatasetSpec, EntryPointInfo] | None]:
     wanting = [s.spec.name for s in steps if s.spec.wants_calibration(s.settings)]
-    needs_calib = bool(wanting) or (specs.act is not None and specs.act.static)
+    needs_calib = bool(wanting) or specs.any_act(lambda a: a.static)
     if needs_calib and cfg.calib is None:
         reason = (f"{', '.join(wanting)} needs calibration data" if wanting
                   else "static activation quantization needs calibration data")

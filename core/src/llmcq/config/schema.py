@@ -8,6 +8,7 @@ imports torch.
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from typing import Annotated, Any, Literal
@@ -24,6 +25,8 @@ __all__ = [
     "WeightQuantSection",
     "ActQuantSection",
     "QuantSection",
+    "MixBitsSetting",
+    "IgnoredLayersSection",
     "SparseWeightSection",
     "SparseSection",
     "SaveSection",
@@ -241,6 +244,122 @@ class ActQuantSection(_QuantBase):
         return self
 
 
+#: how a ``quant.mix_bits`` entry names linears: a text found in the linear's name within
+#: its block, optionally ``#`` and block indices joined by ``-`` (a list, not a range)
+LAYER_ENTRY = re.compile(r"^(?P<text>[^#]+?)(?:#(?P<blocks>\d+(?:-\d+)*))?$")
+
+
+class MixBitsSetting(Section):
+    """One ``quant.mix_bits.setting_<i>``: the grids of some linears (llmc's layer-wise
+    mixed precision). ``weight``/``act`` replace the global sections for these linears
+    (they are not merged with them); a setting without ``act`` leaves its linears'
+    inputs unquantized even when ``quant.act`` is set, as in llmc."""
+
+    #: the linears: a text contained in the linear's name within its block (``down_proj``
+    #: matches ``mlp.down_proj`` in every block), optionally ``#`` and block indices joined
+    #: by ``-``: ``down_proj#0-1-31`` is blocks 0, 1 and 31 (a list, as llmc reads it)
+    layer_name: list[str]
+    #: False keeps these linears in float (neither weights nor inputs quantized)
+    do_quant: bool = True
+    #: these linears' weight grid (required when do_quant is True)
+    weight: WeightQuantSection | None = None
+    #: these linears' activation quantization; absent: their inputs stay in float
+    act: ActQuantSection | None = None
+
+    @field_validator("layer_name", mode="before")
+    @classmethod
+    def _one_name(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("layer_name")
+    @classmethod
+    def _entries(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("layer_name is empty: name at least one linear (down_proj, "
+                             "self_attn.o_proj#0-1, ...)")
+        for i, entry in enumerate(v):
+            if not LAYER_ENTRY.match(entry.strip()):
+                raise ValueError(f"entry {i} ({entry!r}) is not NAME or NAME#i-j-k (a text "
+                                 "of the linear's name, then block indices joined by '-')")
+        return [e.strip() for e in v]
+
+    @model_validator(mode="after")
+    def _grids(self) -> MixBitsSetting:
+        if self.do_quant and self.weight is None:
+            raise ValueError("do_quant: True needs a weight section (bit, symmetric, "
+                             "granularity, group_size): it replaces quant.weight for these "
+                             "linears")
+        if not self.do_quant and (self.weight is not None or self.act is not None):
+            raise ValueError("do_quant: False keeps these linears in float; remove weight "
+                             "and act")
+        return self
+
+
+#: ``ignored_layers.block_ids`` entries: an index, or an inclusive range ``15-23``
+BLOCK_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+class IgnoredLayersSection(Section):
+    """llmc's top-level ``ignored_layers``: linears kept in float (high precision).
+
+    A linear is kept in float when its block is in ``block_ids`` and its name within the
+    block is one of ``layer_names`` (both needed), or when its full name is one of
+    ``speical_names`` (llmc's spelling) / ``special_names``."""
+
+    #: blocks whose ``layer_names`` stay in float: indices and inclusive ranges (``15-23``)
+    block_ids: list[int | str] = Field(default_factory=list)
+    #: linear names within a block (``self_attn.q_proj``), matched exactly
+    layer_names: list[str] = Field(default_factory=list)
+    #: full linear names (``model.layers.0.mlp.down_proj``), llmc's spelling
+    speical_names: list[str] = Field(default_factory=list)
+    #: the same as ``speical_names``, spelled correctly
+    special_names: list[str] = Field(default_factory=list)
+
+    @field_validator("block_ids")
+    @classmethod
+    def _ranges(cls, v: list[int | str]) -> list[int | str]:
+        for i, item in enumerate(v):
+            if isinstance(item, int):
+                if item < 0:
+                    raise ValueError(f"entry {i} ({item}): block indices are >= 0")
+                continue
+            m = BLOCK_RANGE.match(item)
+            if m is None:
+                raise ValueError(f"entry {i} ({item!r}): allowed: a block index (4) or an "
+                                 "inclusive range start-end (15-23)")
+            if m.group(2) is not None and int(m.group(1)) > int(m.group(2)):
+                raise ValueError(f"entry {i} ({item!r}): a range start-end needs start <= end")
+        return v
+
+    @model_validator(mode="after")
+    def _pairs(self) -> IgnoredLayersSection:
+        if self.block_ids and not self.layer_names:
+            raise ValueError("block_ids select the blocks whose layer_names stay in float; "
+                             "give layer_names too (or full names in special_names)")
+        if self.layer_names and not self.block_ids:
+            raise ValueError("layer_names apply to the blocks in block_ids; give block_ids "
+                             "too (or full names in special_names)")
+        return self
+
+    def blocks(self) -> list[int]:
+        """``block_ids`` expanded (ranges inclusive), in order, without repeats."""
+        out: list[int] = []
+        for item in self.block_ids:
+            if isinstance(item, int):
+                ids = [item]
+            else:
+                m = BLOCK_RANGE.match(item)
+                assert m is not None  # checked by the validator
+                lo = int(m.group(1))
+                ids = list(range(lo, int(m.group(2) or lo) + 1))
+            out += [i for i in ids if i not in out]
+        return out
+
+    @property
+    def full_names(self) -> list[str]:
+        return list(dict.fromkeys([*self.speical_names, *self.special_names]))
+
+
 class QuantSection(Section):
     #: algorithm name from ``llmcq.algorithms``, or a list run in order per block
     #: (for example [awq, gptq]).
@@ -251,6 +370,9 @@ class QuantSection(Section):
     special: dict[str, Any] = Field(default_factory=dict)
     #: feed each block the quantized outputs of the block before it (llmc semantics).
     quant_out: bool = False
+    #: llmc's layer-wise mixed precision: ``setting_0``, ``setting_1``, ... each giving some
+    #: linears their own weight/act grids or keeping them in float (``do_quant: False``)
+    mix_bits: dict[str, MixBitsSetting] | None = None
 
     @property
     def methods(self) -> list[str]:
@@ -261,6 +383,23 @@ class QuantSection(Section):
         if not self.methods:
             raise ValueError("quant.method is an empty list")
         return self
+
+    @field_validator("mix_bits")
+    @classmethod
+    def _setting_names(cls, v: dict[str, MixBitsSetting] | None
+                       ) -> dict[str, MixBitsSetting] | None:
+        if v is None:
+            return v
+        expected = [f"setting_{i}" for i in range(len(v))]
+        if sorted(v, key=_setting_index) != expected:
+            raise ValueError(f"settings are named {', '.join(expected)} (llmc reads them by "
+                             f"index, later ones after earlier ones); got {', '.join(v)}")
+        return {k: v[k] for k in expected}
+
+
+def _setting_index(name: str) -> tuple[int, str]:
+    tail = name.removeprefix("setting_")
+    return (int(tail), "") if tail.isdigit() else (1 << 30, name)
 
 
 class SparseWeightSection(Section):
@@ -362,6 +501,8 @@ class RunConfig(Section):
     quant: QuantSection | None = None
     sparse: SparseSection | None = None
     save: SaveSection = Field(default_factory=SaveSection)
+    #: llmc's linears kept in float (top level, as in llmc)
+    ignored_layers: IgnoredLayersSection | None = None
 
     @field_validator("eval", mode="before")
     @classmethod

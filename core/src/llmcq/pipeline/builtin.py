@@ -41,7 +41,8 @@ class Builtin:
                        inputs: BlockInputs | None) -> dict[str, QuantizedLinear] | None:
         if step is None or step.algorithm is None:
             assert run.weight is not None
-            return rtn_records(block.linears(), run.weight)
+            return rtn_records(block.linears(), {n: run.specs.weight_for(block.full_name(n))
+                                                 for n in block.linears()})
         return step.algorithm.quantize(block, inputs)
 
     @hookimpl(trylast=True)

@@ -71,6 +71,7 @@ class RunContext:
     #: typed hand-off between recipe steps (AWQ's scales and clips, ...)
     artefacts: ArtefactStore = field(default_factory=lambda: ArtefactStore())
     _scratch: dict[int, dict[str, Any]] = field(default_factory=dict)
+    _specs: RunSpecs | None = None
 
     def __post_init__(self) -> None:
         specs = self.resolved.specs
@@ -85,8 +86,13 @@ class RunContext:
 
     @property
     def specs(self) -> RunSpecs:
-        """The typed specs of the run (resolved once at config time)."""
-        return self.resolved.specs
+        """The typed specs of the run (resolved once at config time; once the model is
+        loaded, with per-linear settings bound to its linears: ``specs.weight_for(name)``)."""
+        return self._specs if self._specs is not None else self.resolved.specs
+
+    @specs.setter
+    def specs(self, value: RunSpecs) -> None:
+        self._specs = value
 
     def token_source(self, dataset: Any) -> Any:
         """What a dataset spec tokenizes with: the tokenizer, or for synthetic token ids

@@ -72,10 +72,27 @@ def _check_records(run: RunContext, block: Block, records: Any,
         problems = rec.problems()
         if problems:
             raise PluginError("; ".join(problems), plugin=plugin, stage="quantize", where=where)
+        if run.specs.per_layer:
+            _check_layer_grid(run, rec, where, plugin)
         if not torch.isfinite(rec.dequantize()).all():
             raise PluginError("NaN/Inf in the quantized weight", plugin=plugin,
                               stage="quantize", where=where)
     return records
+
+
+def _check_layer_grid(run: RunContext, rec: QuantizedLinear, where: str, plugin: str) -> None:
+    """With per-linear settings, a record must be on its linear's own grid, and a linear
+    kept in float must have none."""
+    layer = run.specs.layer_for(where)
+    if layer.weight is None:
+        raise PluginError(f"this linear is kept in float ({layer.origin}) but the algorithm "
+                          "returned a record for it (Algorithm.quantized_linears lists the "
+                          "linears to quantize)", plugin=plugin, stage="quantize", where=where)
+    if rec.weight != layer.weight:
+        raise PluginError(f"the record is on {rec.weight.describe()}, but this linear's grid "
+                          f"is {layer.weight.describe()} ({layer.origin}; "
+                          "Algorithm.weight_of gives each linear's)", plugin=plugin,
+                          stage="quantize", where=where)
 
 
 def _check_masks(run: RunContext, block: Block, masks: Any, step: Step) -> dict[str, torch.Tensor]:
@@ -138,20 +155,24 @@ def _mask_records(run: RunContext, block: Block, records: dict[str, QuantizedLin
 
 def _attach_act(run: RunContext, block: Block, inputs: BlockInputs | None,
                 records: dict[str, QuantizedLinear]) -> None:
-    act = run.act
-    if act is None:
+    """Each record's activation settings (its linear's own, ``quant.act`` unless a
+    ``quant.mix_bits`` setting says otherwise), with static ranges observed here."""
+    acts = {n: run.specs.act_for(block.full_name(n)) for n in records}
+    if not any(a is not None for a in acts.values()):
         return
     ranges: dict[str, ActRangeObserver] = {}
-    if act.static:
+    static = {n for n, a in acts.items() if a is not None and a.static}
+    if static:
         if inputs is None:
             raise PluginError("static activation quantization needs calibration inputs",
                               stage="quantize", where=block.name)
-        targets = {n: m for n, m in block.linears().items() if n in records}
+        targets = {n: m for n, m in block.linears().items() if n in static}
         ranges = {n: ActRangeObserver(run.device) for n in targets}
         inputs.observe(block.module, targets, lambda n, x, _y: ranges[n].update(x))
     for name, rec in records.items():
+        act = acts[name]
         rec.act = act
-        if act.static:
+        if act is not None and act.static:
             scale, zero = ranges[name].qparams(act, where=block.full_name(name))
             if not torch.isfinite(scale).all():
                 raise DataError(f"non-finite activations (NaN/Inf) at the input of "

@@ -35,6 +35,7 @@ from llmcq.model.adapter import ModelAdapter
 from llmcq.pipeline.builtin import Builtin
 from llmcq.pipeline.context import RunContext, Step
 from llmcq.pipeline.engine import call_stage, deploy_fake_quant, quantize_model
+from llmcq.pipeline.layer_plan import bind_layers
 from llmcq.plugins.manager import make_plugin_manager
 from llmcq.quant.compression import compression_summary
 
@@ -232,6 +233,7 @@ def run(resolved: ResolvedConfig, *, progress: bool = True,
         log.info("the checkpoint has no tokenizer and no step needs one; exports are saved "
                  "without tokenizer files")
     check_adapter(ctx)
+    bind_layers(ctx)
     _build_steps(ctx)
 
     _evaluate(ctx, stages, "pretrain", results)
@@ -274,6 +276,7 @@ def run(resolved: ResolvedConfig, *, progress: bool = True,
         "recipe": [{"method": s.spec.name, "quantizes": s is ctx.quantizer,
                     **(s.algorithm.summary() if s.algorithm else {})} for s in ctx.steps],
         "quantized_linears": len(ctx.records),
+        **({"layers": ctx.specs.plan.summary()} if ctx.specs.plan is not None else {}),
         "compression": {**compression_summary(ctx.model, ctx.records, ctx.pruned),
                         "export_bytes": sizes},
         "device": str(device),

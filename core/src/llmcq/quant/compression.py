@@ -1,8 +1,12 @@
 """The ``compression`` block of results.json: how small the quantized model is.
 
 * ``weight_bits_mean``: mean bits per weight on a quantization grid, over every quantized
-  linear, each group counted at its own width (``group_bits``); float columns are not on a
-  grid and are left out. For a uniform W3 run it is exactly 3.
+  linear, each linear at its own width (layer-wise settings, ``quant.mix_bits``) and each
+  group at its own (``group_bits``), weighted by the number of weights; float columns are
+  not on a grid and are left out. For a uniform W3 run it is exactly 3. Linears kept in
+  float (``ignored_layers``, ``do_quant: False``) have no record: like the embeddings and
+  the head they are left out of this mean, of ``bits_per_param`` and of
+  ``params_quantized``, and counted in ``params_total``.
 * ``bits_per_param``: storage bits per weight of the quantized linears as a dense packed
   format holds them: codes at their (per-group) width; one scale per group at 16 bits;
   zero points at the weight width when integral, at 16 bits when fractional; float

@@ -3,7 +3,7 @@ quantizer core falls back to when no recipe step quantizes (e.g. SmoothQuant alo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -28,11 +28,14 @@ def rtn_record(linear: nn.Linear, spec: WeightQuantSpec,
     return make_record(q, qp, spec, bias=linear.bias)
 
 
-def rtn_records(linears: dict[str, nn.Linear], spec: WeightQuantSpec, *,
+def rtn_records(linears: dict[str, nn.Linear],
+                spec: WeightQuantSpec | Mapping[str, WeightQuantSpec | None], *,
                 qparams: QParamsFn | None = None) -> dict[str, QuantizedLinear]:
     """One record per linear, rounding to nearest on ``spec``'s grid, or on the grid
     ``qparams(name, weight)`` returns (an algorithm that only chooses scales and zeros
-    needs nothing else)."""
-    return {name: rtn_record(lin, spec, None if qparams is None
+    needs nothing else). ``spec`` may map each linear to its own grid (per-linear
+    settings: ``Algorithm.weights_of(block)``); a linear mapped to None gets no record."""
+    specs = spec if isinstance(spec, Mapping) else {name: spec for name in linears}
+    return {name: rtn_record(lin, s, None if qparams is None
                              else qparams(name, lin.weight.data))
-            for name, lin in linears.items()}
+            for name, lin in linears.items() if (s := specs[name]) is not None}

@@ -13,7 +13,7 @@ The values equal :func:`llmcq.quant.qparams.fake_quantize_act` / the weight grid
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -77,13 +77,17 @@ def act_quant_hooks(act: ActQuant | None, linears: dict[str, nn.Module]) -> Iter
         yield
         return
     targets = act.linears if act.linears is not None else linears
-    spec, ste, fn = act.spec, act.ste, act.fn
+    ste, fn = act.ste, act.fn
+    specs = act.spec if isinstance(act.spec, Mapping) else {n: act.spec for n in targets}
 
-    def pre(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        x = fn(args[0]) if fn is not None else act_fake_quant(args[0], spec, ste=ste)
-        return (x, *args[1:])
+    def hook(spec: ActQuantSpec | None) -> Any:
+        def pre(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            x = fn(args[0]) if fn is not None else act_fake_quant(args[0], spec, ste=ste)
+            return (x, *args[1:])
+        return pre
 
-    handles = [m.register_forward_pre_hook(pre) for m in targets.values()]
+    handles = [m.register_forward_pre_hook(hook(specs.get(n)))
+               for n, m in targets.items() if fn is not None or specs.get(n) is not None]
     try:
         yield
     finally:

@@ -111,10 +111,12 @@ class ParamGroup:
 class ActQuant:
     """Activation fake quantization while training: each linear's input is quantized
     (dynamically, per token or group of ``spec``) with straight-through rounding when
-    ``ste``. ``linears``: which modules (default: every linear of the block). ``fn``: a
+    ``ste``. ``spec`` may map linear names to their own specs (per-linear settings,
+    ``Algorithm.acts_of(block)``; a linear mapped to None or absent is left alone).
+    ``linears``: which modules (default: every linear of the block). ``fn``: a
     replacement quantizer ``fn(x) -> x_hat`` (e.g. with learnable ranges)."""
 
-    spec: ActQuantSpec | None
+    spec: ActQuantSpec | Mapping[str, ActQuantSpec | None] | None
     ste: bool = True
     linears: Mapping[str, nn.Module] | None = None
     fn: Callable[[torch.Tensor], torch.Tensor] | None = None

@@ -118,4 +118,6 @@ SPEC = AutoRoundSpec(
     special=AutoRoundSpecial,
     needs_calibration=True,
     weight_calib_algos=("minmax",),
+    # offsets, min/max factors and the training forward on each linear's own grid
+    per_layer_specs=True,
 )

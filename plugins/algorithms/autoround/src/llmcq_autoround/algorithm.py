@@ -115,23 +115,27 @@ class AutoRound(Algorithm):
                                           world)
 
     def quantize(self, block: Block, inputs: BlockInputs | None) -> dict[str, QuantizedLinear]:
-        linears = block.linears()
+        # each linear on its own grid; linears kept in float learn nothing and get no record
+        linears = self.quantized_linears(block)
+        grids = {n: self.weight_of(block, n) for n in linears}
         learn: Learnables = {}
         if self.sp.iters > 0:
             if inputs is None:
                 raise DataError("AutoRound needs calibration inputs with iters > 0 (add a calib "
                                 "section, or set iters: 0 for round-to-nearest)")
-            learn = init_learnables(linears, self.weight, minmax=self.sp.enable_minmax_tuning)
+            for name, lin in linears.items():
+                learn.update(init_learnables({name: lin}, grids[name],
+                                             minmax=self.sp.enable_minmax_tuning))
             targets = self._chain.targets(block, inputs, quant_out=self._quant_out,
                                           aug_loss=False)
             with torch.enable_grad():
-                self._train(block, inputs, learn, targets)
+                self._train(block, inputs, learn, targets, grids)
             del targets
         out = {}
         for name, lin in linears.items():
             v, fmin, fmax = learn.get(name, (None, None, None))
-            q, qp = solver.quantize(lin.weight.data, self.weight, v, fmin, fmax)
-            out[name] = make_record(q, qp, self.weight, bias=lin.bias)
+            q, qp = solver.quantize(lin.weight.data, grids[name], v, fmin, fmax)
+            out[name] = make_record(q, qp, grids[name], bias=lin.bias)
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -154,18 +158,19 @@ class AutoRound(Algorithm):
         return "quant.method" + (f"[{self.step.index}]" if len(methods) > 1 else "")
 
     def _train(self, block: Block, inputs: BlockInputs, learn: Learnables,
-               targets: recon.Targets) -> None:
+               targets: recon.Targets, grids: dict[str, Any]) -> None:
         """Signed gradient descent on core's harness; the block runs with the fake-quantized
-        weights of :func:`solver.fake_quant` (straight-through rounding)."""
+        weights of :func:`solver.fake_quant` (straight-through rounding), each linear on its
+        grid in ``grids``. The learning rates are the global grid's (auto-round sets them
+        once per model, its per-layer configs included)."""
         offsets = [v for v, _, _ in learn.values()]
         factors = [f for _, lo, hi in learn.values() for f in (lo, hi) if f is not None]
-        spec = self.weight
 
         def params(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             eff = dict(base)
             for name, (v, fmin, fmax) in learn.items():
                 key = f"{name}.weight"
-                eff[key] = solver.fake_quant(base[key], spec, v, fmin, fmax)
+                eff[key] = solver.fake_quant(base[key], grids[name], v, fmin, fmax)
             return eff
 
         assert self._batch is not None

@@ -170,4 +170,6 @@ SPEC = AwqSpec(
     weight_calib_algos=("minmax", "mse", "learnable"),
     # the search and the clip go through core's spec-aware fake quantizers: FP8 works too
     weight_formats=("int", "float"),
+    # every linear's own grid in the scale search's loss and its clip search
+    per_layer_specs=True,
 )

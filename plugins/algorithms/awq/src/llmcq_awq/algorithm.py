@@ -31,6 +31,7 @@ search runs on the gathered token sample, so every rank folds and clips the same
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -73,15 +74,19 @@ def clip_skipped(block: Block, name: str) -> bool:
 
 @torch.no_grad()
 def search_group_scale(group: ResolvedGroup, xs: list[torch.Tensor],
-                       kwargs: list[dict[str, Any]], weight: WeightQuantSpec,
+                       kwargs: list[dict[str, Any]],
+                       weight: WeightQuantSpec | Mapping[str, WeightQuantSpec | None],
                        act: ActQuantSpec | None, *, n_grid: int = 20, version: str = "v2",
                        heads: tuple[int, int] | None = None) -> ScaleSearch:
     """Eq. 4 for one group on its collected inputs ``xs`` (one tensor per batch).
 
+    ``weight``: the grid of every linear, or one grid per linear name (per-linear settings;
+    a linear mapped to None is kept in float: the loss uses its scaled float weight).
     ``heads=(n_heads, n_kv_heads)`` when the producer has fewer channels than the consumers
     read (GQA ``v_proj -> o_proj``): the scale is over the producer's channels and repeated
     over query heads. The group's weights are exactly restored before returning.
     """
+    grids = weight if isinstance(weight, Mapping) else {n: weight for n in group.linears}
     stat = ChannelAbsMean()
     for x in xs:
         stat.update(x)
@@ -91,9 +96,10 @@ def search_group_scale(group: ResolvedGroup, xs: list[torch.Tensor],
     local = stat.mean() if stat.count else torch.zeros(consumer_width(group), device=device)
     s_x, _ = dist.weighted_mean(local, stat.count)
     s_w = None
-    if version == "v1":
-        s_w = weight_salience([lin.weight for lin in group.linears.values()],
-                              weight.granularity)
+    if version == "v1":  # over the quantized linears, each grouped by its own grid
+        quantized = [(lin.weight, g) for n, lin in group.linears.items()
+                     if (g := grids[n]) is not None]
+        s_w = weight_salience([w for w, _ in quantized], [g.granularity for _, g in quantized])
     if heads is not None:
         s_x = reduce_to_kv(s_x, *heads)
         s_w = None if s_w is None else reduce_to_kv(s_w, *heads)
@@ -106,7 +112,9 @@ def search_group_scale(group: ResolvedGroup, xs: list[torch.Tensor],
     def loss(s: torch.Tensor) -> torch.Tensor:
         sc = expand_kv_scale(s, *heads) if heads is not None else s
         for n, lin in group.linears.items():
-            lin.weight.data.copy_(fake_quantize_weight(exact[n].float() * sc, weight))
+            scaled = exact[n].float() * sc
+            g = grids[n]
+            lin.weight.data.copy_(scaled if g is None else fake_quantize_weight(scaled, g))
         err = torch.zeros((), device=s.device, dtype=torch.float32)
         for x, kw, ref in zip(xs, kwargs, refs, strict=True):
             xq = (x.float() / sc).to(x.dtype)
@@ -143,10 +151,6 @@ class Awq(Algorithm):
         super().__init__(**kw)
         sp = self.special
         assert self.weight is not None
-        self.clip_sym = self.weight.symmetric if sp.clip_sym is None else sp.clip_sym
-        # static activation scales are fixed by core after the transform: search with a
-        # dynamic per-tensor proxy of the same grid
-        self.search_act = None if self.act is None else replace(self.act, static=False)
         self.loaded_scales = load_artefact("scales", sp.scale_path or ".") \
             if sp.load_scale else None
         self.loaded_clips = load_artefact("clips", sp.clip_path or ".") \
@@ -176,8 +180,9 @@ class Awq(Algorithm):
                 linears = block.linears()
                 for name, (lo, hi) in clips.items():
                     w = linears[name].weight
-                    w.data.copy_(apply_clip(w.data, lo.to(w.device), hi.to(w.device),
-                                            self.weight))
+                    spec = self.weight_of(block, name)
+                    assert spec is not None  # float linears are not clipped
+                    w.data.copy_(apply_clip(w.data, lo.to(w.device), hi.to(w.device), spec))
         # the typed hand-off: later steps read these through run.artefacts.for_block(...)
         store = self.run.artefacts
         store.publish("scales", {block.full_name(n): s.float() for n, s in scales.items()},
@@ -214,9 +219,20 @@ class Awq(Algorithm):
                           f"grouped-query attention ({heads} heads, {kv} kv heads)",
                           where=block.name)
 
+    def _search_act(self, block: Block, group: ResolvedGroup) -> ActQuantSpec | None:
+        """The activation grid the scale search applies to the group's shared input: its
+        first quantized linear's (llmc), dynamic (static scales are fixed by core after the
+        transform: a dynamic per-tensor proxy of the same grid)."""
+        name = next(n for n in group.linears if self.weight_of(block, n) is not None)
+        act = self.act_of(block, name)
+        return None if act is None else replace(act, static=False)
+
     def _scale_group(self, block: Block, group: ResolvedGroup,
                      inputs: BlockInputs | None) -> dict[str, torch.Tensor]:
         if group.spec.prev_kind == "none" or group.prev_op is None:
+            return {}
+        if all(self.weight_of(block, n) is None for n in group.linears):
+            self.counts["groups_kept_float"] += 1  # nothing quantized to protect (llmc)
             return {}
         heads = self._heads(block, group)
         if heads == _SKIP:
@@ -254,7 +270,8 @@ class Awq(Algorithm):
                                       "module needs the block's keyword inputs",
                                       where=block.name)
                 kwargs = [{} for _ in xs]
-            res = search_group_scale(group, xs, kwargs, self.weight, self.search_act,
+            grids = {n: self.weight_of(block, n) for n in group.linears}
+            res = search_group_scale(group, xs, kwargs, grids, self._search_act(block, group),
                                      n_grid=self.special.n_grid,
                                      version=self.special.trans_version, heads=heads)
             del xs
@@ -285,7 +302,8 @@ class Awq(Algorithm):
 
     def _clip_group(self, block: Block, group: ResolvedGroup, inputs: BlockInputs | None
                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        names = [n for n in group.linears if not clip_skipped(block, n)]
+        names = [n for n in group.linears if not clip_skipped(block, n)
+                 and self.weight_of(block, n) is not None]
         if not names:
             return {}
         if self.loaded_clips is not None:
@@ -299,11 +317,13 @@ class Awq(Algorithm):
             return out
         for n in names:
             lin = group.linears[n]
+            spec = self.weight_of(block, n)
+            assert spec is not None
+            sym = spec.symmetric if self.special.clip_sym is None else self.special.clip_sym
             # more output rows per step on a GPU: the search is launch-bound there (the
             # rows are independent, so the result does not depend on the chunking)
-            out[n] = search_clip(lin.weight.data, x, self.weight, n_tokens=x.shape[0],
-                                 symmetric_clip=self.clip_sym,
-                                 rows_per_chunk=512 if x.is_cuda else 64)
+            out[n] = search_clip(lin.weight.data, x, spec, n_tokens=x.shape[0],
+                                 symmetric_clip=sym, rows_per_chunk=512 if x.is_cuda else 64)
             self.counts["linears_clipped"] += 1
         return out
 
@@ -335,12 +355,14 @@ class Awq(Algorithm):
             raise DataError(f"{source} has no clip range for {full}: was it written for this "
                             "model?")
         lo, hi = self.loaded_clips[full]
-        gran = self.weight.granularity
+        spec = self.weight_of(block, name)
+        assert spec is not None
+        gran = spec.granularity
         shape = (lin.out_features, n_groups(lin.in_features, gran)
                  if isinstance(gran, PerGroup) else 1)
         if tuple(lo.shape) != shape or tuple(hi.shape) != shape:
             raise DataError(f"{source}: {full} has ranges of shape {tuple(hi.shape)}, this "
-                            f"run's {self.weight.describe()} needs {shape}")
+                            f"run's {spec.describe()} needs {shape}")
         self.counts["linears_clipped"] += 1
         return lo.to(lin.weight.device), hi.to(lin.weight.device)
 

@@ -61,13 +61,17 @@ class ChannelAbsMean:
         return self.total / self.count
 
 
-def weight_salience(weights: Sequence[torch.Tensor], granularity: Granularity) -> torch.Tensor:
+def weight_salience(weights: Sequence[torch.Tensor],
+                    granularity: Granularity | Sequence[Granularity]) -> torch.Tensor:
     """s_W: mean over rows of ``|w| / max|w|`` per quantization group, averaged over the
-    group's linears (all reading the same ``c_in`` columns). Returns ``[c_in]`` float32."""
+    group's linears (all reading the same ``c_in`` columns), each linear grouped by its own
+    granularity when one per weight is given. Returns ``[c_in]`` float32."""
+    grans = list(granularity) if isinstance(granularity, Sequence) else \
+        [granularity] * len(weights)
     acc: torch.Tensor | None = None
-    for w in weights:
+    for w, gran in zip(weights, grans, strict=True):
         a = w.detach().float().abs()
-        g = group_view(a, granularity)  # [rows, G, g] (per-tensor: [1, 1, numel])
+        g = group_view(a, gran)  # [rows, G, g] (per-tensor: [1, 1, numel])
         rel = g / g.amax(dim=-1, keepdim=True).clamp(min=_W_FLOOR)
         col = ungroup(rel, a.shape).mean(dim=0)
         acc = col if acc is None else acc + col

@@ -113,4 +113,7 @@ SPEC = GPTQSpec(
     supports_act=True,
     weight_calib_algos=("minmax", "mse"),
     uses_masks=True,
+    # each linear solved on its own grid (linears sharing a Hessian are stacked only when
+    # their grids match); linears kept in float are neither observed nor recorded
+    per_layer_specs=True,
 )

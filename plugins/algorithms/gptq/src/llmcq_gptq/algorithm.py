@@ -30,7 +30,7 @@ from llmcq.pipeline.blockwise import Block, BlockInputs
 from llmcq.quant.fake import fake_quantized
 from llmcq.quant.qparams import QParams, quantize_weight
 from llmcq.quant.record import QuantizedLinear, make_record
-from llmcq.quant.spec import PerTensor
+from llmcq.quant.spec import PerTensor, WeightQuantSpec
 
 from llmcq_gptq import GPTQSpecial
 from llmcq_gptq.solver import (
@@ -169,7 +169,7 @@ class GPTQ(Algorithm):
             bank = self._observe(block, inputs, block.groups)
         for gi, group in enumerate(block.groups):
             if bank is None or (self.special.true_sequential and gi > 0):
-                with fake_quantized(block.module, self._as_forward(records)):
+                with fake_quantized(block.module, self._as_forward(block, records)):
                     bank = self._observe(block, inputs, [group])
             records.update(self._solve_group(block, group, bank))
         self._bank = None
@@ -193,8 +193,11 @@ class GPTQ(Algorithm):
                  groups: list[ResolvedGroup]) -> HessianBank:
         bank = HessianBank(self.special.chunk_num)
         targets: dict[str, nn.Module] = {}
-        for g in groups:
-            targets.update(g.linears)
+        for g in groups:  # linears kept in float need no Hessian
+            targets.update({n: lin for n, lin in g.linears.items()
+                            if self.weight_of(block, n) is not None})
+        if not targets:
+            return bank
         try:
             # the rest of the block is not needed once every target has seen its input
             inputs.observe(block.module, targets, bank, stop_early=True)
@@ -203,11 +206,15 @@ class GPTQ(Algorithm):
         bank.all_reduce(targets)
         return bank
 
-    def _as_forward(self, records: dict[str, QuantizedLinear]) -> dict[str, QuantizedLinear]:
-        """Records as the later groups should see them (dynamic activation quantization)."""
-        if self.act is None or self.act.static:
-            return records
-        return {n: replace(r, act=self.act) for n, r in records.items()}
+    def _as_forward(self, block: Block, records: dict[str, QuantizedLinear]
+                    ) -> dict[str, QuantizedLinear]:
+        """Records as the later groups should see them (each linear's dynamic activation
+        quantization; static ranges are fixed by core after quantize)."""
+        out = {}
+        for n, r in records.items():
+            act = self.act_of(block, n)
+            out[n] = r if act is None or act.static else replace(r, act=act)
+        return out
 
     def _n_out(self, block: Block, name: str, in_features: int) -> int:
         sp = self.special
@@ -226,13 +233,12 @@ class GPTQ(Algorithm):
                                      f"{in_features} input columns")
         return n
 
-    def _solve(self, label: str, W: torch.Tensor, H: torch.Tensor,
+    def _solve(self, label: str, W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec,
                weak: torch.Tensor | None = None,
                float_dtype: torch.dtype | None = None,
                mask: torch.Tensor | None = None) -> GPTQResult:
         sp = self.special
-        assert self.weight is not None
-        res = gptq_quantize(W, H, self.weight, blocksize=sp.blocksize, percdamp=sp.percdamp,
+        res = gptq_quantize(W, H, spec, blocksize=sp.blocksize, percdamp=sp.percdamp,
                             actorder=sp.actorder, static_groups=sp.static_groups, weak=weak,
                             float_dtype=float_dtype, retries=sp.damp_retries, mask=mask)
         if res.fallback:
@@ -248,65 +254,82 @@ class GPTQ(Algorithm):
         self._retries += res.retries
         return res
 
-    def _record(self, lin: nn.Linear, res: GPTQResult, rows: slice | None = None
-                ) -> QuantizedLinear:
-        assert self.weight is not None
+    def _record(self, lin: nn.Linear, res: GPTQResult, spec: WeightQuantSpec,
+                rows: slice | None = None) -> QuantizedLinear:
         if rows is None:
             q, scale, zero = res.q, res.scale, res.zero
         else:
             q, scale = res.q[rows], res.scale[rows]
             zero = None if res.zero is None else res.zero[rows]
         g_idx = None if res.g_idx is None else res.g_idx.clone()
-        return make_record(q, QParams(scale, zero), self.weight, bias=lin.bias, g_idx=g_idx,
+        return make_record(q, QParams(scale, zero), spec, bias=lin.bias, g_idx=g_idx,
                            float_columns=res.float_columns)
 
     def _solve_group(self, block: Block, group: ResolvedGroup,
                      bank: HessianBank) -> dict[str, QuantizedLinear]:
-        assert self.weight is not None
-        sp = self.special
         out: dict[str, QuantizedLinear] = {}
-        for owner, names in bank.slots(list(group.linears)):
+        quantized = [n for n in group.linears if self.weight_of(block, n) is not None]
+        for owner, slot in bank.slots(quantized):
             H, n = bank.get(owner)
-            lins = [group.linears[nm] for nm in names]
-            if H is None or n == 0:
-                for nm, lin in zip(names, lins):
-                    self._unseen.append(block.full_name(nm))
-                    log.warning("GPTQ %s saw no calibration tokens; quantized with "
-                                "round-to-nearest", block.full_name(nm))
-                    q, qp = quantize_weight(lin.weight.data, self.weight)
-                    out[nm] = make_record(q, qp, self.weight, bias=lin.bias)
-                continue
-            if sp.owq:
-                for nm, lin in zip(names, lins):
-                    W = lin.weight.data
-                    n_out = self._n_out(block, nm, W.shape[1])
-                    weak = (owq_weak_columns(W, H, self.weight, n_out, metric=sp.owq_metric)
-                            if n_out else None)
-                    fp = W.dtype if sp.fp_dtype == "auto" else _FP_DTYPES[sp.fp_dtype]
-                    res = self._solve(block.full_name(nm), W, H, weak, fp,
-                                      block.masks.get(nm))
-                    self._float_columns += n_out
-                    out[nm] = self._record(lin, res)
-            elif len(lins) > 1 and not isinstance(self.weight.granularity, PerTensor):
-                W = torch.cat([lin.weight.data for lin in lins], dim=0)
-                label = ", ".join(block.full_name(nm) for nm in names)
-                mask = None
-                if any(nm in block.masks for nm in names):
-                    mask = torch.cat([block.masks[nm] if nm in block.masks else
-                                      torch.ones_like(lin.weight, dtype=torch.bool)
-                                      for nm, lin in zip(names, lins)], dim=0)
-                res = self._solve(label, W, H, mask=mask)
-                r0 = 0
-                for nm, lin in zip(names, lins):
-                    r1 = r0 + lin.weight.shape[0]
-                    out[nm] = self._record(lin, res, slice(r0, r1))
-                    r0 = r1
-            else:
-                for nm, lin in zip(names, lins):
-                    out[nm] = self._record(lin, self._solve(block.full_name(nm),
-                                                            lin.weight.data, H,
-                                                            mask=block.masks.get(nm)))
+            for spec, names in _by_grid(slot, lambda nm: self.weight_of(block, nm)):
+                out.update(self._solve_slot(block, group, names, spec, H, n))
         for nm, rec in out.items():  # pruned weights stay zero in the later groups' inputs too
             if nm in block.masks:
                 rec.mask = block.masks[nm]
         return out
+
+    def _solve_slot(self, block: Block, group: ResolvedGroup, names: list[str],
+                    spec: WeightQuantSpec, H: torch.Tensor | None, n: int
+                    ) -> dict[str, QuantizedLinear]:
+        """Records of linears sharing one Hessian ``H`` and one grid ``spec``."""
+        sp = self.special
+        out: dict[str, QuantizedLinear] = {}
+        lins = [group.linears[nm] for nm in names]
+        if H is None or n == 0:
+            for nm, lin in zip(names, lins):
+                self._unseen.append(block.full_name(nm))
+                log.warning("GPTQ %s saw no calibration tokens; quantized with "
+                            "round-to-nearest", block.full_name(nm))
+                q, qp = quantize_weight(lin.weight.data, spec)
+                out[nm] = make_record(q, qp, spec, bias=lin.bias)
+            return out
+        if sp.owq:
+            for nm, lin in zip(names, lins):
+                W = lin.weight.data
+                n_out = self._n_out(block, nm, W.shape[1])
+                weak = (owq_weak_columns(W, H, spec, n_out, metric=sp.owq_metric)
+                        if n_out else None)
+                fp = W.dtype if sp.fp_dtype == "auto" else _FP_DTYPES[sp.fp_dtype]
+                res = self._solve(block.full_name(nm), W, H, spec, weak, fp,
+                                  block.masks.get(nm))
+                self._float_columns += n_out
+                out[nm] = self._record(lin, res, spec)
+        elif len(lins) > 1 and not isinstance(spec.granularity, PerTensor):
+            W = torch.cat([lin.weight.data for lin in lins], dim=0)
+            label = ", ".join(block.full_name(nm) for nm in names)
+            mask = None
+            if any(nm in block.masks for nm in names):
+                mask = torch.cat([block.masks[nm] if nm in block.masks else
+                                  torch.ones_like(lin.weight, dtype=torch.bool)
+                                  for nm, lin in zip(names, lins)], dim=0)
+            res = self._solve(label, W, H, spec, mask=mask)
+            r0 = 0
+            for nm, lin in zip(names, lins):
+                r1 = r0 + lin.weight.shape[0]
+                out[nm] = self._record(lin, res, spec, slice(r0, r1))
+                r0 = r1
+        else:
+            for nm, lin in zip(names, lins):
+                out[nm] = self._record(lin, self._solve(block.full_name(nm),
+                                                        lin.weight.data, H, spec,
+                                                        mask=block.masks.get(nm)), spec)
+        return out
+
+
+def _by_grid(names: list[str], grid: Any) -> list[tuple[WeightQuantSpec, list[str]]]:
+    """``names`` partitioned by their grid (``grid(name)``), in order: linears sharing a
+    Hessian are stacked into one solve only when they share a grid too."""
+    parts: dict[WeightQuantSpec, list[str]] = {}
+    for nm in names:
+        parts.setdefault(grid(nm), []).append(nm)
+    return list(parts.items())

@@ -104,4 +104,5 @@ SPEC = HQQSpec(
     needs_calibration=False,
     supports_act=True,
     weight_calib_algos=("minmax",),
+    per_layer_specs=True,
 )

@@ -39,12 +39,13 @@ class HQQ(Algorithm):
         sp = self.special
         assert isinstance(sp, HQQSpecial)
         out: dict[str, QuantizedLinear] = {}
-        for name, lin in block.linears().items():
-            res = hqq_quantize(lin.weight.data, self.weight.bits, self.weight.granularity,
+        for name, lin in self.quantized_linears(block).items():
+            spec = self.weight_of(block, name)  # each linear's own grid (quant.mix_bits)
+            assert spec is not None
+            res = hqq_quantize(lin.weight.data, spec.bits, spec.granularity,
                                lp_norm=sp.lp_norm, beta=sp.beta, kappa=sp.kappa,
                                iters=sp.iters, early_stop=sp.early_stop)
-            out[name] = make_record(res.q, QParams(res.scale, res.zero), self.weight,
-                                    bias=lin.bias)
+            out[name] = make_record(res.q, QParams(res.scale, res.zero), spec, bias=lin.bias)
             stats = torch.stack([res.error.mean(), res.error_init.mean(),
                                  res.step.float().mean()]).tolist()
             self._layers += 1

@@ -190,4 +190,7 @@ SPEC = OmniQuantSpec(
     needs_calibration=True,
     supports_act=True,
     weight_calib_algos=("learnable", "minmax"),
+    # clip factors, their initial search and the training forward use each linear's own
+    # grids; linears kept in float learn no clipping (LET still transforms them)
+    per_layer_specs=True,
 )

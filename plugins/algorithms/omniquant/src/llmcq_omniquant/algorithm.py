@@ -252,7 +252,8 @@ class OmniQuant(Algorithm):
         if self.sp.lwc and self._clip_init:
             given = self._earlier_clips(block) if self._load_clip else {}
             for gi, g in enumerate(block.groups):
-                names = [n for n in g.linears if not is_query_or_key(block, n)]
+                names = [n for n in g.linears if not is_query_or_key(block, n)
+                         and self.weight_of(block, n) is not None]
                 if names:
                     clip_names[gi] = names
                 if any(n not in given for n in names):
@@ -273,19 +274,20 @@ class OmniQuant(Algorithm):
             inputs.observe(block.module, targets, fn)
         state["act_absmax"] = {int(k[3:]): v.reduce().value for k, v in absmax.items()}
         clip_init: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        sym = self.weight.symmetric if self.sp.clip_sym is None else self.sp.clip_sym
         for gi, names in clip_names.items():
             x = None
             for name in names:
                 w = block.groups[gi].linears[name].weight.data
+                spec = self.weight_of(block, name)  # each linear's own grid
+                assert spec is not None
+                sym = spec.symmetric if self.sp.clip_sym is None else self.sp.clip_sym
                 if name in given:
                     lo, hi = given[name]
                 else:
                     if x is None:
                         x = tokens[f"clip{gi}"].reduce().value.float()
-                    lo, hi = search_clip(w, x, self.weight, n_tokens=x.shape[0],
-                                         symmetric_clip=sym)
-                clip_init[name] = solver.clip_factors(w, lo, hi, self.weight, symmetric_clip=sym)
+                    lo, hi = search_clip(w, x, spec, n_tokens=x.shape[0], symmetric_clip=sym)
+                clip_init[name] = solver.clip_factors(w, lo, hi, spec, symmetric_clip=sym)
             tokens.pop(f"clip{gi}", None)
             del x
         state["clip_init"] = clip_init
@@ -316,19 +318,24 @@ class OmniQuant(Algorithm):
             for name, lin in block.linears().items():
                 if name in state["lwc"]:
                     up, low = state["lwc"][name]
+                    spec = self.weight_of(block, name)
+                    assert spec is not None  # linears kept in float learn no clipping
                     # the learned range of the weights LWC saw, before they are clamped to it
                     # (of the clamped ones it would shrink a second time)
-                    clips[block.full_name(name)] = self._learned_range(lin.weight.data, up, low)
-                    lin.weight.data = solver.lwc_clip(lin.weight.data, self.weight, up, low)
+                    clips[block.full_name(name)] = self._learned_range(lin.weight.data, spec,
+                                                                       up, low)
+                    lin.weight.data = solver.lwc_clip(lin.weight.data, spec, up, low)
             self.run.artefacts.publish("clips", clips, producer=_KEY)
 
     def quantize(self, block: Block, inputs: BlockInputs | None) -> dict[str, QuantizedLinear]:
         factors = self.run.scratch(block.index).get(_KEY, {}).get("lwc", {})
         out = {}
-        for name, lin in block.linears().items():
+        for name, lin in self.quantized_linears(block).items():
+            spec = self.weight_of(block, name)
+            assert spec is not None
             up, low = factors.get(name, (None, None))
-            q, qp = solver.lwc_quantize(lin.weight.data, self.weight, up, low)
-            out[name] = make_record(q, qp, self.weight, bias=lin.bias)
+            q, qp = solver.lwc_quantize(lin.weight.data, spec, up, low)
+            out[name] = make_record(q, qp, spec, bias=lin.bias)
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -385,13 +392,13 @@ class OmniQuant(Algorithm):
                               "load_clip: False")
         return found
 
-    def _learned_range(self, w: torch.Tensor, up: torch.Tensor | None,
+    def _learned_range(self, w: torch.Tensor, spec: WeightQuantSpec, up: torch.Tensor | None,
                        low: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The learned clip bounds ``(lo, hi)`` (``[out, G]``) of ``w`` (the clips artefact)."""
-        wg = group_view(w.float(), self.weight.granularity)
+        wg = group_view(w.float(), spec.granularity)
         lo, hi = solver.lwc_range(wg, None if up is None else up.float().to(w.device),
                                   None if low is None else low.float().to(w.device),
-                                  self.weight.symmetric)
+                                  spec.symmetric)
         return lo.squeeze(-1), hi.squeeze(-1)
 
     def _check_shift(self) -> None:
@@ -413,9 +420,12 @@ class OmniQuant(Algorithm):
         return self._heads
 
     def _sites_of(self, block: Block) -> list[LetSite]:
+        """The block's LET sites, but those whose consumers are all kept in float (nothing
+        quantized there for LET to help; llmc's AWQ skips such groups too)."""
         if not self.sp.let:
             return []
-        return let_sites(block, self._heads_of(), up_down=self.sp.smooth_up_down)
+        return [s for s in let_sites(block, self._heads_of(), up_down=self.sp.smooth_up_down)
+                if any(self.weight_of(block, n) is not None for n in s.consumers)]
 
     def _init_params(self, block: Block, sites: list[LetSite], state: dict[str, Any]
                      ) -> tuple[dict[int, nn.Parameter], dict[int, nn.Parameter],
@@ -444,15 +454,16 @@ class OmniQuant(Algorithm):
         factors: dict[str, tuple[nn.Parameter, nn.Parameter | None]] = {}
         if self.sp.lwc:
             clip_init = state.get("clip_init", {})
-            for name, lin in block.linears().items():
+            for name, lin in self.quantized_linears(block).items():
                 if self._clip_init and name not in clip_init:
                     continue  # queries and keys keep min-max (llmc)
+                spec = self.weight_of(block, name)
+                assert spec is not None
                 if name in clip_init:
                     up0, low0 = clip_init[name]
                 else:
-                    up0 = torch.full(_factor_shape(lin, self.weight), solver.LWC_INIT,
-                                     device=dev)
-                    low0 = None if self.weight.symmetric else up0.clone()
+                    up0 = torch.full(_factor_shape(lin, spec), solver.LWC_INIT, device=dev)
+                    low0 = None if spec.symmetric else up0.clone()
                 up = nn.Parameter(up0.float().to(dev))
                 low = None if low0 is None else nn.Parameter(low0.float().to(dev))
                 factors[name] = (up, low)
@@ -466,13 +477,15 @@ class OmniQuant(Algorithm):
         ``Q(LET(W))`` (:func:`transformed_params`, then :func:`solver.lwc_fake_quant`)."""
         lwc = [p for up, low in factors.values() for p in (up, low) if p is not None]
         let = list(scales.values()) + list(shifts.values())
-        linears = list(block.linears())
+        # each linear on its own grid; linears kept in float are only transformed
+        grids = {n: g for n, g in self.weights_of(block).items() if g is not None}
         heads = self._heads_of() if sites else (1, 1)
-        spec, ste = self.weight, self._wste
+        ste = self._wste
+        acts = self.acts_of(block)
 
         def params(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             eff = transformed_params(base, sites, scales, shifts, heads)
-            for name in linears:
+            for name, spec in grids.items():
                 up, low = factors.get(name, (None, None))
                 key = f"{name}.weight"
                 eff[key] = solver.lwc_fake_quant(eff[key], spec, up, low, ste=ste)
@@ -489,7 +502,7 @@ class OmniQuant(Algorithm):
             settings=recon.ReconSettings(epochs=self.sp.epochs, amp=not self.sp.deactive_amp,
                                          weight_decay=self.sp.wd, optimizer="adamw"),
             params=params, loss=recon.TargetLoss(recon.mse, aug="sum"),
-            act=None if self.act is None else recon.ActQuant(self.act, ste=self._aste),
+            act=recon.ActQuant(acts, ste=self._aste) if any(acts.values()) else None,
             before_step=truncate, progress=self.run.progress and dist.is_main(),
             desc=f"omniquant {block.name}")
         self._amp = result.amp

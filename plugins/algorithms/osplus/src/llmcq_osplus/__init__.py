@@ -53,4 +53,7 @@ SPEC = AlgorithmSpec(
     needs_calibration=True,
     supports_act=True,
     layout_needs=("scaling_pairs",),
+    # the search's loss quantizes each linear on its own grids; groups kept in float are
+    # not transformed
+    per_layer_specs=True,
 )

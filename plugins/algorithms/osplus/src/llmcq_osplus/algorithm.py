@@ -150,17 +150,16 @@ class OsPlus(Algorithm):
         return {int(k): v for k, v in obs.items()}
 
     def _earlier_fake_quant(self, block: Block, k: int) -> dict[str, QuantizedLinear]:
+        """Round-to-nearest records of the groups before ``k``, each linear on its own
+        grids (linears kept in float stay float)."""
         assert self.weight is not None
         linears: dict[str, nn.Linear] = {}
         for g in block.groups[:k]:
             linears.update(g.linears)
-        records = rtn_records(linears, self.weight)
-        for rec in records.values():
-            rec.act = self._act_dynamic()
+        records = rtn_records(linears, {n: self.weight_of(block, n) for n in linears})
+        for name, rec in records.items():
+            rec.act = _dynamic(self.act_of(block, name))
         return records
-
-    def _act_dynamic(self) -> Any:
-        return None if self.act is None else replace(self.act, static=False)
 
     # -- the search ------------------------------------------------------------------------
 
@@ -180,12 +179,17 @@ class OsPlus(Algorithm):
                 "it to false to scale only"))
         return False
 
-    def _loss(self, group: ResolvedGroup, xs: list[torch.Tensor], kwargs: list[dict[str, Any]],
+    def _loss(self, block: Block, group: ResolvedGroup, xs: list[torch.Tensor],
+              kwargs: list[dict[str, Any]],
               z: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
         """``s -> [output_error(inspect(X_b), inspect_q(X_b; s)) for each scored batch b]``
-        (empty on a rank that scores none of the first ``search_batches`` batches)."""
+        (empty on a rank that scores none of the first ``search_batches`` batches). Each
+        linear on its own weight grid (float ones scaled only); the shared input quantized
+        as the group's first quantized linear's (as llmc's search)."""
         assert self.weight is not None
-        wspec, act = self.weight, self._act_dynamic()
+        wspecs = [self.weight_of(block, n) for n in group.linears]
+        first = next(n for n in group.linears if self.weight_of(block, n) is not None)
+        act = _dynamic(self.act_of(block, first))
         lins = list(group.linears.values())
         w0 = [lin.weight.data for lin in lins]
         b0 = [None if lin.bias is None else lin.bias.data for lin in lins]
@@ -200,7 +204,8 @@ class OsPlus(Algorithm):
             try:
                 for i, lin in enumerate(lins):
                     scaled = (w0[i].float() * s.view(1, -1)).to(w0[i].dtype)
-                    lin.weight.data = fake_quantize_weight(scaled, wspec)
+                    lin.weight.data = scaled if wspecs[i] is None else \
+                        fake_quantize_weight(scaled, wspecs[i])
                     if z is not None:
                         lin.bias.data = b_shift[i]
                 errs = []
@@ -231,6 +236,9 @@ class OsPlus(Algorithm):
     def transform(self, block: Block, inputs: BlockInputs | None) -> None:
         inputs = _need(inputs, block)
         for k in norm_fed_groups(block):
+            if all(self.weight_of(block, n) is None for n in block.groups[k].linears):
+                self._obs.pop(k, None)  # kept in float: nothing to transform for
+                continue
             if k not in self._obs:  # true_sequential: measure after the earlier groups
                 with fake_quantized(block.module, self._earlier_fake_quant(block, k)):
                     self._obs.update(self._observe(block, inputs, [k]))
@@ -244,7 +252,8 @@ class OsPlus(Algorithm):
             kws = [inputs.kwargs[i] if group.spec.inspect_kwargs else {}
                    for i in range(len(xs))]
             mig = search_threshold(lo.to(device), hi.to(device),
-                                   self._loss(group, xs, kws, None if z is None else z.to(device)),
+                                   self._loss(block, group, xs, kws,
+                                              None if z is None else z.to(device)),
                                    steps=self.special.search_steps, total=_sum_over_ranks)
             if z is not None:
                 absorb_shift(group, z.to(device))
@@ -263,6 +272,11 @@ class OsPlus(Algorithm):
             out["threshold_over_range_mean"] = sum(self._ratios) / len(self._ratios)
             out["loss_over_unscaled_mean"] = sum(self._loss_ratios) / len(self._loss_ratios)
         return out
+
+
+def _dynamic(act: Any) -> Any:
+    """``act`` as the search applies it: dynamic (static ranges are fixed by core later)."""
+    return None if act is None else replace(act, static=False)
 
 
 def _need(inputs: BlockInputs | None, block: Block) -> BlockInputs:

@@ -15,4 +15,5 @@ SPEC = AlgorithmSpec(
     # core masks the records: nothing for RTN to optimise around the masks
     uses_masks=True,
     weight_formats=("int", "float"),
+    per_layer_specs=True,
 )

@@ -11,8 +11,9 @@ __all__ = ["RTN"]
 
 
 class RTN(Algorithm):
-    """Quantize every linear of the block independently; no calibration of the weights."""
+    """Quantize every linear of the block independently, each on its own grid; no
+    calibration of the weights."""
 
     def quantize(self, block: Block, inputs: BlockInputs | None) -> dict[str, QuantizedLinear]:
         assert self.weight is not None
-        return rtn_records(block.linears(), self.weight)
+        return rtn_records(block.linears(), self.weights_of(block))

@@ -47,4 +47,7 @@ SPEC = AlgorithmSpec(
     # scales come from max|X| and max|W| only; its fake quantization (true_sequential) and
     # the run's quantizer go through core's spec-aware functions: FP8 works too
     weight_formats=("int", "float"),
+    # true_sequential's fake quantization uses each linear's grids; groups kept in float
+    # are not smoothed
+    per_layer_specs=True,
 )

@@ -73,15 +73,16 @@ class SmoothQuant(Algorithm):
         return out
 
     def _earlier_fake_quant(self, block: Block, k: int) -> dict[str, QuantizedLinear]:
-        """Round-to-nearest records of every linear in the groups before ``k``."""
+        """Round-to-nearest records of every linear in the groups before ``k``, each on its
+        own grids (linears kept in float stay float)."""
         assert self.weight is not None
         linears: dict[str, torch.nn.Linear] = {}
         for g in block.groups[:k]:
             linears.update(g.linears)
-        records = rtn_records(linears, self.weight)
-        act = None if self.act is None else replace(self.act, static=False)
-        for rec in records.values():
-            rec.act = act
+        records = rtn_records(linears, {n: self.weight_of(block, n) for n in linears})
+        for name, rec in records.items():
+            act = self.act_of(block, name)
+            rec.act = None if act is None else replace(act, static=False)
         return records
 
     # -- stages ----------------------------------------------------------------------------
@@ -97,6 +98,9 @@ class SmoothQuant(Algorithm):
         inputs = _need(inputs, block)
         alpha = float(self.special.alpha)
         for k in smoothable_groups(block):
+            if all(self.weight_of(block, n) is None for n in block.groups[k].linears):
+                self._absmax.pop(k, None)  # kept in float: nothing to smooth for
+                continue
             if k not in self._absmax:  # true_sequential: measure after the earlier groups
                 with fake_quantized(block.module, self._earlier_fake_quant(block, k)):
                     self._absmax.update(self._observe(block, inputs, [k]))

@@ -179,4 +179,7 @@ SPEC = TesseraQSpec(
     needs_calibration=True,
     supports_act=True,
     weight_calib_algos=("minmax", "learnable"),
+    # rounding variables, scale factors, clip search and training forward on each linear's
+    # own grids; linears kept in float are not trained
+    per_layer_specs=True,
 )

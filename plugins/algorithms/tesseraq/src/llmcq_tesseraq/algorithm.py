@@ -177,6 +177,8 @@ class TesseraQ(Algorithm):
         self._changed: list[float] = []
         self._nonfinite: list[int] = []
         self._amp = False
+        #: the current block's grid per quantized linear (per-linear settings)
+        self._grids: dict[str, WeightQuantSpec] = {}
         # llmc's two-step flow: files written by awq in an earlier run (read before any
         # block, so a missing or unreadable file stops the run at once)
         self._saved_scales = load_artefact("scales", sp.scale_path or ".") \
@@ -203,20 +205,23 @@ class TesseraQ(Algorithm):
         # the float targets before anything here changes the block (the clipping does)
         targets = self._chain.targets(block, inputs, quant_out=self._quant_out,
                                       aug_loss=self.sp.aug_loss)
-        linears = block.linears()
-        weights = {name: lin.weight.data for name, lin in linears.items()}
+        # each linear on its own grid; linears kept in float are not trained (no state)
+        grids = {n: g for n, g in self.weights_of(block).items() if g is not None}
+        self._grids = grids
+        weights = {name: lin.weight.data for name, lin in self.quantized_linears(block).items()}
         if self.sp.weight_clip:
             with torch.no_grad():
                 for name, (lo, hi) in self._clips(block, inputs).items():
                     w = weights[name]
                     weights[name] = apply_clip(w, lo.to(w.device), hi.to(w.device),
-                                               self.weight)
+                                               grids[name])
                     if self.sp.clip_version == "v1":  # llmc's v1 clamps the weights in place
                         w.copy_(weights[name])
         with torch.no_grad():
-            state = {name: init_linear(w, self.weight, optimize_scale=self.sp.optimize_scale)
+            state = {name: init_linear(w, grids[name], optimize_scale=self.sp.optimize_scale)
                      for name, w in weights.items()}
-        act = None if self.act is None else recon.ActQuant(self.act, ste=self._aste)
+        acts = self.acts_of(block)
+        act = recon.ActQuant(acts, ste=self._aste) if any(acts.values()) else None
         with torch.no_grad():  # llmc logs the loss before and after: here on every sample
             nearest = {n: _nearest(t) for n, t in state.items()}
             before = self._block_loss(block, inputs, targets, nearest, act)
@@ -228,11 +233,11 @@ class TesseraQ(Algorithm):
         with torch.no_grad():
             for name, t in state.items():
                 h = solver.final_rounding(t.r, t.state)
-                q = solver.codes(t.base, h, t.zero, self.weight)
+                q = solver.codes(t.base, h, t.zero, grids[name])
                 scale = solver.effective_scale(t.scale, t.nu)
                 out[name] = (q, scale, t.zero)
                 changed.append(solver.change_ratio(t.base, h, weights[name], t.scale,
-                                                   self.weight))
+                                                   grids[name]))
                 t.state = h.to(torch.int8)
             after = self._block_loss(block, inputs, targets, state, act)
         del targets, weights
@@ -248,9 +253,10 @@ class TesseraQ(Algorithm):
             raise PluginError("TesseraQ's transform did not run for this block",
                               where=block.name)
         records = {}
-        for name, lin in block.linears().items():
+        for name, lin in self.quantized_linears(block).items():
             q, scale, zero = learned[name]
-            records[name] = make_record(q, QParams(scale, zero), self.weight, bias=lin.bias)
+            records[name] = make_record(q, QParams(scale, zero), self.weight_of(block, name),
+                                        bias=lin.bias)
         return records
 
     def summary(self) -> dict[str, Any]:
@@ -273,14 +279,14 @@ class TesseraQ(Algorithm):
                state: dict[str, LinearRounding], act: recon.ActQuant | None) -> None:
         """PAR: one :func:`llmcq.recon.reconstruct` call (a fresh Adam) per stage, the
         hardening before each."""
-        spec = self.weight
+        grids = self._grids
         rounds = [t.r for t in state.values()]
         nus = [t.nu for t in state.values() if t.nu is not None]
 
         def params(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             eff = dict(base)
             for name, t in state.items():
-                eff[f"{name}.weight"] = t.weight(spec)
+                eff[f"{name}.weight"] = t.weight(grids[name])
             return eff
 
         groups = [recon.ParamGroup(rounds, lr=self.sp.lr, weight_decay=self.sp.wd,
@@ -314,10 +320,9 @@ class TesseraQ(Algorithm):
                     state: dict[str, LinearRounding], act: recon.ActQuant | None) -> float:
         """The training loss (without aug_loss) of the block with ``state``'s weights, the
         mean over every calibration batch of every rank."""
-        spec = self.weight
         params = {n: p.detach().float() for n, p in block.module.named_parameters()}
         for name, t in state.items():
-            params[f"{name}.weight"] = t.weight(spec)
+            params[f"{name}.weight"] = t.weight(self._grids[name])
         total = torch.zeros((), dtype=torch.float64)
         with recon.act_quant_hooks(act, block.linears()):
             for h, kw, target in zip(inputs.hidden, inputs.kwargs, targets.target,
@@ -339,7 +344,8 @@ class TesseraQ(Algorithm):
                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Clip ranges ``(lo, hi)`` ``[out, G]`` per linear (relative names), queries and
         keys excluded."""
-        names = {gi: [n for n in g.linears if not is_query_or_key(block, n)]
+        names = {gi: [n for n in g.linears if not is_query_or_key(block, n)
+                      and self.weight_of(block, n) is not None]
                  for gi, g in enumerate(block.groups)}
         if self.sp.clip_version == "v2":
             given = self._given_clips(block)
@@ -363,7 +369,6 @@ class TesseraQ(Algorithm):
                    for gi, lin in probes.items()}
         inputs.observe(block.module, {str(gi): lin for gi, lin in probes.items()},
                        lambda key, x, _y: samples[int(key)].update(x))
-        sym = self.weight.symmetric if self.sp.clip_sym is None else self.sp.clip_sym
         out = {}
         for gi, sample in samples.items():
             x = sample.reduce().value.float()
@@ -371,7 +376,9 @@ class TesseraQ(Algorithm):
                 continue
             for n in names[gi]:
                 w = block.groups[gi].linears[n].weight.data
-                out[n] = search_clip(w, x, self.weight, n_tokens=x.shape[0],
+                spec = self._grids[n]
+                sym = spec.symmetric if self.sp.clip_sym is None else self.sp.clip_sym
+                out[n] = search_clip(w, x, spec, n_tokens=x.shape[0],
                                      symmetric_clip=sym,
                                      rows_per_chunk=512 if x.is_cuda else 64)
             del x
@@ -402,12 +409,13 @@ class TesseraQ(Algorithm):
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = clip
         lin = block.linears()[name]
-        gran = self.weight.granularity
+        spec = self._grids[name]
+        gran = spec.granularity
         shape = (lin.out_features, n_groups(lin.in_features, gran)
                  if isinstance(gran, PerGroup) else 1)
         if tuple(lo.shape) != shape or tuple(hi.shape) != shape:
             raise DataError(f"the clip range of {block.full_name(name)} has shape "
-                            f"{tuple(hi.shape)}; this run's {self.weight.describe()} needs "
+                            f"{tuple(hi.shape)}; this run's {spec.describe()} needs "
                             f"{shape}")
         return lo, hi
 

@@ -28,13 +28,13 @@ FLAGS = {"vllm": "save_vllm", "sglang": "save_sgl", "lightllm": "save_lightllm",
 EXPECTED = {
     "fake": set(RECORD_FEATURES) - {"input_transform", "kv_cache_quant"},
     "trans": set(RECORD_FEATURES) - {"input_transform"},
-    "vllm": {"act_quant", "float_format"},
-    "sglang": {"act_quant", "float_format"},
+    "vllm": {"act_quant", "float_format", "layer_grids", "float_linears"},
+    "sglang": {"act_quant", "float_format", "layer_grids", "float_linears"},
     "lightllm": {"act_quant"},
     "gptq": {"g_idx"},
     "autoawq": set(),
     "mlcllm": set(),
-    "gguf": {"fractional_zero"},
+    "gguf": {"fractional_zero", "layer_grids", "float_linears"},
     "trtllm": {"act_quant", "fractional_zero"},
 }
 #: quantized-stage formats that pack uniform integer grids (no mixed bits, no masks)

@@ -29,6 +29,10 @@ REFUSALS = {
              "consecutive columns)",
     "fractional_zero": "cannot write fractional zero points (qzeros are packed integers)",
     "float_format": "cannot write FP8 codes (the layout packs 4-bit integer codes)",
+    "layer_grids": "cannot write linears on different grids (one w_bit/q_group_size in "
+                   "quant_config for the whole checkpoint)",
+    "float_linears": "cannot write linears kept in float (this exporter writes no "
+                     "modules_to_not_convert: every block linear is packed)",
 }
 
 

@@ -12,11 +12,12 @@ SPEC = BackendSpec(
     folder="fake_quant_model",
     stage="quantized",
     # the dequantized weight holds every grid feature exactly (zeros of pruned weights
-    # included); activation settings go to llmcq_quant.json. An online input transform
+    # included), each linear on its own grid (float linears as they are); activation
+    # settings go to llmcq_quant.json, per linear. An online input transform
     # would need code at load time, and a quantized KV cache a runtime: both refused.
     accepts=frozenset({"g_idx", "group_bits", "float_columns", "sparse_outliers",
                        "sparsity_mask", "act_quant", "float_format", "fractional_zero",
-                       "quantized_scales"}),
+                       "quantized_scales", "layer_grids", "float_linears"}),
     refusals={"input_transform": "writes dequantized weights only; an online input "
                                  "transform would have to run at load time",
               "kv_cache_quant": "has no KV-cache runtime"},

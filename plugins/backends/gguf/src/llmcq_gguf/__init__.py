@@ -1,7 +1,9 @@
 """GGUF files for llama.cpp from llmcq's quantized records (``save_gguf``). Torch-free.
 
-Record features beyond a uniform grid: only fractional zero points (``accepts``); core refuses
-the others at config time. ``supports`` checks the grid through the run's typed specs."""
+Record features beyond a uniform grid: fractional zero points, and per-linear grids
+(``quant.mix_bits``: each tensor in its own type; ``ignored_layers``: F32 tensors) as
+``accepts`` says; core refuses the others at config time. ``supports`` checks the grid through
+the run's typed specs (core runs it for every ``quant.mix_bits`` setting's grid too)."""
 
 from __future__ import annotations
 
@@ -83,14 +85,16 @@ SPEC = GGUFSpec(
     folder="gguf_quant_model",
     requires=("gguf",),
     # Q4_1 stores m = -zero * scale in fp16, so a fractional zero point (HQQ, round_zp:
-    # False) is written as faithfully as an integral one; nothing else beyond the grid
-    accepts=frozenset({"fractional_zero"}),
+    # False) is written as faithfully as an integral one; every tensor of a GGUF file has
+    # its own type, so linears on different grids (each one of Q8_0/Q4_0/Q4_1) and linears
+    # kept in float (F32) are written as they are
+    accepts=frozenset({"fractional_zero", "layer_grids", "float_linears"}),
     refusals={
         "act_quant": "cannot write activation quantization (llama.cpp quantizes activations "
                      "itself; the file holds weights only)",
         "g_idx": "cannot write columns quantized out of group order (g_idx; a Q4_0/Q4_1/Q8_0 "
                  "block holds 32 consecutive columns)",
         "float_format": "cannot write FP8 codes (Q4_0/Q4_1/Q8_0 hold integer codes)",
-        "group_bits": "cannot write per-group bit widths (one llama.cpp type per file)",
+        "group_bits": "cannot write per-group bit widths (one llama.cpp type per tensor)",
     },
 )

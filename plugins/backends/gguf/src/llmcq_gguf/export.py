@@ -4,7 +4,10 @@ Each record with groups of 32 is written block by block in the llama.cpp type wh
 llmcq's (see :func:`llmcq_gguf.ggml_type_for`): the codes are copied, the scale becomes the
 block's fp16 ``d`` (and, for Q4_1, ``m = -zero * scale`` in fp16). Nothing is re-quantized, so
 GPTQ/AWQ-optimised codes survive; the only change is the fp16 rounding of ``d``/``m`` that the
-format imposes. Other tensors (embeddings, norms, an untied head) are written as F32.
+format imposes. Other tensors (embeddings, norms, an untied head, linears kept in float by
+``ignored_layers``) are written as F32. With per-linear grids each tensor has its own type;
+the file is then ``model-mixed.gguf`` and its ``general.file_type`` the type holding the most
+weights.
 
 Names come from the ``gguf`` package's ``TensorNameMap``; Q and K rows are permuted the way
 llama.cpp's converter does for the llama architecture (readers undo it). Metadata (hyper-
@@ -163,14 +166,17 @@ def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: P
     packed: dict[str, tuple[np.ndarray, str]] = {}
     for name in sorted(records):
         packed[name] = pack_record(records[name])
-    types = {t for _, t in packed.values()}
-    if len(types) != 1:
-        raise PluginError(f"gguf: records use several types {sorted(types)}")
-    gtype = types.pop()
+    # per-linear grids: each tensor keeps its own type; the file's type is the one holding
+    # the most weights (llama.cpp's "mostly" convention) and the file is named "mixed"
+    weights: dict[str, int] = {}
+    for name, (_, t) in packed.items():
+        rec = records[name]
+        weights[t] = weights.get(t, 0) + rec.out_features * rec.in_features
+    main = max(sorted(weights), key=lambda t: weights[t])
     ftype = {"Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-             "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[gtype]
+             "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[main]
 
-    path = out_dir / FILE_NAME.format(type=gtype)
+    path = out_dir / FILE_NAME.format(type=main if len(weights) == 1 else "mixed")
     writer = gguf.GGUFWriter(str(path), "llama")
     source = getattr(getattr(run, "resolved", None), "source", None)
     if source is not None and source.gguf_file is not None:
@@ -196,7 +202,7 @@ def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: P
         elif module.endswith("self_attn.k_proj"):
             perm = rope_row_permutation(tensor.shape[0], n_kv)
         if suffix == "weight" and module in packed:
-            blocks, _ = packed[module]
+            blocks, gtype = packed[module]
             if perm is not None:
                 blocks = blocks[perm.numpy()]
             writer.add_tensor(gname, np.ascontiguousarray(blocks),

@@ -62,5 +62,10 @@ SPEC = GPTQFormatSpec(
         "group_bits": "cannot write per-group bit widths (one bits value per checkpoint)",
         "float_columns": "cannot write float columns (OWQ): the layout has no place for them",
         "float_format": "cannot write FP8 codes (the layout packs integer codes)",
+        "layer_grids": "cannot write linears on different grids (one bits/group_size in "
+                       "quantize_config.json; GPTQModel's per-module 'dynamic' overrides are "
+                       "not written)",
+        "float_linears": "cannot write linears kept in float (readers quantize every block "
+                         "linear; no skip list is written)",
     },
 )

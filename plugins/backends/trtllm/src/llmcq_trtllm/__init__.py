@@ -277,5 +277,9 @@ SPEC = TRTLLMSpec(
                         "TensorRT-LLM FP8 checkpoints yet)",
         "kv_cache_quant": "cannot write a quantized KV cache (kv_cache_quant_algo is not "
                           "written yet)",
+        "layer_grids": "cannot write linears on different grids (one quant_algo in the "
+                       "checkpoint's config.json; per-layer quant_cfg is not written)",
+        "float_linears": "cannot write linears kept in float (exclude_modules is not "
+                         "written: every block linear is exported quantized)",
     },
 )

@@ -18,11 +18,11 @@ from llmcq.errors import ConfigError
 from llmcq.quant.spec import PerChannel, PerGroup, PerTensor, PerToken
 
 if TYPE_CHECKING:
-    from llmcq.api import ExportTarget
+    from llmcq.api import ExportTarget, LayerTarget
     from llmcq.quant.spec import Granularity
 
 __all__ = ["VLLM_SPEC", "SGL_SPEC", "LIGHTLLM_SPEC", "CompressedTensorsSpec", "LightLLMSpec",
-           "check_grids", "ACCEPTS", "REFUSALS"]
+           "check_grids", "check_fused", "ACCEPTS", "REFUSALS"]
 
 #: weight bits vLLM's compressed-tensors schemes read (WNA16: 4 and 8; W8A8; W4A8)
 WEIGHT_ONLY_BITS = (4, 8)
@@ -30,8 +30,10 @@ WEIGHT_ONLY_BITS = (4, 8)
 VLLM_GROUP_SIZES = (32, 64, 128)
 
 #: record features the compressed-tensors writer holds: quantized activations (static
-#: ``input_scale``/``input_zero_point`` or dynamic schemes) and FP8 codes (float-quantized)
-ACCEPTS = frozenset({"act_quant", "float_format"})
+#: ``input_scale``/``input_zero_point`` or dynamic schemes), FP8 codes (float-quantized),
+#: linears on different grids (one ``config_groups`` scheme per grid, its linears as
+#: targets) and linears kept in float (the config's ``ignore`` list)
+ACCEPTS = frozenset({"act_quant", "float_format", "layer_grids", "float_linears"})
 #: why the others cannot be written (the generic sentence serves the rest)
 REFUSALS = {
     "g_idx": "cannot write columns quantized out of group order (g_idx; compressed-tensors "
@@ -122,6 +124,26 @@ def check_grids(target: ExportTarget, *, name: str) -> None:
                               "divides them or per_channel")
 
 
+def check_fused(target: LayerTarget, *, name: str) -> None:
+    """vLLM runs the linears reading one input (q/k/v, gate/up) as one fused layer, and a
+    block's MoE experts as one layer, each with one compressed-tensors scheme (a fused
+    layer partly in ``ignore`` or with shards of different schemes is refused when vLLM
+    loads it): their linears must share grids, or all stay in float."""
+    for names in (*target.shared_input, *target.experts):
+        specs = {n: target.plan.spec(n) for n in names}
+        grids = {s.grids() for s in specs.values()}
+        if len(grids) == 1:
+            continue
+        origins = sorted({s.origin for s in specs.values()})
+        key = next((o for o in origins if o != "quant.weight"), origins[0])
+        detail = "; ".join(f"{n.rsplit('.', 1)[-1] if '.' in n else n}: {s.describe()} "
+                           f"({s.origin})" for n, s in specs.items())
+        raise ConfigError(key, None, show_value=False, reason=f"{name} ({target.path}): "
+                          f"vLLM runs {', '.join(names)} as one fused layer with one "
+                          f"quantization scheme, but they get different grids ({detail}); "
+                          "give all of them the same setting (name each in it)")
+
+
 @dataclass(frozen=True, kw_only=True)
 class CompressedTensorsSpec(BackendSpec):
     accepts: frozenset[str] = ACCEPTS
@@ -130,6 +152,9 @@ class CompressedTensorsSpec(BackendSpec):
     def supports(self, target: ExportTarget) -> None:
         super().supports(target)
         check_grids(target, name=self.name)
+
+    def check_layers(self, target: LayerTarget) -> None:
+        check_fused(target, name=self.name)
 
 
 VLLM_SPEC = CompressedTensorsSpec(
@@ -161,7 +186,11 @@ class LightLLMSpec(CompressedTensorsSpec):
     refusals: dict[str, str] = field(default_factory=lambda: {
         **REFUSALS,
         "float_format": "cannot write FP8 codes (its offline-quantized path, quant_type "
-                        "vllm-w8a8, reads int8 W8A8 only; FP8 exports through vllm/sglang)"})
+                        "vllm-w8a8, reads int8 W8A8 only; FP8 exports through vllm/sglang)",
+        "layer_grids": "cannot write linears on different grids (its vllm-w8a8 mode takes "
+                       "one W8A8 scheme for the whole model)",
+        "float_linears": "cannot write linears kept in float (its vllm-w8a8 mode quantizes "
+                         "every linear of the blocks)"})
 
     def supports(self, target: ExportTarget) -> None:
         super().supports(target)

@@ -274,3 +274,20 @@ def test_vllm_refuses_fused_linears_on_different_grids_at_load(tiny_llama_dir: P
                           "model.layers.1.self_attn.q_proj, model.layers.1.self_attn.k_proj, "
                           "model.layers.1.self_attn.v_proj as one fused layer"), msg
     assert not (tmp_path / "out").exists()
+
+
+def test_validate_lists_each_setting(llmcq_cli: Any, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import yaml
+
+    raw = config(tiny_llama_dir, tmp_path / "out", quant={"mix_bits": {
+        "setting_0": {"layer_name": ["down_proj#0-1"], "weight": W8},
+        "setting_1": {"layer_name": ["o_proj"], "do_quant": False}}},
+        ignored_layers={"block_ids": ["0-1"], "layer_names": ["mlp.up_proj", "mlp.gate_proj"]})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = llmcq_cli("validate", str(path))
+    assert res.returncode == 0, res
+    assert "  quant.mix_bits.setting_0: w8 per_channel sym (down_proj#0-1)" in res.stdout
+    assert "  quant.mix_bits.setting_1: float (o_proj)" in res.stdout
+    assert "  ignored_layers: float (2 name(s) in 2 block(s), 0 full name(s))" in res.stdout
+    assert "records: float_linears, layer_grids" in res.stdout

@@ -157,6 +157,14 @@ def validate(config: str, overrides: tuple[str, ...], overwrite: bool, debug: bo
         click.echo(f"{step.section}:   {step.spec.name} ({step.info.label})")
     if cfg.quant is not None or cfg.sparse is not None:
         click.echo(f"grid:    {resolved.specs.describe()}")
+    layers = resolved.specs.layers
+    for s in layers.settings if layers is not None else ():
+        names = ", ".join(map(str, s.entries))
+        click.echo(f"  {s.path}: {s.spec.describe()} ({names})")
+    if layers is not None and layers.ignored is not None:
+        ign = layers.ignored
+        click.echo(f"  ignored_layers: float ({len(ign.layer_names)} name(s) in "
+                   f"{len(ign.blocks)} block(s), {len(ign.full_names)} full name(s))")
     if resolved.features:
         names = ", ".join(sorted({f.name for f in resolved.features}))
         click.echo(f"records: {names}")

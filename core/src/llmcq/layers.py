@@ -90,6 +90,11 @@ class NameEntry:
     def applies(self, block: int) -> bool:
         return self.blocks is None or block in self.blocks
 
+    def __str__(self) -> str:
+        """As written in the config (``down_proj#0-1``)."""
+        return self.text if self.blocks is None else \
+            f"{self.text}#{'-'.join(map(str, self.blocks))}"
+
 
 @dataclass(frozen=True)
 class MixSetting:
@@ -238,7 +243,7 @@ class LayerRules:
                 ids = range(n) if e.blocks is None else e.blocks
                 bad = [i for i in ids if i >= n]
                 if bad:
-                    errors.append(ConfigError(e.path, _entry_text(e), reason=f"block "
+                    errors.append(ConfigError(e.path, str(e), reason=f"block "
                                               f"{', '.join(map(str, bad))}: {span}"))
                     continue
                 names = sorted({rel for i in ids for rel in blocks[i]})
@@ -246,7 +251,7 @@ class LayerRules:
                     where = "any block" if e.blocks is None else \
                         f"block {', '.join(map(str, e.blocks))}"
                     errors.append(ConfigError(
-                        e.path, _entry_text(e), allowed=names or everywhere,
+                        e.path, str(e), allowed=names or everywhere,
                         reason=f"{e.text!r} is not part of the name of any linear of {where}",
                         suggestion=closest(e.text, names or everywhere)))
         if self.ignored is not None:
@@ -280,7 +285,3 @@ class LayerRules:
                     f"({prefix}.<block>.<linear>, e.g. {full[0] if full else prefix + '.0'})",
                     suggestion=closest(name, full)))
         return errors
-
-
-def _entry_text(e: NameEntry) -> str:
-    return e.text if e.blocks is None else f"{e.text}#{'-'.join(map(str, e.blocks))}"

@@ -201,6 +201,11 @@ def test_a_wrong_dtype_or_shape_is_named(folder: Path) -> None:
     _fails(folder, f"tensor {LINEAR}.scale is float16 .*, expected float32")
 
 
+def test_a_float_tensor_of_the_wrong_shape_is_named(folder: Path) -> None:
+    _rewrite(folder, tensors=lambda t: t.update({"model.norm.weight": torch.ones(3)}))
+    _fails(folder, "float tensors do not fit .*model.norm.weight")
+
+
 def test_bits_past_the_last_code_are_corruption(folder: Path) -> None:
     name, width, n = next((name, b, n) for name, e in _qc(folder)["modules"].items()
                           for b, n in e["widths"].items() if n % 32)

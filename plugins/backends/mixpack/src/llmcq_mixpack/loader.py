@@ -118,8 +118,12 @@ def _load_float_tensors(model: nn.Module, tensors: dict[str, torch.Tensor],
     if unexpected:
         raise MixPackFormatError(f"tensor {unexpected[0]} belongs to no module of the model "
                                  f"({len(unexpected)} such tensors)")
-    missing = [k for k in model.load_state_dict(tensors, strict=False).missing_keys
-               if not ours(k)]
+    try:
+        result = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # torch lists every size mismatch
+        raise MixPackFormatError("float tensors do not fit the model config.json builds: "
+                                 + " ".join(str(exc).split())) from None
+    missing = [k for k in result.missing_keys if not ours(k)]
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = {id(params[k]) for k in tensors if k in params}
     untied = [k for k in missing if k not in params or id(params[k]) not in loaded]

@@ -82,11 +82,13 @@ class _Search:
         self.kl += kl_curve(x, y, self.lin.bias, self.plan, self.ks)
         self.tokens += int(x.numel() // x.shape[-1])
 
-    def best_k(self) -> int:
-        """The ``k`` of the lowest KL over every rank's tokens (the first on a tie)."""
-        kl = self.kl.to(self.lin.weight.device)
-        dist.all_reduce_sum(kl)
-        return self.ks[int(torch.argmin(kl.cpu()))]
+    def best_k(self) -> tuple[int, list[float]]:
+        """The ``k`` of the lowest KL over every rank's tokens (the first on a tie), and the
+        KL per token of every candidate."""
+        dev = self.lin.weight.device
+        kl = dist.all_reduce_sum(self.kl.to(dev)).cpu()
+        tokens = int(dist.all_reduce_sum(torch.tensor([self.tokens], device=dev)))
+        return self.ks[int(torch.argmin(kl))], (kl / max(tokens, 1)).tolist()
 
 
 class SliMLLM(Algorithm):
@@ -112,6 +114,8 @@ class SliMLLM(Algorithm):
         if sp.save_allocation is not None:  # fail before any block is processed
             check_writable(sp.save_allocation, overwrite=self.run.resolved.overwrite)
         self.allocation: Allocation = {}
+        #: SBA's search: full linear name -> {k: output KL per calibration token}
+        self.kl_per_token: dict[str, dict[int, float]] = {}
         self._bank: HessianBank | None = None
         self._bank_block: int | None = None
         self._ks: Counter[int] = Counter()
@@ -219,11 +223,12 @@ class SliMLLM(Algorithm):
                            lambda nm, x, y: searches[nm](x, y) if nm in searches else None,
                            stop_early=True)
             for nm, s in searches.items():
-                k = s.best_k()
+                k, per_token = s.best_k()
                 self._ks[k] += 1
+                self.kl_per_token[block.full_name(nm)] = dict(zip(s.ks, per_token))
                 out[nm] = allocate(s.salience, k, spec.bits, s.n_full)
                 log.debug("SliM-LLM %s: k=%d (KL per token %s)", block.full_name(nm), k,
-                          (s.kl / max(s.tokens, 1)).tolist())
+                          per_token)
         return out
 
     def _fit(self, w: torch.Tensor, bits: torch.Tensor, d: torch.Tensor

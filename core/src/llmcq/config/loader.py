@@ -250,8 +250,11 @@ def check_keys(raw: dict[str, Any], model: type[BaseModel], path: str = "",
     collect = errors is not None
     found: list[ConfigError] = errors if errors is not None else []
     fields = model.model_fields
+    collects = getattr(model, "collects_key", None)  # keys a section gathers itself
     for key, value in raw.items():
         here = f"{path}.{key}" if path else str(key)
+        if key not in fields and collects is not None and collects(key):
+            continue
         if key not in fields:
             if here in LLMC_UNSUPPORTED:
                 err = ConfigError(here, value, reason=f"{LLMC_UNSUPPORTED[here]} is not "
@@ -283,7 +286,10 @@ def _error_path(loc: tuple[Any, ...], raw: Any, prefix: str) -> tuple[str, Any]:
     """Dotted key path and value of a pydantic error location (union tags dropped)."""
     parts: list[str] = [prefix] if prefix else []
     node = raw
-    for item in loc:
+    for i, item in enumerate(loc):
+        if isinstance(node, dict) and item not in node and i + 1 < len(loc) \
+                and loc[i + 1] in node:
+            continue  # a field filled from the section's own keys (save.plugin_flags)
         if isinstance(node, dict) and item in node:
             parts.append(str(item))
             node = node[item]
@@ -571,6 +577,8 @@ def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
     for name in cfg.save.backend_names if specs_ok else []:
         flag = next((f for f, b in SAVE_FLAGS.items() if b == name and getattr(cfg.save, f)),
                     None)  # the flag that selected it (save_trans or llmc's save_fp: trans)
+        flag = flag or next((f for f, on in cfg.save.plugin_flags.items()
+                             if on and cfg.save.flag_backend(f) == name), None)
         field_path = f"save.{flag}" if flag else "save.backends"
         with errs.part():
             bspec, binfo = registry.load_spec("llmcq.backends", name, field=field_path,

@@ -442,6 +442,8 @@ class SparseSection(Section):
         return [self.method] if isinstance(self.method, str) else list(self.method)
 
 
+#: a save flag of a plugin's backend: ``save_<backend name>`` (llmc's own are SAVE_FLAGS)
+PLUGIN_FLAG_PREFIX = "save_"
 #: llmc's save flags and the backend each selects.
 SAVE_FLAGS = {
     "save_trans": "trans",
@@ -474,17 +476,58 @@ class SaveSection(Section):
     save_gguf: bool = False
     #: llmcq extension: backend names from ``llmcq.backends``, in addition to the flags.
     backends: list[str] = Field(default_factory=list)
+    #: ``save_<name>: true`` for a backend llmc does not know (an installed plugin's, e.g.
+    #: ``save_mixpack``): collected here from the section's other ``save_*`` keys, so a third
+    #: party's backend gets a flag without a change to core; the backend must be installed
+    plugin_flags: dict[str, bool] = Field(default_factory=dict)
     #: llmcq extension: replace existing outputs under save_path instead of refusing.
     overwrite: bool = False
     #: options per backend, e.g. ``trtllm_cfg: {tp_size: 1, pp_size: 1}``.
     trtllm_cfg: dict[str, Any] = Field(default_factory=dict)
 
+    @staticmethod
+    def collects_key(key: Any) -> bool:
+        """Keys besides the fields this section takes: ``save_<backend>`` flags."""
+        return isinstance(key, str) and key.startswith(PLUGIN_FLAG_PREFIX)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plugin_flags(cls, data: Any) -> Any:
+        """Move ``save_<name>`` keys that are not llmc's flags into ``plugin_flags``."""
+        if not isinstance(data, dict):
+            return data
+        out = {k: v for k, v in data.items()
+               if not (isinstance(k, str) and k.startswith(PLUGIN_FLAG_PREFIX)
+                       and k not in cls.model_fields)}
+        extra = {k: v for k, v in data.items() if k not in out}
+        if extra:
+            out["plugin_flags"] = {**dict(data.get("plugin_flags") or {}), **extra}
+        return out
+
+    @field_validator("plugin_flags")
+    @classmethod
+    def _plugin_flag_names(cls, v: dict[str, bool]) -> dict[str, bool]:
+        for k in v:
+            if not k.startswith(PLUGIN_FLAG_PREFIX) or len(k) == len(PLUGIN_FLAG_PREFIX):
+                raise ValueError(f"{k!r} is not a save_<backend> flag")
+        return v
+
+    @staticmethod
+    def flag_backend(flag: str) -> str:
+        """The backend a flag selects: llmc's table, else ``save_<name>`` selects ``name``."""
+        return SAVE_FLAGS.get(flag) or flag[len(PLUGIN_FLAG_PREFIX):]
+
     @property
     def backend_names(self) -> list[str]:
-        """Selected backends in a stable order: flags first (llmc order), then the list."""
+        """Selected backends in a stable order: llmc's flags first (llmc order), then the
+        plugins' flags (as written), then the list."""
         names: list[str] = []
         for flag, backend in SAVE_FLAGS.items():
             if getattr(self, flag) and backend not in names:
+                names.append(backend)
+        for flag, on in self.plugin_flags.items():
+            backend = self.flag_backend(flag)
+            if on and backend not in names:
                 names.append(backend)
         for b in self.backends:
             if b not in names:

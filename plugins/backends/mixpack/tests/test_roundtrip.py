@@ -59,7 +59,7 @@ assert MB.MODULE == RECORDS
 
 
 def test_spec_declares_what_the_layout_writes() -> None:
-    assert SPEC.accepts == ACCEPTED_FEATURES
+    assert SPEC.accepts == ACCEPTED_FEATURES | {"layer_grids", "float_linears"}
     assert SPEC.accepts <= set(RECORD_FEATURES)
     assert set(SPEC.refusals) <= set(RECORD_FEATURES) - SPEC.accepts
 
@@ -244,3 +244,47 @@ def test_bundled_model_run_reloads_with_the_fake_quant_perplexity(
           f"{sizes['mixpack_model'] / 1e6:.1f} MB vs {sizes['fake_quant_model'] / 1e6:.1f} MB")
     assert math.isclose(ppl, fq_ppl, rel_tol=1e-5), (ppl, fq_ppl)  # batch of 2 vs 1 by 1
     assert sizes["mixpack_model"] < 0.6 * sizes["fake_quant_model"]
+
+
+def test_layer_wise_grids_and_float_linears_reload(tmp_path: Path, tiny_llama_dir: Path,
+                                                   shared_data: Path) -> None:
+    """llmc's mix_bits and ignored_layers through a real run (RTN): down_proj at W8 per
+    channel, the other linears W3 g32, block 1's attention in float; the reloaded model's
+    logits equal the run's fake-quant model's, and the float linears stay nn.Linear with
+    their original weights."""
+    model, tok = load_pretrained(ModelSource(tiny_llama_dir))
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out, text = tmp_path / "out", _eval_text(tmp_path, shared_data)
+    cfg = {"base": {"seed": 0, "device": "cpu"},
+           "model": {"type": "llama", "path": str(tiny_llama_dir)},
+           "eval": {"eval_pos": ["fake_quant"], "name": "wikitext2", "path": str(text),
+                    "seq_len": 128, "num_samples": 2},
+           "quant": {"method": "rtn",
+                     "weight": {"bit": 3, "symmetric": False, "granularity": "per_group",
+                                "group_size": 32},
+                     "mix_bits": {"setting_0": {
+                         "layer_name": ["down_proj"], "do_quant": True,
+                         "weight": {"bit": 8, "symmetric": True,
+                                    "granularity": "per_channel"}}}},
+           "ignored_layers": {"block_ids": [1],
+                              "layer_names": ["self_attn.q_proj", "self_attn.k_proj",
+                                              "self_attn.v_proj", "self_attn.o_proj"]},
+           "save": {"save_path": str(out), "save_mixpack": True}}
+    run(resolve_config(cfg), progress=False, model=model, tokenizer=tok)
+    back = load_model(out / "mixpack_model")
+    modules = dict(back.named_modules())
+    for name in ("self_attn.q_proj", "self_attn.o_proj"):
+        lin = modules[f"model.layers.1.{name}"]
+        assert type(lin) is torch.nn.Linear
+        assert torch.equal(lin.weight, original[f"model.layers.1.{name}.weight"])
+    assert isinstance(modules["model.layers.0.self_attn.q_proj"], MixPackLinear)
+    entries = json.loads((out / "mixpack_model" / "config.json").read_text()
+                         )["quantization_config"]
+    mods = entries["modules"]
+    assert "model.layers.1.self_attn.q_proj" not in mods
+    down, q0 = mods["model.layers.0.mlp.down_proj"], mods["model.layers.0.self_attn.q_proj"]
+    assert (down["bits"], down["granularity"], down["symmetric"]) == (8, "per_channel", True)
+    assert (q0["bits"], q0["granularity"], q0["group_size"]) == (3, "per_group", 32)
+    windows = _eval_ids(tok, text, 128, 2).view(2, 128)
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=windows).logits, model(input_ids=windows).logits)

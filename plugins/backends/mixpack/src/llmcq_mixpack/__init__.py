@@ -23,9 +23,11 @@ SPEC = BackendSpec(
     folder="mixpack_model",
     stage="quantized",
     # what a packed linear reproduces exactly (llmcq_mixpack.layout.ACCEPTED_FEATURES, kept
-    # here literally so this module imports no torch; a test checks they agree)
+    # here literally so this module imports no torch; a test checks they agree), and the
+    # run-level per-linear settings: every linear has its own entry (its own widths and
+    # grid), a linear kept in float stays an nn.Linear with its float weight
     accepts=frozenset({"group_bits", "g_idx", "float_columns", "fractional_zero",
-                       "quantized_scales"}),
+                       "quantized_scales", "layer_grids", "float_linears"}),
     refusals={
         "act_quant": "writes weight-only linears: MixPackLinear does not quantize its input "
                      "(save_fake keeps activation settings)",

@@ -291,3 +291,28 @@ def test_validate_lists_each_setting(llmcq_cli: Any, tiny_llama_dir: Path, tmp_p
     assert "  quant.mix_bits.setting_1: float (o_proj)" in res.stdout
     assert "  ignored_layers: float (2 name(s) in 2 block(s), 0 full name(s))" in res.stdout
     assert "records: float_linears, layer_grids" in res.stdout
+
+
+def test_a_plan_set_by_a_program_decides_each_linear() -> None:
+    """What a bit-budget search builds on: a LayerPlan given to the specs directly."""
+    from dataclasses import replace
+
+    from llmcq.errors import LlmcqError
+    from llmcq.layers import LayerPlan, LayerSpec
+
+    w4, w2 = spec_w(4), spec_w(2)
+    specs = RunSpecs(weight=w4)
+    assert not specs.per_layer and specs.weight_for("model.layers.0.mlp.up_proj") == w4
+    planned = replace(specs, plan=LayerPlan({"model.layers.0.mlp.up_proj":
+                                             LayerSpec(w2, None, "budget")}))
+    assert planned.per_layer and planned.weight_for("model.layers.0.mlp.up_proj") == w2
+    with pytest.raises(KeyError, match="not a quantizable linear"):
+        planned.weight_for("lm_head")
+    unbound = RunSpecs.from_config(parse_run_config(config(
+        ignored_layers={"block_ids": [0], "layer_names": ["mlp.up_proj"]})))
+    with pytest.raises(LlmcqError, match="once the model is loaded"):
+        unbound.weight_for("model.layers.0.mlp.up_proj")
+
+
+def spec_w(bits: int) -> WeightQuantSpec:
+    return WeightQuantSpec(bits=bits, symmetric=False, granularity=PerGroup(32))

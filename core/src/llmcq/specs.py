@@ -59,8 +59,9 @@ class RunSpecs:
 
     @property
     def per_layer(self) -> bool:
-        """Whether the config gives some linears their own grids or keeps some in float."""
-        return self.layers is not None
+        """Whether some linears have their own grids or are kept in float (config rules, or
+        a plan set by a program such as a bit-budget search)."""
+        return self.layers is not None or self.plan is not None
 
     def bind(self, prefix: str, blocks: BlockLinears) -> RunSpecs:
         """These specs with ``layers`` matched against a loaded model whose blocks
@@ -73,13 +74,13 @@ class RunSpecs:
     def layer_for(self, full_name: str) -> LayerSpec:
         """The grids of one linear (full module name): its ``quant.mix_bits`` setting, float
         for ``ignored_layers`` / ``do_quant: False``, else the global ones."""
+        if self.plan is not None:
+            return self.plan.spec(full_name)
         if self.layers is None:
             return LayerSpec(self.weight, self.act)
-        if self.plan is None:
-            raise LlmcqError("per-layer settings (quant.mix_bits, ignored_layers) are resolved "
-                             "once the model is loaded: bind these specs first "
-                             "(RunSpecs.bind; a run does it before the first block)")
-        return self.plan.spec(full_name)
+        raise LlmcqError("per-layer settings (quant.mix_bits, ignored_layers) are resolved "
+                         "once the model is loaded: bind these specs first "
+                         "(RunSpecs.bind; a run does it before the first block)")
 
     def weight_for(self, full_name: str) -> WeightQuantSpec | None:
         """The weight grid of one linear; None when it is kept in float."""

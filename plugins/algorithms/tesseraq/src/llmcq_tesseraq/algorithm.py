@@ -56,6 +56,7 @@ from llmcq.quant.record import QuantizedLinear, make_record
 from llmcq.quant.spec import PerGroup, WeightQuantSpec
 from llmcq.stats import TokenSample
 from llmcq_tesseraq import TesseraQSpecial, solver
+from llmcq_tesseraq.flat import FlatRounding
 
 __all__ = ["TesseraQ", "LinearRounding", "QK_ROLES", "CLIP_TOKENS", "is_query_or_key"]
 
@@ -78,11 +79,11 @@ class LinearRounding:
     variables ``[out, G]`` (None without ``optimize_scale``)."""
 
     base: torch.Tensor
-    r: nn.Parameter
+    r: torch.Tensor
     state: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor | None
-    nu: nn.Parameter | None
+    nu: torch.Tensor | None
     #: what does not change between hardenings, spread over the columns once (the training
     #: forward runs every step): for the ``state`` object it was computed for
     _fixed: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -225,9 +226,9 @@ class TesseraQ(Algorithm):
         with torch.no_grad():  # llmc logs the loss before and after: here on every sample
             nearest = {n: _nearest(t) for n, t in state.items()}
             before = self._block_loss(block, inputs, targets, nearest, act)
+            del nearest
         with torch.enable_grad():
             self._train(block, inputs, targets, state, act)
-        del nearest
         out: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         changed = []
         with torch.no_grad():
@@ -279,19 +280,19 @@ class TesseraQ(Algorithm):
                state: dict[str, LinearRounding], act: recon.ActQuant | None) -> None:
         """PAR: one :func:`llmcq.recon.reconstruct` call (a fresh Adam) per stage, the
         hardening before each."""
-        grids = self._grids
-        rounds = [t.r for t in state.values()]
-        nus = [t.nu for t in state.values() if t.nu is not None]
+        # every linear's variables in one flat tensor each (state's become views of them):
+        # a step computes all the weights with one set of kernels (flat.py)
+        flat = FlatRounding(state, self._grids)
 
         def params(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             eff = dict(base)
-            for name, t in state.items():
-                eff[f"{name}.weight"] = t.weight(grids[name])
+            eff.update({f"{name}.weight": w for name, w in flat.weights().items()})
             return eff
 
-        groups = [recon.ParamGroup(rounds, lr=self.sp.lr, weight_decay=self.sp.wd,
+        groups = [recon.ParamGroup([flat.r], lr=self.sp.lr, weight_decay=self.sp.wd,
                                    name="rounding"),
-                  recon.ParamGroup(nus, lr=self.sp.scale_lr or self.sp.lr,
+                  recon.ParamGroup([] if flat.nu is None else [flat.nu],
+                                   lr=self.sp.scale_lr or self.sp.lr,
                                    weight_decay=self.sp.scale_wd, name="scale")]
         n = len(self._schedule)
         for k, threshold in enumerate(self._schedule):

@@ -169,10 +169,46 @@ def test_refusals() -> None:
                       group_bits=torch.full((6, 1), 3))
     with pytest.raises(ValueError, match=r"\[6, 3\]"):
         gptq_quantize(W, H, g4, group_bits=torch.full((6, 4), 3))
-    with pytest.raises(ValueError, match="static_groups"):
-        gptq_quantize(W, H, g4, static_groups=True, actorder=True,
-                      fit_group=lambda w, b, d: (w.abs().amax(1), None))
     with pytest.raises(ValueError, match="OWQ"):
         gptq_quantize(W, H, g4, weak=torch.tensor([1]), group_bits=torch.full((6, 3), 3))
     with pytest.raises(ValueError, match="zero point"):
         gptq_quantize(W, H, g4, fit_group=lambda w, b, d: (w.abs().amax(1), None))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_static_groups_fit_the_original_columns_with_their_sweep_u_diagonal(symmetric: bool
+                                                                            ) -> None:
+    spec = WeightQuantSpec(bits=3, symmetric=symmetric, granularity=PerGroup(4))
+    W, H = problem(8, rows=5, cols=14)
+    D = torch.linspace(0.5, 2.0, 14, dtype=H.dtype)
+    H = D[:, None] * H * D[None, :]  # inputs of different scales: a real act-order
+    bits = mixed_bits(5, 4, seed=9, lo=2, hi=4)
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def minmax(w: torch.Tensor, b: torch.Tensor, d: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        seen.append((w.clone(), b.clone(), d.clone()))
+        s = torch.empty(w.shape[0], dtype=w.dtype)
+        z = None if symmetric else torch.empty_like(s)
+        for width in torch.unique(b).tolist():
+            rows = b == width
+            qp = fit_weight_qparams(w[rows], replace(spec, bits=width, granularity=PerChannel()))
+            s[rows] = qp.scale[:, 0].to(s.dtype)
+            if z is not None:
+                z[rows] = qp.zero[:, 0].to(z.dtype)
+        return s, z
+
+    kw = dict(actorder=True, static_groups=True, group_bits=bits, return_dequant=True,
+              blocksize=3)
+    ref = gptq_quantize(W, H, spec, **kw)
+    got = gptq_quantize(W, H, spec, fit_group=minmax, **kw)
+    assert torch.equal(ref.w_hat, got.w_hat) and torch.equal(ref.scale, got.scale)
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+    U, _ = inverse_cholesky(H[perm][:, perm], 0.01, 0)
+    pos = torch.empty(14, dtype=torch.long)
+    pos[perm] = torch.arange(14)
+    assert len(seen) == 4 and not torch.equal(perm, torch.arange(14))
+    for gi, (w, b, d) in enumerate(seen):  # the original columns, before the sweep
+        cols = slice(4 * gi, min(14, 4 * gi + 4))
+        assert torch.equal(w, W[:, cols]) and torch.equal(b, bits[:, gi])
+        torch.testing.assert_close(d, U.diagonal()[pos[cols]])

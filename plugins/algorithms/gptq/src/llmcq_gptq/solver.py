@@ -242,9 +242,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
 
     ``group_bits`` (int ``[d_row, G]``, per-group granularity, integer grids, no weak
     columns): the width of every group's grid (groups of the sweep order with act-order and
-    no static groups); ``None`` is ``spec.bits`` everywhere. ``fit_group`` (:data:`GroupFit`,
-    grids fitted during the sweep only, i.e. not with ``static_groups``): fits each group's
-    grid instead of ``spec``'s min-max / mse fit. With either, the torch loop runs.
+    no static groups); ``None`` is ``spec.bits`` everywhere. ``fit_group`` (:data:`GroupFit`)
+    fits each group's grid instead of ``spec``'s min-max / mse fit: on the updated columns
+    when the sweep reaches the group, or with ``static_groups`` on the original columns
+    before the sweep (with the ``U_jj`` of their sweep positions). With either, the torch
+    loop runs.
     """
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
     dev = W.device
@@ -255,8 +257,6 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
             raise ValueError("group_bits / fit_group need per-group integer grids")
         if weak is not None and weak.numel():
             raise ValueError("group_bits / fit_group do not combine with weak (OWQ) columns")
-        if fit_group is not None and static_groups:
-            raise ValueError("fit_group fits grids during the sweep: not with static_groups")
         if group_bits is not None and tuple(group_bits.shape) != (R, n_groups(C, gran)):
             raise ValueError(f"group_bits must be [{R}, {n_groups(C, gran)}], got "
                              f"{tuple(group_bits.shape)}")
@@ -310,7 +310,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
         zero_tab = None if spec.symmetric else torch.zeros(R, G, dtype=dt, device=dev)
         group_of = cols // g
         if not dynamic:  # static groups, on the original column order
-            if keep_mask is None and group_bits is not None:
+            if fit_group is not None:
+                pass  # fitted once the sweep's U_jj are known (below)
+            elif keep_mask is None and group_bits is not None:
                 for b in torch.unique(group_bits).tolist():
                     qp = fit_weight_qparams(W, replace(spec, bits=int(b)))
                     sel = (group_bits == b).to(dev)
@@ -351,7 +353,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
     if dynamic:
         S = torch.ones(n_q, R, dtype=dt, device=dev)
         Z = None if spec.symmetric else torch.zeros(n_q, R, dtype=dt, device=dev)
-    else:
+    elif fit_group is None:
         gsel = group_of[keep]
         S = scale_tab.to(dt)[:, gsel].T.expand(n_q, R).contiguous()
         Z = None if zero_tab is None else zero_tab.to(dt)[:, gsel].T.expand(n_q, R).contiguous()
@@ -391,6 +393,24 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, *,
     dU = U.diagonal().clone()
     Ubar = U.div_(dU[:, None])  # in place: U itself is not needed any more
     del U
+    if fit_group is not None and not dynamic:  # static groups through fit_group
+        pos = torch.empty(C, dtype=torch.long, device=dev)
+        pos[perm] = torch.arange(C, device=dev)  # sweep position of every column
+        for gi in range(G):
+            cols = slice(gi * g, min(C, (gi + 1) * g))
+            rows_b = bits_rows[:, gi] if bits_rows is not None else torch.full(
+                (R,), spec.bits, dtype=torch.long, device=dev)
+            Wg = W[:, cols] if mask is None else W[:, cols] * mask[:, cols].to(dev, dt)
+            s_new, z_new = fit_group(Wg, rows_b, dU[pos[cols]])
+            if (z_new is None) != (zero_tab is None):
+                raise ValueError("fit_group must return a zero point exactly when the grid "
+                                 "is asymmetric")
+            scale_tab[:, gi] = s_new.to(dt)
+            if z_new is not None:
+                zero_tab[:, gi] = z_new.to(dt)  # type: ignore[index]
+        gsel = group_of[keep]
+        S = scale_tab[:, gsel].T.contiguous()
+        Z = None if zero_tab is None else zero_tab[:, gsel].T.contiguous()
 
     WT = W.T[perm].contiguous()  # [d_col, d_row]: column j of W is row j here
     del W

@@ -56,8 +56,7 @@ REFUSED = [
     ({"salient_block": 2}, None, "quant.special.nonsalient_block", "2 (= salient_block)"),
     ({}, {**W2, "symmetric": True}, "quant.weight.symmetric", "False"),
     ({}, {**W2, "bit": 8}, "quant.weight.bit", "2-7"),
-    ({"actorder": True}, None, "quant.special.actorder", "False"),
-    ({"static_groups": True}, None, "quant.special.static_groups", "False"),
+    ({"actorder": True}, None, "quant.special.actorder", "True with static_groups: True"),
     ({"salient_block": 1, "nonsalient_block": 1, "allocation_path": "a.pt"}, None,
      "quant.special.salient_block", "-1"),
     ({"nsamples": 128}, None, "quant.special.nsamples", "16"),
@@ -86,6 +85,8 @@ def test_refused_naming_the_key(shared_data: Path, special: dict[str, Any],
     ({"salient_block": 0, "nonsalient_block": 0}, {**W2, "symmetric": True}),
     ({}, {**W2, "bit": 3, "symmetric": True}),                              # 2..4-bit groups
     ({"nsamples": 16, "sqc": False}, None),
+    ({"actorder": True, "static_groups": True}, None),
+    ({"static_groups": True}, None),
 ])
 def test_accepted(shared_data: Path, special: dict[str, Any],
                   weight: dict[str, Any] | None) -> None:

@@ -73,10 +73,11 @@ def column_mean(widths: torch.Tensor, in_features: int, g: int) -> Fraction:
     return Fraction(sum(int(b) * c for b, c in zip(widths.tolist(), cols)), in_features)
 
 
-@pytest.mark.parametrize(("bits", "group"), [(2, 8), (3, 24)])
+@pytest.mark.parametrize(("bits", "group", "special"), [
+    (2, 8, {}), (3, 24, {}), (2, 8, {"actorder": True, "static_groups": True})])
 def test_mean_width_is_exactly_the_budget(tiny: tuple[Any, Any], tmp_path: Path, bits: int,
-                                          group: int) -> None:
-    res, records = slim_run(tiny, tmp_path / "out", bits=bits, group=group)
+                                          group: int, special: dict[str, Any]) -> None:
+    res, records = slim_run(tiny, tmp_path / "out", bits=bits, group=group, **special)
     assert res["compression"]["weight_bits_mean"] == bits  # exactly, not approximately
     assert len(records) == 14
     mixed = 0
@@ -88,7 +89,7 @@ def test_mean_width_is_exactly_the_budget(tiny: tuple[Any, Any], tmp_path: Path,
         assert int((widths == bits + 1).sum()) == int((widths == bits - 1).sum()), name
         if rec.in_features % group:
             assert int(widths[-1]) == bits, name  # a partial group stays at the budget
-        assert rec.problems() == [], name
+        assert rec.problems() == [] and rec.g_idx is None, name
         mixed += rec.mixed_bits
     assert mixed == 14  # the search tries k >= 1 only, as the reference
     summary = res["recipe"][0]

@@ -41,9 +41,11 @@ class SliMLLMSpecial(SpecialConfig):
     #: by the groups before it already quantized; the reference code observes every linear of
     #: a layer on the float layer (False)
     true_sequential: bool = True
-    #: GPTQ's act-order: not supported (groups must stay contiguous; only False)
+    #: (llmcq) GPTQ's act-order: sweep columns by decreasing Hessian diagonal; needs
+    #: static_groups (SBA's groups stay contiguous columns); the reference has none
     actorder: bool = False
-    #: GPTQ's static groups: not supported (SQC fits each group as the sweep reaches it)
+    #: (llmcq) GPTQ's static groups: SQC fits every group on the original weights before the
+    #: sweep (the reference fits each group as the sweep reaches it)
     static_groups: bool = False
     #: split each calibration batch into this many chunks for the Hessian (memory only)
     chunk_num: int = Field(1, ge=1)
@@ -89,13 +91,12 @@ class SliMLLMSpec(AlgorithmSpec):
             raise ConfigError("quant.weight.symmetric", True, allowed="False",
                               reason="at bit 2 the least salient groups get 1 bit, and a "
                               "symmetric 1-bit grid has the codes -1 and 0 only")
-        for key in ("actorder", "static_groups"):
-            if getattr(sp, key):
-                raise ConfigError(step.key(key), True, allowed="False",
-                                  reason="SBA gives widths to contiguous groups and SQC fits "
-                                  "each group as the sweep reaches it; act-order would scatter "
-                                  "a group's columns (g_idx) and static groups fit every grid "
-                                  "before the sweep")
+        if sp.actorder and not sp.static_groups:
+            raise ConfigError(step.key("actorder"), True,
+                              allowed="False, or True with static_groups: True",
+                              reason="act-order without static groups groups the columns in "
+                              "sweep order (g_idx), while SBA gives widths to groups of "
+                              "contiguous input columns")
         if not sp.sqc and "lambda_salience" in sp.model_fields_set:
             raise ConfigError(step.key("lambda_salience"), sp.lambda_salience,
                               reason="only used by SQC; set sqc: True or remove it")

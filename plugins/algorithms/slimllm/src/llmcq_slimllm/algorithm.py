@@ -10,7 +10,8 @@ groups already quantized; otherwise every group on the float block, as the refer
   candidate ``k`` over the tokens (accumulated per batch, reduced over ranks), and the best
   ``k`` sets the widths;
 * GPTQ's sweep (:func:`llmcq_gptq.solver.gptq_quantize`) with those widths and SQC as the
-  group fit; the record carries the widths (``group_bits``).
+  group fit (as the sweep reaches each group, or before it with ``static_groups``, which
+  ``actorder`` needs); the record carries the widths (``group_bits``).
 
 The model's float weights are never changed: core builds the fake-quantized model from the
 records.
@@ -255,6 +256,7 @@ class SliMLLM(Algorithm):
                             label)
                 H, damp = torch.eye(W.shape[1], dtype=torch.float32, device=W.device), 0.0
             res = gptq_quantize(W, H, spec, blocksize=sp.blocksize, percdamp=damp,
+                                actorder=sp.actorder, static_groups=sp.static_groups,
                                 retries=sp.damp_retries, mask=block.masks.get(nm),
                                 group_bits=rows, fit_group=self._fit)
             if res.fallback:

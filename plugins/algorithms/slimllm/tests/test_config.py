@@ -121,3 +121,14 @@ def test_shipped_configs_validate(name: str, shared_data: Path) -> None:
     raw = shipped_config(REPO / "configs" / "slimllm" / name, shared_data)
     assert raw["quant"]["method"] == "SliMLLM"
     resolve_config(raw)
+
+
+def test_mix_bits_settings_are_checked_at_their_keys(shared_data: Path) -> None:
+    cfg = _cfg(shared_data, {})
+    cfg["quant"]["mix_bits"] = {"setting_0": {"layer_name": ["down_proj"], "weight": {
+        "bit": 2, "symmetric": True, "granularity": "per_group", "group_size": 64}}}
+    with pytest.raises(ConfigError) as err:
+        resolve_config(cfg)
+    assert "quant.mix_bits.setting_0.weight.symmetric" in str(err.value), str(err.value)
+    cfg["quant"]["mix_bits"]["setting_0"]["weight"]["symmetric"] = False
+    resolve_config(cfg)

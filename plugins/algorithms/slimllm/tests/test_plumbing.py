@@ -54,14 +54,17 @@ class Capture:
 
 
 def slim_run(tiny: tuple[Any, Any], save: Path, *, bits: int, group: int,
-             **special: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+             extra: dict[str, Any] | None = None, **special: Any
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
     model, tok = tiny
     cfg = {"base": {"seed": 0, "device": "cpu"}, "model": {"type": "llama"},
            "calib": {"name": "random", "n_samples": 4, "seq_len": 48, "bs": 2, "seed": 3},
            "quant": {"method": "SliMLLM", "special": special, "quant_out": True,
                      "weight": {"bit": bits, "symmetric": False, "granularity": "per_group",
                                 "group_size": group}},
-           "save": {"save_path": str(save)}}
+           "save": {"save_path": str(save)}, **(extra or {})}
+    if "mix_bits" in cfg:
+        cfg["quant"]["mix_bits"] = cfg.pop("mix_bits")
     cap = Capture()
     res = run(resolve_config(cfg), progress=False, model=copy.deepcopy(model), tokenizer=tok,
               extra_plugins=[cap])
@@ -95,6 +98,27 @@ def test_mean_width_is_exactly_the_budget(tiny: tuple[Any, Any], tmp_path: Path,
     summary = res["recipe"][0]
     assert summary["method"] == "slimllm" and sum(summary["k_per_linear"].values()) == 14
     assert not summary["rtn_fallbacks"] and not summary["uncalibrated_linears"]
+
+
+def test_each_linear_on_its_own_grid_with_mix_bits(tiny: tuple[Any, Any],
+                                                   tmp_path: Path) -> None:
+    """llmc's mix_bits and ignored_layers: down_proj of block 1 at a 3-bit budget (groups of
+    16), o_proj of block 0 kept in float; the rest at 2 bits, groups of 8."""
+    mix = {"mix_bits": {"setting_0": {"layer_name": ["down_proj#1"], "weight": {
+        "bit": 3, "symmetric": False, "granularity": "per_group", "group_size": 16}}},
+        "ignored_layers": {"block_ids": [0], "layer_names": ["self_attn.o_proj"]}}
+    res, records = slim_run(tiny, tmp_path / "out", bits=2, group=8, extra=mix)
+    assert "model.layers.0.self_attn.o_proj" not in records and len(records) == 13
+    down = records["model.layers.1.mlp.down_proj"]
+    assert down.weight.bits == 3 and down.group_bits.shape == (64, 10)
+    assert column_mean(down.group_bits[0], 160, 16) == 3 and down.mixed_bits
+    for name, rec in records.items():
+        if name != "model.layers.1.mlp.down_proj":
+            assert rec.weight.bits == 2 and column_mean(rec.group_bits[0], rec.in_features,
+                                                        8) == 2, name
+    n = {name: rec.out_features * rec.in_features for name, rec in records.items()}
+    mean = Fraction(sum(v * (3 if "1.mlp.down" in k else 2) for k, v in n.items()), sum(n.values()))
+    assert Fraction(res["compression"]["weight_bits_mean"]).limit_denominator(10**6) == mean
 
 
 def test_allocation_file_round_trip(tiny: tuple[Any, Any], tmp_path: Path) -> None:

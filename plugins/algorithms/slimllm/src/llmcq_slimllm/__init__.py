@@ -142,4 +142,5 @@ SPEC = SliMLLMSpec(
     needs_calibration=True,
     weight_calib_algos=("minmax",),
     uses_masks=True,
+    per_layer_specs=True,
 )

@@ -37,7 +37,7 @@ from llmcq.quant.record import QuantizedLinear, make_record
 from llmcq.quant.spec import PerGroup, WeightQuantSpec
 
 from llmcq_gptq.algorithm import HessianBank
-from llmcq_gptq.solver import gptq_quantize
+from llmcq_gptq.solver import GroupFit, gptq_quantize
 from llmcq_slimllm import SliMLLMSpecial
 from llmcq_slimllm.allocation import (
     Allocation,
@@ -71,7 +71,7 @@ class _Search:
         W = lin.weight.data
         g = spec.group_size
         assert g is not None
-        self.lin, self.salience, self.n_full = lin, salience, n_full
+        self.lin, self.salience, self.n_full, self.bits = lin, salience, n_full, spec.bits
         self.ks = search_ks(n_full)
         by_width = {b: fake_quant_groups(W, g, b, spec)
                     for b in {spec.bits - 1, spec.bits, spec.bits + 1}}
@@ -190,13 +190,17 @@ class SliMLLM(Algorithm):
 
     def _allocate(self, block: Block, group: ResolvedGroup, bank: HessianBank,
                   inputs: BlockInputs) -> dict[str, torch.Tensor]:
-        """Every linear's widths ``[G]``: from the file, a fixed ``k``, or the KL search."""
-        sp, spec = self.special, self.weight
-        assert spec is not None and isinstance(spec.granularity, PerGroup)
-        g = spec.granularity.size
+        """Every quantized linear's widths ``[G]`` (each on its own grid: ``quant.mix_bits``):
+        from the file, a fixed ``k``, or the KL search."""
+        sp = self.special
         out: dict[str, torch.Tensor] = {}
         searches: dict[str, _Search] = {}
         for nm, lin in group.linears.items():
+            spec = self.weight_of(block, nm)
+            if spec is None:  # kept in float (ignored_layers, do_quant: False)
+                continue
+            assert isinstance(spec.granularity, PerGroup)
+            g = spec.granularity.size
             C = lin.weight.shape[1]
             G, n_full = -(-C // g), C // g
             H = self._hessian(bank, nm)
@@ -227,24 +231,31 @@ class SliMLLM(Algorithm):
                 k, per_token = s.best_k()
                 self._ks[k] += 1
                 self.kl_per_token[block.full_name(nm)] = dict(zip(s.ks, per_token))
-                out[nm] = allocate(s.salience, k, spec.bits, s.n_full)
+                out[nm] = allocate(s.salience, k, s.bits, s.n_full)
                 log.debug("SliM-LLM %s: k=%d (KL per token %s)", block.full_name(nm), k,
                           per_token)
         return out
 
-    def _fit(self, w: torch.Tensor, bits: torch.Tensor, d: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        assert self.weight is not None
-        if self.special.sqc:
-            return sqc_qparams(w, bits, d, self.weight, lam=self.special.lambda_salience)
-        return plain_qparams(w, bits, self.weight)
+    def _fitter(self, spec: WeightQuantSpec) -> GroupFit:
+        """The group fit of a linear on ``spec``'s grid: SQC, or min-max without it."""
+        lam = self.special.lambda_salience
+
+        def fit(w: torch.Tensor, bits: torch.Tensor, d: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if self.special.sqc:
+                return sqc_qparams(w, bits, d, spec, lam=lam)
+            return plain_qparams(w, bits, spec)
+
+        return fit
 
     def _solve_group(self, block: Block, group: ResolvedGroup, bank: HessianBank,
                      widths: dict[str, torch.Tensor]) -> dict[str, QuantizedLinear]:
-        sp, spec = self.special, self.weight
-        assert spec is not None
+        sp = self.special
         out: dict[str, QuantizedLinear] = {}
         for nm, lin in group.linears.items():
+            spec = self.weight_of(block, nm)
+            if spec is None:
+                continue
             W = lin.weight.data
             label = block.full_name(nm)
             rows = widths[nm].to(W.device)[None, :].expand(W.shape[0], -1).contiguous()
@@ -258,7 +269,7 @@ class SliMLLM(Algorithm):
             res = gptq_quantize(W, H, spec, blocksize=sp.blocksize, percdamp=damp,
                                 actorder=sp.actorder, static_groups=sp.static_groups,
                                 retries=sp.damp_retries, mask=block.masks.get(nm),
-                                group_bits=rows, fit_group=self._fit)
+                                group_bits=rows, fit_group=self._fitter(spec))
             if res.fallback:
                 self._fallbacks.append(label)
                 log.warning("SliM-LLM %s: the damped Hessian could not be factorized; this "

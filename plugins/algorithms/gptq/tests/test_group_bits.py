@@ -148,7 +148,7 @@ def test_fit_group_sees_updated_columns_widths_and_u_diagonal() -> None:
     U, _ = inverse_cholesky(H, 0.01, 0)
     assert [tuple(w.shape) for w, _, _ in seen] == [(6, 4)] * 3
     assert [int(b[0]) for _, b, _ in seen] == [3, 2, 4]
-    for gi, (w, _, d) in enumerate(seen):
+    for gi, (_, _, d) in enumerate(seen):
         torch.testing.assert_close(d, U.diagonal()[4 * gi:4 * gi + 4])
     assert torch.equal(seen[0][0], W[:, :4])           # the first group: original weights
     assert not torch.allclose(seen[1][0], W[:, 4:8])   # later groups: updated by the sweep

@@ -81,7 +81,8 @@ def slice_error(setup: dict[str, Any], make: Any) -> float:
         with fake_quantized(module, records):
             calib.advance(module)  # the next block is calibrated on the quantized chain
             out.advance(module)
-    err = sum(float((o - r).double().square().sum()) for o, r in zip(out.hidden, ref.hidden))
+    pairs = zip(out.hidden, ref.hidden, strict=True)
+    err = sum(float((o - r).double().square().sum()) for o, r in pairs)
     return err / sum(float(r.double().square().sum()) for r in ref.hidden)
 
 

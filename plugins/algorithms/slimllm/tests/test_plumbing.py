@@ -73,7 +73,8 @@ def slim_run(tiny: tuple[Any, Any], save: Path, *, bits: int, group: int,
 
 def column_mean(widths: torch.Tensor, in_features: int, g: int) -> Fraction:
     cols = [min(g, in_features - g * i) for i in range(widths.numel())]
-    return Fraction(sum(int(b) * c for b, c in zip(widths.tolist(), cols)), in_features)
+    pairs = zip(widths.tolist(), cols, strict=True)
+    return Fraction(sum(int(b) * c for b, c in pairs), in_features)
 
 
 @pytest.mark.parametrize(("bits", "group", "special"), [

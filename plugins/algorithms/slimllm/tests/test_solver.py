@@ -68,7 +68,8 @@ def test_every_allocation_keeps_the_mean_exactly(C: int, g: int) -> None:
         for k in range(n_full // 2 + 1):
             w = allocate(sal, k, bits, n_full)
             cols = [min(g, C - g * i) for i in range(G)]
-            assert Fraction(sum(int(b) * c for b, c in zip(w.tolist(), cols)), C) == bits
+            pairs = zip(w.tolist(), cols, strict=True)
+            assert Fraction(sum(int(b) * c for b, c in pairs), C) == bits
             assert mean_bits(w, C, g) == bits
             assert int((w == bits + 1).sum()) == k == int((w == bits - 1).sum())
             if C % g:

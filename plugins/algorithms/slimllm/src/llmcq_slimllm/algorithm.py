@@ -230,7 +230,7 @@ class SliMLLM(Algorithm):
             for nm, s in searches.items():
                 k, per_token = s.best_k()
                 self._ks[k] += 1
-                self.kl_per_token[block.full_name(nm)] = dict(zip(s.ks, per_token))
+                self.kl_per_token[block.full_name(nm)] = dict(zip(s.ks, per_token, strict=True))
                 out[nm] = allocate(s.salience, k, s.bits, s.n_full)
                 log.debug("SliM-LLM %s: k=%d (KL per token %s)", block.full_name(nm), k,
                           per_token)

@@ -15,7 +15,8 @@ from llmcq.errors import ConfigError
 from llmcq.quant.spec import PerGroup
 from pydantic import Field
 
-__all__ = ["SPEC", "SliMLLMSpecial", "SliMLLMSpec"]
+__all__ = ["SPEC", "SPEC_PLUS", "SliMLLMSpecial", "SliMLLMSpec", "SliMLLMPlusSpecial",
+           "SliMLLMPlusSpec"]
 
 
 class SliMLLMSpecial(SpecialConfig):
@@ -67,7 +68,7 @@ class SliMLLMSpec(AlgorithmSpec):
     def check(self, step: StepSettings) -> None:
         super().check(step)
         sp, w = step.special, step.specs.weight
-        assert isinstance(sp, SliMLLMSpecial) and w is not None
+        assert w is not None
         if not isinstance(w.granularity, PerGroup):
             raise ConfigError("quant.weight.granularity", str(w.granularity),
                               allowed="per_group", reason="SliM-LLM gives each group of "
@@ -91,13 +92,13 @@ class SliMLLMSpec(AlgorithmSpec):
             raise ConfigError("quant.weight.symmetric", True, allowed="False",
                               reason="at bit 2 the least salient groups get 1 bit, and a "
                               "symmetric 1-bit grid has the codes -1 and 0 only")
-        if sp.actorder and not sp.static_groups:
+        if getattr(sp, "actorder", False) and not getattr(sp, "static_groups", False):
             raise ConfigError(step.key("actorder"), True,
                               allowed="False, or True with static_groups: True",
                               reason="act-order without static groups groups the columns in "
                               "sweep order (g_idx), while SBA gives widths to groups of "
                               "contiguous input columns")
-        if not sp.sqc and "lambda_salience" in sp.model_fields_set:
+        if not getattr(sp, "sqc", True) and "lambda_salience" in sp.model_fields_set:
             raise ConfigError(step.key("lambda_salience"), sp.lambda_salience,
                               reason="only used by SQC; set sqc: True or remove it")
         calib = step.config.calib
@@ -114,7 +115,6 @@ class SliMLLMSpec(AlgorithmSpec):
 
     def produces(self, step: StepSettings) -> list[Feature]:
         sp, w = step.special, step.specs.weight
-        assert isinstance(sp, SliMLLMSpecial)
         if sp.salient_block == 0 or w is None:
             return []
         field = step.key("allocation_path") if sp.allocation_path else step.method_path
@@ -142,5 +142,58 @@ SPEC = SliMLLMSpec(
     needs_calibration=True,
     weight_calib_algos=("minmax",),
     uses_masks=True,
+    per_layer_specs=True,
+)
+
+
+class SliMLLMPlusSpecial(SpecialConfig):
+    """``quant.special`` of SliM-LLM+: the reference's ``slim-llm-plus/main.py`` arguments
+    (OmniQuant's LWC) with its defaults, and SliM-LLM's allocation keys (a file, or SBA run
+    on the float block)."""
+
+    #: training passes over the calibration batches per block (the reference's scripts: 50)
+    epochs: int = Field(10, ge=0)
+    #: AdamW learning rate of the clipping factors
+    lwc_lr: float = Field(0.01, gt=0)
+    #: AdamW weight decay
+    wd: float = Field(0.0, ge=0.0)
+    #: also match the float block's output on the quantized inputs (OmniQuant's aug_loss)
+    aug_loss: bool = False
+    #: float32 training (False: bfloat16 autocast on CUDA)
+    deactive_amp: bool = True
+    #: widths of every group from this file (SliM-LLM's save_allocation, or the reference's
+    #: block_precision_<g>_<N>bit/<model>.pt); absent: SBA on each float block
+    allocation_path: str | None = None
+    #: write the widths used to this file after the last block
+    save_allocation: str | None = None
+    #: SBA (without a file): fix k (-1: search by the output KL divergence)
+    salient_block: int = Field(-1, ge=-1)
+    #: SBA: must equal salient_block
+    nonsalient_block: int = Field(-1, ge=-1)
+    #: SBA: Hessian damping of the salience ranking, as a fraction of the mean diagonal
+    percdamp: float = Field(0.01, ge=0.0)
+    #: SBA: Cholesky retries with 10x the damping
+    damp_retries: int = Field(4, ge=0, le=12)
+    #: SBA: calibration batches split into this many chunks for the Hessian (memory only)
+    chunk_num: int = Field(1, ge=1)
+    #: the reference's sample count: llmcq reads calib.n_samples (may repeat it)
+    nsamples: int | None = Field(None, ge=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SliMLLMPlusSpec(SliMLLMSpec):
+    """SliM-LLM's refusals (grids, widths, the allocation keys) for SliM-LLM+."""
+
+
+SPEC_PLUS = SliMLLMPlusSpec(
+    name="slimllm_plus",
+    summary="SliM-LLM+: OmniQuant's learnable weight clipping with SliM-LLM's per-group "
+            "widths (from its allocation file or SBA), trained per block",
+    impl="llmcq_slimllm.plus:SliMLLMPlus",
+    aliases=("SliMLLMPlus", "SliM-LLM+", "slimllm+"),
+    paper="https://arxiv.org/abs/2405.14917",
+    special=SliMLLMPlusSpecial,
+    needs_calibration=True,
+    weight_calib_algos=("minmax", "learnable"),
     per_layer_specs=True,
 )

@@ -24,6 +24,10 @@ One-bit groups (``N = 2``) are binarized as in the reference code: levels ``m +-
 (``m`` the mean, ``a = mean |w - m|``), written as a 1-bit grid with scale ``2a`` and the
 fractional zero point ``(a - m) / 2a``; an integral zero point would put one of the two levels
 at 0.
+
+SliM-LLM+ (Section 4): OmniQuant's learnable weight clipping with those widths, each group's
+range ``[sigmoid(low) min w, sigmoid(up) max w]`` on its own width's grid, and 1-bit groups'
+spread ``a (sigmoid(up) + 1/2)`` learned (the reference's parametrization).
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ from llmcq.quant.spec import PerGroup, WeightQuantSpec
 from llmcq_gptq.solver import inverse_cholesky
 
 __all__ = ["cholesky_diagonal", "weight_salience", "group_salience", "search_ks", "allocate",
-           "binarize_qparams", "group_qparams", "fake_quant_groups", "KLPlan", "kl_plan", "kl_curve",
-           "salient_mask", "sqc_candidates", "sqc_qparams", "plain_qparams", "mean_bits"]
+           "binarize_qparams", "group_qparams", "fake_quant_groups", "KLPlan", "kl_plan",
+           "kl_curve", "salient_mask", "sqc_candidates", "sqc_qparams", "plain_qparams",
+           "mean_bits", "mixed_lwc_qparams", "mixed_lwc_fake_quant", "mixed_lwc_quantize"]
 
 #: SQC's range search: ``p`` in ``[1 - TAU, 1 + TAU]``, ``STEPS`` values each side of 1
 TAU, STEPS = 0.1, 50
@@ -323,3 +328,80 @@ def plain_qparams(w: torch.Tensor, bits: torch.Tensor, spec: WeightQuantSpec
             zero[rows] = z.reshape(-1).to(w.dtype)
     return scale, zero
 
+
+
+# ---------------------------------------------------------------------- SliM-LLM+ (LWC)
+
+
+def mixed_lwc_qparams(wg: torch.Tensor, widths: torch.Tensor, up: torch.Tensor,
+                      low: torch.Tensor | None, spec: WeightQuantSpec
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """OmniQuant's learnable clipping (:func:`llmcq_omniquant.solver.lwc_qparams`) with each
+    group on its own width: ``wg`` ``[rows, G, g]``, ``widths`` ``[G]``, factors ``up``,
+    ``low`` ``[rows, G]`` -> ``scale``, ``zero`` ``[rows, G, 1]``, differentiable in the
+    factors. One-bit groups (asymmetric) are binarized with a learnable spread, as the
+    reference's SliM-LLM+: levels ``m +- a (sigmoid(up) + 1/2)``, ``a = mean |w - m|``
+    (``up = 0`` starts at SliM-LLM's binarization)."""
+    from llmcq_omniquant.solver import lwc_qparams
+
+    scale = torch.empty(wg.shape[:-1] + (1,), dtype=torch.float32, device=wg.device)
+    zero = None if spec.symmetric else torch.empty_like(scale)
+    for b in torch.unique(widths).tolist():
+        sel = (widths == b).to(wg.device)
+        part = wg[:, sel].float()
+        if b == 1 and not spec.symmetric:
+            m = part.mean(dim=-1, keepdim=True)
+            a = (part - m).abs().mean(dim=-1, keepdim=True) * \
+                (torch.sigmoid(up[:, sel]) + 0.5).unsqueeze(-1)
+            a = a.clamp(min=SCALE_EPS / 2)
+            s, z = 2 * a, (a - m) / (2 * a)
+        else:
+            s, z = lwc_qparams(part, up[:, sel], None if low is None else low[:, sel], int(b),
+                               spec.symmetric, round_zp=spec.round_zp,
+                               full_range=spec.full_range)
+        scale[:, sel] = s
+        if zero is not None:
+            assert z is not None
+            zero[:, sel] = z
+    return scale, zero
+
+
+def mixed_lwc_fake_quant(w: torch.Tensor, widths: torch.Tensor, spec: WeightQuantSpec,
+                         up: torch.Tensor, low: torch.Tensor | None, *, ste: bool = True
+                         ) -> torch.Tensor:
+    """``W_hat`` ``[out, in]`` of :func:`mixed_lwc_qparams`'s grids, each group clamped to
+    its own width's codes (straight-through rounding when ``ste``)."""
+    from llmcq.recon.quant import fake_quant_grouped
+
+    g = spec.group_size
+    assert g is not None
+    wg = group_view(w, PerGroup(g))
+    scale, zero = mixed_lwc_qparams(wg, widths, up, low, spec)
+    out = torch.empty_like(wg, dtype=torch.float32)
+    for b in torch.unique(widths).tolist():
+        sel = (widths == b).to(w.device)
+        out[:, sel] = fake_quant_grouped(wg[:, sel].float(), scale[:, sel],
+                                         None if zero is None else zero[:, sel], int(b),
+                                         spec.symmetric, ste)
+    return ungroup(out, w.shape)
+
+
+@torch.no_grad()
+def mixed_lwc_quantize(w: torch.Tensor, widths: torch.Tensor, spec: WeightQuantSpec,
+                       up: torch.Tensor, low: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Codes ``[out, in]`` and ``scale``, ``zero`` ``[out, G]`` of the trained grids (what a
+    record holds; its ``dequantize`` is :func:`mixed_lwc_fake_quant`'s weight)."""
+    g = spec.group_size
+    assert g is not None
+    wg = group_view(w.float(), PerGroup(g))
+    scale, zero = mixed_lwc_qparams(wg, widths, up.float(), None if low is None
+                                    else low.float(), spec)
+    q = torch.empty_like(wg)
+    for b in torch.unique(widths).tolist():
+        sel = (widths == b).to(w.device)
+        q[:, sel] = quantize_grouped(wg[:, sel], scale[:, sel],
+                                     None if zero is None else zero[:, sel], int(b),
+                                     spec.symmetric)
+    return (ungroup(q, w.shape), scale.squeeze(-1),
+            None if zero is None else zero.squeeze(-1))

@@ -16,3 +16,14 @@ job() {  # name methods settings [more learned_rounding.py flags]
   (cd /tmp/lr/bench && setsid nohup python3 learned_rounding.py --methods "$2" --only "$3" \
     --out /tmp/lr/parts/$1.json "${@:4}" > /tmp/lr/$1.log 2>&1 < /dev/null &)
 }
+mps_on() {  # many small kernels from many processes share the GPU instead of taking turns
+  command -v nvidia-cuda-mps-control >/dev/null || { echo "no MPS in the image"; return 0; }
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
+  mkdir -p /tmp/mps /tmp/mpslog && nvidia-cuda-mps-control -d
+  if python3 -c "import torch; assert float(torch.ones(4, device='cuda').sum()) == 4"; then
+    echo "MPS on"
+  else
+    echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    echo "MPS failed: off"
+  fi
+}

@@ -6,6 +6,7 @@
 # .carry/gg2, .carry/data, .carry/peerwhl (see issue14_env.sh).
 source bench/gpu/issue14_env.sh || exit
 export OMP_NUM_THREADS=1 LLMCQ_BENCH_COMMIT=${COMMIT:?set COMMIT to the commit the .whl wheels were built from}
+mps_on
 job tq-w4 tesseraq w4g64
 job tq-pc tesseraq w3pc
 job tqn-w4 tesseraq-noawq w4g64

@@ -7,4 +7,13 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
 pkill -f "[l]earned_rounding.py"; pkill -f "[l]lmcq run"; pkill -f "[r]un_peer.py"; sleep 2
 [ -d /tmp/mps ] && CUDA_MPS_PIPE_DIRECTORY=/tmp/mps bash -c 'echo quit | nvidia-cuda-mps-control'
 sleep 2; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
-timeout ${T:-560} python3 bench/gpu/rounding_speed.py --out $OUT ${ARGS:-}
+# W2 for all three first, then W4 for AutoRound and the package, TesseraQ's W4 last (its time
+# per block hardly depends on the width); each part writes after every row, so a cut call
+# keeps what finished
+end=$(( $(date +%s) + ${T:-560} ))
+left() { echo $(( end - $(date +%s) )); }
+mkdir -p $OUT/w2 $OUT/w4 $OUT/w4tq
+timeout $(left) python3 bench/gpu/rounding_speed.py --out $OUT/w2 --bits 2 ${ARGS:-}
+[ $(left) -gt 30 ] && timeout $(left) python3 bench/gpu/rounding_speed.py --out $OUT/w4 --bits 4 --skip tesseraq ${ARGS:-}
+[ $(left) -gt 30 ] && timeout $(left) python3 bench/gpu/rounding_speed.py --out $OUT/w4tq --bits 4 --skip autoround,peer ${ARGS:-}
+ls -la $OUT/*

@@ -51,8 +51,11 @@ def _group_widths(rec: QuantizedLinear) -> torch.Tensor:
     return torch.bincount(groups[keep], minlength=n).double()
 
 
-def record_bits(rec: QuantizedLinear) -> dict[str, float]:
-    """``{"grid_weights", "code_bits", "storage_bits"}`` of one record (see the module)."""
+def record_bits(rec: QuantizedLinear, *, zero_integral: bool | None = None
+                ) -> dict[str, float]:
+    """``{"grid_weights", "code_bits", "storage_bits", "weights"}`` of one record (see the
+    module). ``zero_integral`` overrides ``rec.zero_is_integral`` (the bit-budget search
+    prices a round-to-nearest record as an algorithm storing fractional zeros would)."""
     out_f = rec.out_features
     widths = _group_widths(rec)  # [G]
     per_tensor = isinstance(rec.weight.granularity, PerTensor)
@@ -76,7 +79,8 @@ def record_bits(rec: QuantizedLinear) -> dict[str, float]:
         scale_bits = FLOAT_BITS * n_scales
     zero_bits = 0.0
     if rec.zero is not None:
-        zero_bits = float(rec.zero.numel()) * (rec.bits if rec.zero_is_integral else FLOAT_BITS)
+        integral = rec.zero_is_integral if zero_integral is None else zero_integral
+        zero_bits = float(rec.zero.numel()) * (rec.bits if integral else FLOAT_BITS)
     extra = 0.0
     if rec.float_columns is not None:
         k = int(rec.float_columns[0].numel())

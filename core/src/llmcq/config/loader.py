@@ -29,6 +29,8 @@ from llmcq.api import (
     StepSettings,
 )
 from llmcq.capabilities import Feature, Need, check_backend, check_layout, spec_features
+from llmcq.config.budget_checks import (budget_features, check_budget_backend,
+                                        check_budget_sections, check_budget_steps)
 from llmcq.config.layer_checks import (check_layer_backend, check_layer_sections,
                                        check_layer_steps, layer_step_features)
 from llmcq.config.schema import FLOAT_BITS, SAVE_FLAGS, QuantSection, RunConfig, SpecialConfig
@@ -513,6 +515,7 @@ def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
             check_quant_types(cfg.quant)
         specs = _specs(cfg)
         check_layer_sections(cfg, specs, check_quant_types)
+        check_budget_sections(cfg)
         specs_ok = True
 
     # model
@@ -539,6 +542,8 @@ def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
     with errs.part():
         check_layer_steps(cfg, specs, steps)
     with errs.part():
+        check_budget_steps(cfg, specs, steps)
+    with errs.part():
         _sparse_keys(cfg, steps)
     if cfg.sparse is not None and cfg.quant is not None:
         quantizer = next((st for st in reversed(steps) if st.section == "quant"
@@ -556,6 +561,7 @@ def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
             features += st.spec.produces(st.settings)
             needs += st.spec.needs(st.settings)
         features += layer_step_features(cfg, specs, steps)
+        features += budget_features(cfg, specs, steps)
     if model is not None and model[0].provides is not None:
         with errs.part():
             check_layout(model[0].name, model[0].provides, needs)
@@ -588,6 +594,7 @@ def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
                           accepts_detail=bspec.accepts_detail, reasons=bspec.refusals)
             bspec.supports(ExportTarget(cfg, specs, field_path, tuple(features)))
             check_layer_backend(bspec, cfg, specs, field_path, features)
+            check_budget_backend(bspec, cfg, specs, field_path, features)
             backends.append(ResolvedBackend(name, bspec, binfo, field_path))
 
     with errs.part():
@@ -656,10 +663,12 @@ def _model_spec(cfg: RunConfig, source: ModelSource,
 def _calibration(cfg: RunConfig, steps: list[ResolvedStep], specs: RunSpecs, notes: list[str]
                  ) -> tuple[bool, tuple[DatasetSpec, EntryPointInfo] | None]:
     wanting = [s.spec.name for s in steps if s.spec.wants_calibration(s.settings)]
-    needs_calib = bool(wanting) or specs.any_act(lambda a: a.static)
+    searching = cfg.quant is not None and cfg.quant.bit_budget is not None
+    needs_calib = bool(wanting) or specs.any_act(lambda a: a.static) or searching
     if needs_calib and cfg.calib is None:
         reason = (f"{', '.join(wanting)} needs calibration data" if wanting
-                  else "static activation quantization needs calibration data")
+                  else "quant.bit_budget measures sensitivities on calibration data"
+                  if searching else "static activation quantization needs calibration data")
         raise ConfigError("calib", None, reason=f"{reason}; add a calib section (name, path, "
                           "n_samples, seq_len, preproc)", show_value=False)
     if cfg.calib is None:

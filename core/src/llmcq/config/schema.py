@@ -26,6 +26,7 @@ __all__ = [
     "ActQuantSection",
     "QuantSection",
     "MixBitsSetting",
+    "BitBudgetSection",
     "IgnoredLayersSection",
     "SparseWeightSection",
     "SparseSection",
@@ -295,6 +296,37 @@ class MixBitsSetting(Section):
         return self
 
 
+class BitBudgetSection(Section):
+    """``quant.bit_budget`` (llmcq extension): choose each linear's width among ``widths``
+    so that the model's measured output error is smallest at a target average
+    (:mod:`llmcq.budget`; docs/mixed_precision.md, "Bit-budget search")."""
+
+    #: the average bits per quantized weight to reach (never exceeded)
+    target: float = Field(gt=0)
+    #: True: the target counts storage as results.json's bits_per_param does (codes, a
+    #: 16-bit scale per group, zero points); False: code bits only (weight_bits_mean)
+    count_overhead: bool = True
+    #: candidate widths of every linear, each a grid like quant.weight at that bit
+    widths: tuple[int, ...] = (2, 3, 4)
+    #: calibration samples (the first of the calib section's) the sensitivities are
+    #: measured on
+    n_samples: int = Field(8, ge=1)
+    #: write the chosen allocation here as a quant.mix_bits YAML snippet (optional)
+    save_path: str | None = None
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v:
+            raise ValueError("allowed: one or more integer widths from 2 to 8 ([2, 3, 4])")
+        bad = [b for b in v if not 2 <= b <= 8]
+        if bad:
+            raise ValueError(f"allowed: integer widths from 2 to 8 (got {bad})")
+        if len(set(v)) != len(v):
+            raise ValueError(f"widths repeat: {list(v)}; list each width once")
+        return tuple(sorted(v))
+
+
 #: ``ignored_layers.block_ids`` entries: an index, or an inclusive range ``15-23``
 BLOCK_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
@@ -373,6 +405,9 @@ class QuantSection(Section):
     #: llmc's layer-wise mixed precision: ``setting_0``, ``setting_1``, ... each giving some
     #: linears their own weight/act grids or keeping them in float (``do_quant: False``)
     mix_bits: dict[str, MixBitsSetting] | None = None
+    #: llmcq extension: search each linear's width for a target average number of bits
+    #: (:class:`BitBudgetSection`)
+    bit_budget: BitBudgetSection | None = None
 
     @property
     def methods(self) -> list[str]:

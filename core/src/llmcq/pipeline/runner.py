@@ -158,6 +158,35 @@ def _evaluate(run: RunContext, stages: _Stages, position: str,
                     entry[extra] = m[extra]
 
 
+def _calibration(run: RunContext, stages: _Stages, results: dict[str, Any]
+                 ) -> list[torch.Tensor]:
+    """The calibration batches (``calib``), recorded in ``results["calibration"]``."""
+    cfg = run.config
+    with stages("calib_data"):
+        assert run.resolved.calib is not None and cfg.calib is not None
+        dspec: DatasetSpec = run.resolved.calib[0]
+        samples = dspec.calibration_ids(run.token_source(dspec), cfg.calib)
+        batches = calibration_batches(samples, cfg.calib.bs)
+    results["calibration"] = {"samples": sum(int(b.shape[0]) for b in batches),
+                              "tokens": sum(int(b.numel()) for b in batches),
+                              "batches": len(batches)}
+    return batches
+
+
+def _report_budget(summary: dict[str, Any]) -> None:
+    """The achieved averages against the target; a difference from the plan (an algorithm
+    storing more than round-to-nearest records, e.g. float columns) is a warning."""
+    achieved, planned = summary["achieved"], summary["planned"]
+    log.info("bit budget: achieved weight_bits_mean %s, bits_per_param %s (target %s %s)",
+             achieved["weight_bits_mean"], achieved["bits_per_param"], summary["target"],
+             summary["measure"])
+    got = achieved.get(summary["measure"])
+    if got is not None and got > summary["target"]:
+        log.warning("bit budget: the records average %s %s, above the target %s (the "
+                    "algorithm stores more per weight than the search priced: planned %s)",
+                    got, summary["measure"], summary["target"], planned[summary["measure"]])
+
+
 def check_adapter(run: RunContext) -> None:
     """The loaded layout against what the recipe needs (every adapter, hand-written ones
     too): layout facts (:func:`llmcq.capabilities.check_layout`), and, when an evaluation
@@ -234,21 +263,21 @@ def run(resolved: ResolvedConfig, *, progress: bool = True,
                  "without tokenizer files")
     check_adapter(ctx)
     bind_layers(ctx)
+    batches = None
+    budget = None
+    if cfg.quant is not None and cfg.quant.bit_budget is not None:
+        from llmcq.budget.plan import search
+
+        batches = _calibration(ctx, stages, results)
+        with stages("bit_budget"):  # before the steps are built: they read run.specs
+            budget = search(ctx, batches)
     _build_steps(ctx)
 
     _evaluate(ctx, stages, "pretrain", results)
 
     if ctx.steps:
-        batches = None
-        if resolved.needs_calibration:
-            with stages("calib_data"):
-                assert resolved.calib is not None and cfg.calib is not None
-                dspec: DatasetSpec = resolved.calib[0]
-                samples = dspec.calibration_ids(ctx.token_source(dspec), cfg.calib)
-                batches = calibration_batches(samples, cfg.calib.bs)
-            results["calibration"] = {"samples": sum(int(b.shape[0]) for b in batches),
-                                      "tokens": sum(int(b.numel()) for b in batches),
-                                      "batches": len(batches)}
+        if resolved.needs_calibration and batches is None:
+            batches = _calibration(ctx, stages, results)
         with stages("quantize"):
             quantize_model(ctx, batches)
 
@@ -283,6 +312,9 @@ def run(resolved: ResolvedConfig, *, progress: bool = True,
         "outputs": written,
         "model_source": resolved.source.display,
     })
+    if budget is not None:
+        results["bit_budget"] = budget.summary(results["compression"])
+        _report_budget(results["bit_budget"])
     results["ranks"] = dist.world_size()
     if dist.is_main():
         atomic_write_text(resolved.save_dir / RESULTS_FILE,

@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+import llmcq
 from llmcq.budget.solver import InfeasibleBudget, allocate, hull_gap
 from llmcq.config.loader import resolve_config
+from llmcq.errors import ConfigError, ConfigErrors
 from llmcq.pipeline.runner import run
 from llmcq.quant.spec import PerGroup, WeightQuantSpec
 
@@ -190,3 +193,162 @@ def test_the_search_beats_the_reversed_allocation_and_uniform_narrow(
     # measured: 0.075 searched, 0.139 reversed, 0.157 uniform 2-bit
     assert kl_search < 0.8 * kl_reversed, (kl_search, kl_reversed)
     assert kl_search < 0.8 * kl_uniform, (kl_search, kl_uniform)
+
+
+# ------------------------------------------------------------------ what is refused
+
+@pytest.mark.parametrize("change, key, words", [
+    (lambda c: c["quant"].update(mix_bits={"setting_0": {"layer_name": ["o_proj"],
+                                                         "do_quant": False}}),
+     "quant.bit_budget", "quant.mix_bits also decides"),
+    (lambda c: c["quant"].update(act={"bit": 8}), "quant.bit_budget", "remove quant.act"),
+    (lambda c: c.update(sparse={"method": "magnitude"}), "quant.bit_budget", "sparse"),
+    (lambda c: c["quant"]["bit_budget"].update(widths=[1, 2]), "quant.bit_budget.widths",
+     "from 2 to 8"),
+    (lambda c: c["quant"]["bit_budget"].update(widths=[3, 3]), "quant.bit_budget.widths",
+     "repeat"),
+    (lambda c: c["quant"]["bit_budget"].update(count_overhead=False, target=1.5),
+     "quant.bit_budget.target", ">= 2"),
+    (lambda c: c["quant"]["bit_budget"].update(n_samples=9), "quant.bit_budget.n_samples",
+     "1 to 4 (calib.n_samples)"),
+    (lambda c: c["quant"]["bit_budget"].update(trget=3), "quant.bit_budget.trget",
+     "did you mean 'target'"),
+    (lambda c: c.pop("calib"), "calib", "quant.bit_budget measures"),
+    # a width the export cannot hold, reported at that width's key
+    (lambda c: (c["quant"]["weight"].update(bit=4), c["quant"]["bit_budget"].update(
+        widths=[2, 4]), c["save"].update(save_vllm=True)),
+     "quant.bit_budget.widths[0]", "4- and 8-bit"),
+    # a backend writing one grid per checkpoint
+    (lambda c: (c["quant"]["weight"].update(bit=4), c["save"].update(save_autogptq=True)),
+     "quant.bit_budget", "different grids"),
+])
+def test_config_mistakes_name_their_key(change: Any, key: str, words: str,
+                                        tiny_llama_dir: Path, shared_data: Path,
+                                        tmp_path: Path) -> None:
+    cfg = _config(tiny_llama_dir, shared_data, tmp_path)
+    change(cfg)
+    with pytest.raises(ConfigError) as err:
+        resolve_config(cfg)
+    errors = err.value.errors if isinstance(err.value, ConfigErrors) else [err.value]
+    assert any(e.path == key and words in str(e) for e in errors), str(err.value)
+
+
+def test_an_algorithm_without_per_linear_grids_is_refused(tiny_llama_dir: Path,
+                                                           shared_data: Path,
+                                                           tmp_path: Path) -> None:
+    from llmcq.api import AlgorithmSpec
+    from llmcq.plugins import registry
+
+    registry.register("llmcq.algorithms", AlgorithmSpec(
+        name="uniform_only", impl="llmcq_rtn.algorithm:RTN", needs_calibration=True))
+    try:
+        with pytest.raises(ConfigError, match=r"quant.bit_budget: uniform_only \(quant.method\) "
+                           "does not honour per-linear grids"):
+            resolve_config(_config(tiny_llama_dir, shared_data, tmp_path, "uniform_only"))
+    finally:
+        registry.unregister("llmcq.algorithms", "uniform_only")
+
+
+def test_an_unreachable_target_fails_before_anything_is_quantized(
+        tiny_llama_dir: Path, shared_data: Path, tmp_path: Path) -> None:
+    cfg = _config(tiny_llama_dir, shared_data, tmp_path, target=2.5)  # w2 g32 costs 2.5625
+    with pytest.raises(ConfigError) as err:
+        run(resolve_config(cfg), progress=False)
+    assert err.value.path == "quant.bit_budget.target"
+    assert ">= 2.562500 (every linear at 2 bits, bits_per_param)" in str(err.value)
+    assert not (tmp_path / "results.json").exists()
+
+
+# ------------------------------------------------------------------ the saved allocation
+
+def test_the_saved_snippet_reloads_as_mix_bits_with_the_same_widths(
+        searched: Any, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    results, cfg, snippet = searched
+    loaded = yaml.safe_load(snippet.read_text())
+    assert set(loaded) == {"quant"} and set(loaded["quant"]) == {"mix_bits"}
+    cfg = copy.deepcopy(cfg)
+    del cfg["quant"]["bit_budget"]
+    cfg["quant"]["mix_bits"] = loaded["quant"]["mix_bits"]
+    cfg["save"]["save_path"] = str(tmp_path / "again")
+    resolved = resolve_config(cfg)  # what llmcq validate runs
+    names = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]] * 2
+    specs = resolved.specs.bind("model.layers", names)
+    alloc = results["bit_budget"]["allocation"]
+    for i, block in enumerate(names):
+        for rel in block:
+            full = f"model.layers.{i}.{rel}"
+            w = specs.weight_for(full)
+            assert (w is None and full == IGNORED) or w.bits == alloc[full]
+    again = run(resolved, progress=False)
+    for key in ("weight_bits_mean", "bits_per_param", "params_quantized"):
+        assert again["compression"][key] == results["compression"][key]
+
+
+# ------------------------------------------------------------------ with other algorithms
+
+class Records:
+    @llmcq.hookimpl
+    def llmcq_evaluate(self, run: Any) -> list:
+        self.records = dict(run.records)
+        return []
+
+
+def test_slimllm_spreads_each_linears_width_over_its_groups(
+        tiny_llama_dir: Path, shared_data: Path, tmp_path: Path) -> None:
+    """SliM-LLM keeps the width the search chose for each linear as the mean of its
+    per-group widths (N-1, N, N+1); its binarized 2-bit linears' fractional zeros are
+    priced at 16 bits, so the plan is again exactly what results.json reports."""
+    cfg = _config(tiny_llama_dir, shared_data, tmp_path, "slimllm", target=3.5)
+    cfg["eval"] = {"eval_pos": ["fake_quant"], "name": "wikitext2", "seq_len": 32,
+                   "path": str(shared_data / "wikitext2" / "test.txt"), "num_samples": 1}
+    recs = Records()
+    results = run(resolve_config(cfg), progress=False, extra_plugins=[recs])
+    bb = results["bit_budget"]
+    assert len(set(bb["allocation"].values())) > 1
+    assert bb["planned"] == bb["achieved"] == {
+        k: results["compression"][k] for k in ("weight_bits_mean", "bits_per_param")}
+    assert bb["achieved"]["bits_per_param"] <= 3.5
+    mixed = 0
+    for name, width in bb["allocation"].items():
+        rec = recs.records[name]
+        assert rec.bits == width
+        if rec.group_bits is not None:
+            assert float(rec.group_bits.double().mean()) == pytest.approx(width, abs=1e-9)
+            mixed += rec.mixed_bits
+    assert mixed > 0
+
+
+def test_linears_a_backend_fuses_share_one_width(tiny_llama_dir: Path, shared_data: Path,
+                                                 tmp_path: Path) -> None:
+    """vLLM runs q/k/v and gate/up as one kernel each: the search ties them (probed from
+    the backend's own check) and gives each group one width."""
+    cfg = _config(tiny_llama_dir, shared_data, tmp_path, target=6.0, widths=[4, 8])
+    cfg["quant"]["weight"] = {"bit": 4, "symmetric": True, "granularity": "per_group",
+                              "group_size": 32}
+    cfg["save"]["save_vllm"] = True
+    resolved = resolve_config(cfg)
+    from llmcq.pipeline.runner import search_budget
+
+    bb = search_budget(resolved, progress=False)
+    alloc = bb["allocation"]
+    assert len(bb["tied"]) == 4 and len(set(alloc.values())) == 2
+    for i in range(2):
+        p = f"model.layers.{i}."
+        assert len({alloc[p + f"self_attn.{n}_proj"] for n in "qkv"}) == 1
+        assert alloc[p + "mlp.gate_proj"] == alloc[p + "mlp.up_proj"]
+
+
+def test_llmcq_budget_prints_and_saves_without_quantizing(
+        llmcq_cli: Any, tiny_llama_dir: Path, shared_data: Path, tmp_path: Path) -> None:
+    cfg = _config(tiny_llama_dir, shared_data, tmp_path / "out",
+                  save_path=str(tmp_path / "alloc.yaml"))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = llmcq_cli("budget", str(path), "--no-progress", env={"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res
+    assert "block q_proj k_proj v_proj o_proj gate_proj up_proj down_proj" in res.stdout
+    assert "target 3.0 bits_per_param; planned weight_bits_mean" in res.stdout
+    assert (tmp_path / "alloc.yaml").is_file() and not (tmp_path / "out").exists()
+    again = llmcq_cli("budget", str(path), "--no-progress", env={"OMP_NUM_THREADS": "1"})
+    assert again.returncode == 2 and "quant.bit_budget.save_path" in again.output

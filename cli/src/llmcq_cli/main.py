@@ -119,12 +119,65 @@ def run(config: str, overrides: tuple[str, ...], overwrite: bool, progress: bool
         sys.exit(130)
     if not main_rank:
         return  # rank 0 evaluates, exports and reports
+    if "bit_budget" in results:
+        _echo_budget(results["bit_budget"])
     for position, table in results["eval"].items():
         for dataset, entry in table.items():
             if "ppl" in entry:
                 click.echo(f"{position:12s} {dataset:12s} ppl {entry['ppl']:.4f} "
                            f"({entry.get('windows')} x {entry.get('seq_len')} tokens)")
     click.echo(f"results: {resolved.save_dir / RESULTS_FILE}")
+
+
+def _echo_budget(bb: dict[str, Any]) -> None:
+    """The chosen widths per block and the averages against the target."""
+    click.echo(f"bit budget ({bb['samples']} samples, {bb['tokens']} tokens, predicted KL "
+               f"{bb['predicted_kl']:.4g}):")
+    for line in bb["table"]:
+        click.echo(f"  {line}")
+    if "achieved" in bb:
+        a = bb["achieved"]
+        click.echo(f"  achieved weight_bits_mean {a['weight_bits_mean']}, bits_per_param "
+                   f"{a['bits_per_param']} (target {bb['target']} {bb['measure']})")
+    if bb.get("save_path"):
+        click.echo(f"  allocation written to {bb['save_path']} (quant.mix_bits)")
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@_set_option
+@click.option("--overwrite", is_flag=True, help="Replace an existing quant.bit_budget.save_path.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print results.json's bit_budget block (allocation, errors, means).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bars (default: when stderr is a terminal).")
+@_debug_option
+def budget(config: str, overrides: tuple[str, ...], overwrite: bool, as_json: bool,
+           progress: bool | None, debug: bool) -> None:
+    """Run only CONFIG's quant.bit_budget search: measure each linear's sensitivity, choose
+    the widths, print them and write quant.bit_budget.save_path (a quant.mix_bits
+    snippet). Nothing is quantized, evaluated or exported."""
+    from llmcq.config.loader import load_config
+
+    debug = _debug(debug)
+    resolved = _guard(lambda: load_config(config, overrides, overwrite=True), debug)
+    resolved.overwrite = overwrite or resolved.config.save.overwrite
+    logging.basicConfig(level=logging.INFO, format="llmcq: %(message)s", stream=sys.stderr)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        _quiet_library_bars()
+
+    def go() -> dict[str, Any]:
+        from llmcq.pipeline.runner import search_budget
+
+        return search_budget(resolved, progress=progress)
+
+    bb = _guard(go, debug)
+    if as_json:
+        click.echo(json.dumps(bb, indent=2))
+    else:
+        _echo_budget(bb)
 
 
 def _quiet_library_bars() -> None:
@@ -165,6 +218,12 @@ def validate(config: str, overrides: tuple[str, ...], overwrite: bool, debug: bo
         ign = layers.ignored
         click.echo(f"  ignored_layers: float ({len(ign.layer_names)} name(s) in "
                    f"{len(ign.blocks)} block(s), {len(ign.full_names)} full name(s))")
+    bb = cfg.quant.bit_budget if cfg.quant is not None else None
+    if bb is not None:
+        measure = "bits_per_param" if bb.count_overhead else "weight_bits_mean"
+        click.echo(f"  quant.bit_budget: target {bb.target} {measure}, widths "
+                   f"{list(bb.widths)} (quant.weight at each), {bb.n_samples} calibration "
+                   "sample(s)" + (f", saved to {bb.save_path}" if bb.save_path else ""))
     if resolved.features:
         names = ", ".join(sorted({f.name for f in resolved.features}))
         click.echo(f"records: {names}")

@@ -26,7 +26,7 @@ import yaml
 from llmcq import dist
 from llmcq.budget.sensitivity import float_pass, measure_errors
 from llmcq.budget.solver import InfeasibleBudget, allocate
-from llmcq.config.budget_checks import BUDGET
+from llmcq.config.budget_checks import BUDGET, fractional_zero_widths
 from llmcq.errors import ConfigError, LlmcqError, OutputExistsError
 from llmcq.io.atomic import atomic_write_text
 from llmcq.layers import IGNORED, LayerPlan, LayerRules, LayerSpec
@@ -236,12 +236,12 @@ def search(run: RunContext, batches: list[torch.Tensor]) -> BudgetOutcome:
     if not quantized:
         raise ConfigError(BUDGET, None, show_value=False, reason="every linear is kept in "
                           "float (ignored_layers): nothing to allocate")
-    fractional = any(f.name == "fractional_zero" for f in run.resolved.features)
+    fractional = fractional_zero_widths(run.config, run.resolved.specs, run.resolved.steps)
     samples = first_samples(batches, bb.n_samples)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     fp = float_pass(run.model, run.adapter, samples, run.device, targets,
-                    zero_integral=not fractional, progress=run.progress)
+                    fractional=fractional, progress=run.progress)
     seconds["float_pass"] = time.perf_counter() - start
     outcome = BudgetOutcome(
         target=bb.target, count_overhead=bb.count_overhead, widths=tuple(bb.widths),

@@ -26,7 +26,7 @@ bundled SmolLM2-135M (30 blocks, 8 x 512 tokens, 3 widths) is in docs/mixed_prec
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,10 +72,10 @@ def _linears(model: nn.Module, adapter: ModelAdapter, i: int, module: nn.Module
 
 @torch.no_grad()
 def float_pass(model: nn.Module, adapter: ModelAdapter, batches: Sequence[torch.Tensor],
-               device: torch.device, targets: Targets, *, zero_integral: bool = True,
-               progress: bool = False) -> FloatPass:
-    """Step 1 of the module docstring. ``zero_integral=False`` prices zero points as
-    fractional (16 bits), for algorithms whose records store them so."""
+               device: torch.device, targets: Targets, *,
+               fractional: Collection[int] = (), progress: bool = False) -> FloatPass:
+    """Step 1 of the module docstring. At the widths in ``fractional`` zero points are
+    priced as fractional (16 bits), for algorithms whose records store them so."""
     from tqdm.auto import tqdm
 
     inputs = capture_block_inputs(model, adapter, batches, device)
@@ -91,7 +91,8 @@ def float_pass(model: nn.Module, adapter: ModelAdapter, batches: Sequence[torch.
             linears = _linears(model, adapter, i, module)
             for rel, by_width in targets.get(i, {}).items():
                 bits[f"{prefix}.{i}.{rel}"] = {
-                    b: record_bits(rtn_record(linears[rel], spec), zero_integral=zero_integral)
+                    b: record_bits(rtn_record(linears[rel], spec),
+                                   zero_integral=False if b in fractional else None)
                     for b, spec in by_width.items()}
             inputs.advance(module, check=f"{prefix}.{i}")
     return FloatPass(cached, list(inputs.hidden), list(inputs.kwargs), bits,

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from llmcq.specs import RunSpecs
 
 __all__ = ["check_budget_sections", "check_budget_steps", "budget_features",
-           "check_budget_backend", "width_variants", "BUDGET"]
+           "check_budget_backend", "width_variants", "fractional_zero_widths", "BUDGET"]
 
 #: the config key of the search
 BUDGET = "quant.bit_budget"
@@ -35,8 +35,9 @@ def width_variants(cfg: RunConfig, specs: RunSpecs) -> Iterator[tuple[str, int, 
     """``(key of the width, width, config, specs)`` for each candidate width, with
     ``quant.weight`` at that bit as the global grid."""
     q = cfg.quant
-    if q is None or q.bit_budget is None or q.weight is None or specs.weight is None:
-        return
+    if q is None or q.bit_budget is None or q.weight is None or specs.weight is None or \
+            specs.weight.is_float:
+        return  # FP8 is refused by check_budget_sections
     for k, b in enumerate(q.bit_budget.widths):
         vquant = q.model_copy(update={"weight": q.weight.model_copy(update={"bit": b}),
                                       "bit_budget": None})
@@ -95,10 +96,18 @@ def check_budget_steps(cfg: RunConfig, specs: RunSpecs, steps: list[Any]) -> Non
                               "use an algorithm that does (llmcq plugins --describe NAME)")
     for path, b, vcfg, vspecs in width_variants(cfg, specs):
         for st in steps:
-            if st.section != "quant":
-                continue
+            if st.section != "quant" or not _passes(st):
+                continue  # a step refused with quant.weight is reported once, there
             settings = replace(st.settings, specs=vspecs, config=vcfg)
             _at(path, b, lambda s=settings, a=st.spec: a.check(s))
+
+
+def _passes(step: Any) -> bool:
+    try:
+        step.spec.check(step.settings)
+    except ConfigError:
+        return False
+    return True
 
 
 def budget_features(cfg: RunConfig, specs: RunSpecs, steps: list[Any]) -> list[Feature]:
@@ -116,6 +125,23 @@ def budget_features(cfg: RunConfig, specs: RunSpecs, steps: list[Any]) -> list[F
                 settings = replace(st.settings, specs=vspecs, config=vcfg)
                 out += [replace(f, field=path if f.field == "quant.weight.bit" else f.field)
                         for f in st.spec.produces(settings)]
+    return out
+
+
+def fractional_zero_widths(cfg: RunConfig, specs: RunSpecs, steps: list[Any]) -> set[int]:
+    """The widths at which the records will hold fractional zero points (the grid's
+    ``round_zp: False``, or a step that declares it, e.g. SliM-LLM's binarized 1-bit groups
+    at 2 bits): the search prices their zeros at 16 bits, as results.json will."""
+    from llmcq.capabilities import spec_features
+
+    out = set()
+    for _path, b, vcfg, vspecs in width_variants(cfg, specs):
+        found = spec_features(vspecs)
+        for st in steps:
+            if st.section == "quant":
+                found += st.spec.produces(replace(st.settings, specs=vspecs, config=vcfg))
+        if any(f.name == "fractional_zero" for f in found):
+            out.add(b)
     return out
 
 

@@ -781,6 +781,10 @@ def _refuse_existing(resolved: ResolvedConfig) -> None:
     existing = [out / b.folder for b in resolved.backends if (out / b.folder).exists()]
     if (out / RESULTS_FILE).exists():
         existing.append(out / RESULTS_FILE)
+    q = resolved.config.quant
+    snippet = q.bit_budget.save_path if q is not None and q.bit_budget is not None else None
+    if snippet is not None and Path(snippet).expanduser().exists():
+        existing.append(Path(snippet).expanduser())
     if existing:
         listing = ", ".join(str(p) for p in existing)
         raise OutputExistsError(f"save.save_path: {listing} already exist(s); choose another "

@@ -39,7 +39,7 @@ from llmcq.pipeline.layer_plan import bind_layers
 from llmcq.plugins.manager import make_plugin_manager
 from llmcq.quant.compression import compression_summary
 
-__all__ = ["run", "pick_device", "calibration_batches"]
+__all__ = ["run", "search_budget", "pick_device", "calibration_batches"]
 
 log = logging.getLogger("llmcq")
 
@@ -229,6 +229,51 @@ def _export(run: RunContext, stages: _Stages, stage: str, written: dict[str, str
         log.info("exported %s to %s (%d bytes)", b.name, final, sizes[b.name])
 
 
+def _load(ctx: RunContext, stages: _Stages, model: Any, tokenizer: Any) -> None:
+    """Load the model (or take the one given), check the adapter, bind per-linear rules."""
+    resolved = ctx.resolved
+    with stages("load"):
+        mspec = resolved.model[0]
+        adapter_cls = mspec.load_impl()
+        adapter: ModelAdapter = adapter_cls(mspec, resolved.config.model)
+        adapter.require_tokenizer = resolved.needs_tokenizer
+        ctx.adapter = adapter
+        if model is not None:
+            ctx.model, ctx.tokenizer = model, tokenizer
+        else:
+            ctx.model, ctx.tokenizer = adapter.load(resolved.source)
+    log.info("loaded %s with adapter %s", resolved.source.display, mspec.name)
+    if ctx.tokenizer is None:
+        log.info("the checkpoint has no tokenizer and no step needs one; exports are saved "
+                 "without tokenizer files")
+    check_adapter(ctx)
+    bind_layers(ctx)
+
+
+def search_budget(resolved: ResolvedConfig, *, progress: bool = True, model: Any = None,
+                  tokenizer: Any = None) -> dict[str, Any]:
+    """``llmcq budget``: only the ``quant.bit_budget`` search (load, calibration samples,
+    sensitivities, allocation, the ``save_path`` snippet); nothing is quantized, evaluated
+    or exported. Returns results.json's ``bit_budget`` block (without ``achieved``)."""
+    cfg = resolved.config
+    if cfg.quant is None or cfg.quant.bit_budget is None:
+        raise ConfigError("quant.bit_budget", None, show_value=False,
+                          reason="llmcq budget runs the bit-budget search; the config has "
+                          "no quant.bit_budget section")
+    _seed(cfg.base.seed)
+    device = pick_device(cfg.base.device)
+    stages = _Stages(device)
+    ctx = RunContext(resolved=resolved, device=device,
+                     pm=make_plugin_manager(builtin=Builtin()), progress=progress)
+    _load(ctx, stages, model, tokenizer)
+    from llmcq.budget.plan import search
+
+    batches = _calibration(ctx, stages, {})
+    with stages("bit_budget"):
+        outcome = search(ctx, batches)
+    return outcome.summary()
+
+
 def run(resolved: ResolvedConfig, *, progress: bool = True,
         extra_plugins: list[Any] | None = None, model: Any = None,
         tokenizer: Any = None) -> dict[str, Any]:
@@ -247,22 +292,7 @@ def run(resolved: ResolvedConfig, *, progress: bool = True,
     results: dict[str, Any] = {"eval": {}}
     total_start = time.perf_counter()
 
-    with stages("load"):
-        mspec = resolved.model[0]
-        adapter_cls = mspec.load_impl()
-        adapter: ModelAdapter = adapter_cls(mspec, cfg.model)
-        adapter.require_tokenizer = resolved.needs_tokenizer
-        ctx.adapter = adapter
-        if model is not None:
-            ctx.model, ctx.tokenizer = model, tokenizer
-        else:
-            ctx.model, ctx.tokenizer = adapter.load(resolved.source)
-    log.info("loaded %s with adapter %s", resolved.source.display, mspec.name)
-    if ctx.tokenizer is None:
-        log.info("the checkpoint has no tokenizer and no step needs one; exports are saved "
-                 "without tokenizer files")
-    check_adapter(ctx)
-    bind_layers(ctx)
+    _load(ctx, stages, model, tokenizer)
     batches = None
     budget = None
     if cfg.quant is not None and cfg.quant.bit_budget is not None:

@@ -145,6 +145,26 @@ def test_the_run_reaches_the_target_without_exceeding_it(searched: Any) -> None:
     assert any(line.lstrip().startswith("0 ") and " - " in f"{line} " for line in bb["table"])
 
 
+def test_variants_in_several_rounds_give_the_same_errors(
+        searched: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block whose variants exceed the memory bound (many MoE experts) sends them through
+    the later blocks in rounds: one variant per round here, the same errors and widths."""
+    from llmcq.budget import sensitivity
+    from llmcq.pipeline.runner import search_budget
+
+    results, cfg, _ = searched
+    cfg = copy.deepcopy(cfg)
+    del cfg["quant"]["bit_budget"]["save_path"]
+    monkeypatch.setattr(sensitivity, "_VARIANT_BYTES", 1)
+    bb = search_budget(resolve_config(cfg, overwrite=True), progress=False)
+    ref = results["bit_budget"]
+    assert bb["allocation"] == ref["allocation"]
+    for name, errors in ref["errors"].items():
+        assert bb["errors"][name] == pytest.approx(errors, rel=1e-5, abs=1e-9)
+    # float pass, block 0 (its o_proj ignored) through both blocks, block 1 through itself
+    assert bb["block_forwards"] == ref["block_forwards"] == 2 + 6 * 3 * 2 + 7 * 3
+
+
 def _heldout_kl(model_dir: Path, data: Path, widths: dict[str, int]) -> float:
     """Mean next-token KL(float || quantized) on held-out wikitext2 test tokens, every
     linear of ``widths`` rounded to nearest at its width on the W3 g32 grid."""

@@ -165,12 +165,13 @@ def _candidates(run: RunContext, lin: ModelLinears
     return targets, floats
 
 
-def _ties(run: RunContext, lin: ModelLinears, quantized: set[str], widths: tuple[int, ...]
+def _ties(run: RunContext, lin: ModelLinears, quantized: list[str], widths: tuple[int, ...]
           ) -> list[list[str]]:
     """Linears that must share a width: those an export backend runs as one kernel
     (``shared_input``, ``experts`` of :class:`llmcq.api.LayerTarget`), when a backend of
     the run refuses them on different grids (probed with alternating widths)."""
-    sets = [[n for n in s if n in quantized] for s in (*lin.shared, *lin.experts)]
+    known = set(quantized)
+    sets = [[n for n in s if n in known] for s in (*lin.shared, *lin.experts)]
     sets = [s for s in sets if len(s) > 1]
     if not sets or len(widths) < 2:
         return []
@@ -194,7 +195,8 @@ def _ties(run: RunContext, lin: ModelLinears, quantized: set[str], widths: tuple
     return []
 
 
-def _solve(outcome: BudgetOutcome, items: list[list[str]], budget: Fraction | int) -> None:
+def _solve(outcome: BudgetOutcome, items: list[list[str]], budget: Fraction | int,
+           device: torch.device) -> None:
     """Fill ``outcome.allocation`` (and ``lam``): one width per item (a linear or a tied
     set), errors and costs summed over the item's linears."""
     key = "storage_bits" if outcome.count_overhead else "code_bits"
@@ -205,7 +207,7 @@ def _solve(outcome: BudgetOutcome, items: list[list[str]], budget: Fraction | in
     alloc = allocate(errors, costs, budget)
     chosen = torch.tensor(alloc.choice, dtype=torch.int64)
     if dist.active():  # every rank measured the same samples: rank 0's choice for all
-        chosen = dist.broadcast_(chosen)
+        chosen = dist.broadcast_(chosen.to(device)).cpu()
     for item, j in zip(items, chosen.tolist(), strict=True):
         for n in item:
             outcome.allocation[n] = outcome.widths[j]
@@ -254,7 +256,7 @@ def search(run: RunContext, batches: list[torch.Tensor]) -> BudgetOutcome:
                           allowed=f">= {_ceil6(cheapest)} (every linear at {bb.widths[0]} "
                           f"bits, {outcome.measure})", reason="below the smallest reachable "
                           "average")
-    outcome.ties = _ties(run, lin, set(quantized), outcome.widths)
+    outcome.ties = _ties(run, lin, quantized, outcome.widths)
     start = time.perf_counter()
     outcome.errors = measure_errors(run.model, run.adapter, fp, run.device, targets,
                                     progress=run.progress)
@@ -263,7 +265,7 @@ def search(run: RunContext, batches: list[torch.Tensor]) -> BudgetOutcome:
     tied = {n for t in outcome.ties for n in t}
     items = outcome.ties + [[n] for n in quantized if n not in tied]
     try:
-        _solve(outcome, items, budget)
+        _solve(outcome, items, budget, run.device)
     except InfeasibleBudget as exc:  # pragma: no cover - checked above
         raise ConfigError(f"{BUDGET}.target", bb.target, reason=str(exc)) from None
     outcome.allocation = {n: outcome.allocation[n] for n in quantized}

@@ -19,7 +19,9 @@ How it is computed (block-wise, nothing recomputed twice):
 Cost: ``sum_i V_i * (L - i)`` block forwards (``V_i`` = linears x widths of block ``i``),
 about ``7 * W * L / 2`` full-model forwards of the ``n_samples`` samples for a Llama
 block of 7 linears and ``W`` widths, plus ``V + L`` head evaluations per sample. Memory:
-the ``L`` cached block inputs plus ``V_i`` hidden-state copies, on the compute device.
+the ``L`` cached block inputs plus ``V_i`` hidden-state copies, on the compute device
+(at most 4 GiB of copies at once: a block with more variants, many MoE experts, sends them
+through the later blocks in several rounds).
 Measured on the tiny 2-block test Llama (4 x 32 tokens, 3 widths, CPU): about 0.1 s; the
 bundled SmolLM2-135M (30 blocks, 8 x 512 tokens, 3 widths) is in docs/mixed_precision.md.
 """
@@ -47,6 +49,9 @@ Targets = Mapping[int, Mapping[str, Mapping[int, WeightQuantSpec]]]
 
 #: logits computed at once per chunk of tokens: tokens x vocabulary <= this
 _LOGIT_ELEMS = 1 << 24
+#: hidden-state copies of one source block's variants kept at once (bytes): more variants
+#: (a block of many MoE experts) go through the later blocks in several rounds
+_VARIANT_BYTES = 4 << 30
 
 
 @dataclass
@@ -137,45 +142,57 @@ def measure_errors(model: nn.Module, adapter: ModelAdapter, fp: FloatPass,
     from tqdm.auto import tqdm
 
     blocks = adapter.blocks(model)
-    prefix = adapter.layout.blocks
     head = _head_modules(model, adapter)
     out: dict[str, dict[int, float]] = {}
     n_tokens = sum(int(f.shape[0] * f.shape[1]) for f in fp.final)
     todo = [i for i in range(len(blocks)) if targets.get(i)]
     for i in tqdm(todo, desc="bit budget: sensitivity", disable=not progress, leave=False):
-        module = blocks[i]
-        keys: list[tuple[str, int]] = []
-        hidden: list[list[torch.Tensor]] = []
-        with on_device([module], device):
-            linears = _linears(model, adapter, i, module)
-            for rel, by_width in targets[i].items():
-                lin = linears[rel]
-                original = lin.weight.data
-                for b, spec in by_width.items():
-                    lin.weight.data = rtn_record(lin, spec).dequantize(original.dtype)
-                    try:
-                        hidden.append([block_output(module(h, **kw))
-                                       for h, kw in zip(fp.inputs[i], fp.kwargs, strict=True)])
-                    finally:
-                        lin.weight.data = original
-                    keys.append((rel, b))
-        fp.block_forwards += len(keys)
-        for j in range(i + 1, len(blocks)):
-            with on_device([blocks[j]], device):
-                for v in hidden:
-                    for k, (h, kw) in enumerate(zip(v, fp.kwargs, strict=True)):
-                        v[k] = block_output(blocks[j](h, **kw))
-            fp.block_forwards += len(keys)
-        sums = [0.0] * len(keys)
-        with on_device(head, device):
-            for k, final in enumerate(fp.final):
-                for n, s in enumerate(_kl_sums(model, adapter, final,
-                                               [v[k] for v in hidden])):
-                    sums[n] += s
-        for (rel, b), s in zip(keys, sums, strict=True):
-            out.setdefault(f"{prefix}.{i}.{rel}", {})[b] = s / n_tokens
-        del hidden
+        variants = [(rel, b, spec) for rel, by_width in targets[i].items()
+                    for b, spec in by_width.items()]
+        size = sum(h.numel() * h.element_size() for h in fp.inputs[i])
+        step = max(1, _VARIANT_BYTES // max(size, 1))
+        for start in range(0, len(variants), step):
+            _round(model, adapter, fp, device, i, variants[start:start + step], head,
+                   n_tokens, out)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def _round(model: nn.Module, adapter: ModelAdapter, fp: FloatPass, device: torch.device,
+           i: int, variants: Sequence[tuple[str, int, WeightQuantSpec]],
+           head: list[nn.Module], n_tokens: int, out: dict[str, dict[int, float]]) -> None:
+    """The errors of some variants of block ``i``'s linears, into ``out``."""
+    blocks = adapter.blocks(model)
+    prefix = adapter.layout.blocks
+    module = blocks[i]
+    keys: list[tuple[str, int]] = []
+    hidden: list[list[torch.Tensor]] = []
+    with on_device([module], device):
+        linears = _linears(model, adapter, i, module)
+        for rel, b, spec in variants:
+            lin = linears[rel]
+            original = lin.weight.data
+            lin.weight.data = rtn_record(lin, spec).dequantize(original.dtype)
+            try:
+                hidden.append([block_output(module(h, **kw))
+                               for h, kw in zip(fp.inputs[i], fp.kwargs, strict=True)])
+            finally:
+                lin.weight.data = original
+            keys.append((rel, b))
+    fp.block_forwards += len(keys)
+    for j in range(i + 1, len(blocks)):
+        with on_device([blocks[j]], device):
+            for v in hidden:
+                for k, (h, kw) in enumerate(zip(v, fp.kwargs, strict=True)):
+                    v[k] = block_output(blocks[j](h, **kw))
+        fp.block_forwards += len(keys)
+    sums = [0.0] * len(keys)
+    with on_device(head, device):
+        for k, final in enumerate(fp.final):
+            for n, s in enumerate(_kl_sums(model, adapter, final,
+                                           [v[k] for v in hidden])):
+                sums[n] += s
+    for (rel, b), s in zip(keys, sums, strict=True):
+        out.setdefault(f"{prefix}.{i}.{rel}", {})[b] = s / n_tokens
 

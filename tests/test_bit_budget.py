@@ -145,6 +145,20 @@ def test_the_run_reaches_the_target_without_exceeding_it(searched: Any) -> None:
     assert any(line.lstrip().startswith("0 ") and " - " in f"{line} " for line in bb["table"])
 
 
+def test_count_overhead_false_budgets_code_bits(tiny_llama_dir: Path, shared_data: Path,
+                                                tmp_path: Path) -> None:
+    from llmcq.pipeline.runner import search_budget
+
+    cfg = _config(tiny_llama_dir, shared_data, tmp_path, target=2.7, count_overhead=False)
+    bb = search_budget(resolve_config(cfg), progress=False)
+    n = sum(bb["params"].values())
+    step = max(bb["params"].values()) * 2 / n  # one linear from 2 to 4 bits
+    assert bb["measure"] == "weight_bits_mean"
+    assert 2.7 - step <= bb["planned"]["weight_bits_mean"] <= 2.7
+    assert bb["planned"]["weight_bits_mean"] == pytest.approx(
+        sum(bb["params"][k] * b for k, b in bb["allocation"].items()) / n, abs=1e-6)
+
+
 def test_variants_in_several_rounds_give_the_same_errors(
         searched: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A block whose variants exceed the memory bound (many MoE experts) sends them through

@@ -386,3 +386,11 @@ def test_llmcq_budget_prints_and_saves_without_quantizing(
     assert (tmp_path / "alloc.yaml").is_file() and not (tmp_path / "out").exists()
     again = llmcq_cli("budget", str(path), "--no-progress", env={"OMP_NUM_THREADS": "1"})
     assert again.returncode == 2 and "quant.bit_budget.save_path" in again.output
+    # the snippet in place of bit_budget passes llmcq validate
+    del cfg["quant"]["bit_budget"]
+    cfg["quant"]["mix_bits"] = yaml.safe_load((tmp_path / "alloc.yaml").read_text())[
+        "quant"]["mix_bits"]
+    path.write_text(yaml.safe_dump(cfg))
+    checked = llmcq_cli("validate", str(path))
+    assert checked.returncode == 0, checked
+    assert "quant.mix_bits.setting_0: w2 g32 asym (" in checked.stdout

@@ -8,7 +8,8 @@ in batches of 8, W2 g128 and W4 g128 asymmetric, lm_head kept in float.
 Each method runs on a fresh copy of the same model and tokens. Seconds are the whole block
 loop (``quantize_model``: input capture, every block trained, quantized and advanced) divided
 by the blocks; auto-round's are its ``quantize()`` call (its own capture and block loop).
-Writes DIR/rounding_speed.json.
+Writes DIR/rounding_speed.json. ``--table PART.json ...`` merges part files (one per device
+call) into bench/results/rounding_speed.json and prints the table with the package's ratios.
 """
 
 from __future__ import annotations
@@ -78,9 +79,40 @@ def guarded(fn: Any, *a: Any) -> dict[str, Any]:
         return {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
 
 
+def table(parts: list[Path], into: Path) -> None:
+    """Merge part files; print seconds per block and peak GPU memory, the package / ours."""
+    rows: list[dict[str, Any]] = []
+    meta: dict[str, Any] = {}
+    for p in parts:
+        d = json.loads(p.read_text())
+        meta = {k: d[k] for k in ("env", "shape", "tokens")}
+        rows += [{**r, "part": str(p)} for r in d["rows"]]
+    into.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    peer = {r["bits"]: r for r in rows if r["method"].startswith("peer") and "error" not in r}
+    print(f"{meta['shape']} shape, {meta['tokens']} tokens, {meta['env'].get('gpu')}")
+    print("| method | bits | blocks | s per block | peak GPU GiB | package s / ours | "
+          "ours GiB / package |")
+    print("|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["bits"], r["method"])):
+        if "error" in r:
+            print(f"| {r['method']} | {r['bits']} | error: {r['error'][:80]} |")
+            continue
+        p = peer.get(r["bits"])
+        ratio_s = ratio_m = "-"
+        if p is not None and not r["method"].startswith("peer"):
+            ratio_s = f"{p['seconds_per_block'] / r['seconds_per_block']:.2f}"
+            ratio_m = f"{r['peak_gpu_bytes'] / p['peak_gpu_bytes']:.2f}"
+        print(f"| {r['method']} | {r['bits']} | {r['blocks']} | {r['seconds_per_block']:.2f} | "
+              f"{r['peak_gpu_bytes'] / 2**30:.1f} | {ratio_s} | {ratio_m} |")
+    print(f"\nwritten: {into}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--table", type=Path, nargs="+", default=None)
+    ap.add_argument("--into", type=Path,
+                    default=Path(__file__).resolve().parents[1] / "results" / "rounding_speed.json")
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--shape", default="7b")
     ap.add_argument("--layers", type=int, default=2, help="blocks for AutoRound and the peer")
     ap.add_argument("--tq-layers", type=int, default=1, help="blocks for TesseraQ")
@@ -91,6 +123,11 @@ def main() -> int:
     ap.add_argument("--skip", default="", help="comma-separated: tesseraq,autoround,peer")
     ap.add_argument("--smoke", action="store_true", help="a few steps each (CPU check)")
     a = ap.parse_args()
+    if a.table:
+        table(a.table, a.into)
+        return 0
+    if a.out is None:
+        ap.error("--out is needed to measure")
     if a.smoke:
         TESSERAQ.update(iterations=2, thresholds=[0.5, 0.1])
         AUTOROUND.update(iters=3)

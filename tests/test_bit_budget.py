@@ -321,6 +321,21 @@ def test_the_saved_snippet_reloads_as_mix_bits_with_the_same_widths(
 
 # ------------------------------------------------------------------ with other algorithms
 
+@pytest.mark.parametrize("method, special", [
+    ("gptq", {"actorder": True, "static_groups": True}),
+    ("awq", {"trans_version": "v2", "weight_clip": True, "n_grid": 4}),
+])
+def test_other_algorithms_hold_exactly_the_planned_bits(method: str, special: dict,
+                                                        tiny_llama_dir: Path, shared_data: Path,
+                                                        tmp_path: Path) -> None:
+    cfg = _config(tiny_llama_dir, shared_data, tmp_path, method)
+    cfg["quant"]["special"] = special
+    results = run(resolve_config(cfg), progress=False)
+    bb, comp = results["bit_budget"], results["compression"]
+    assert bb["planned"] == bb["achieved"] == {k: comp[k] for k in bb["planned"]}
+    assert comp["bits_per_param"] <= 3.0 and comp["linears_quantized"] == 14
+
+
 class Records:
     @llmcq.hookimpl
     def llmcq_evaluate(self, run: Any) -> list:

@@ -150,7 +150,9 @@ def test_count_overhead_false_budgets_code_bits(tiny_llama_dir: Path, shared_dat
     from llmcq.pipeline.runner import search_budget
 
     cfg = _config(tiny_llama_dir, shared_data, tmp_path, target=2.7, count_overhead=False)
+    cfg["quant"]["bit_budget"].update(n_samples=3, seq_len=20)
     bb = search_budget(resolve_config(cfg), progress=False)
+    assert (bb["samples"], bb["tokens"]) == (3, 60)
     n = sum(bb["params"].values())
     step = max(bb["params"].values()) * 2 / n  # one linear from 2 to 4 bits
     assert bb["measure"] == "weight_bits_mean"
@@ -245,6 +247,8 @@ def test_the_search_beats_the_reversed_allocation_and_uniform_narrow(
      "quant.bit_budget.target", ">= 2"),
     (lambda c: c["quant"]["bit_budget"].update(n_samples=9), "quant.bit_budget.n_samples",
      "1 to 4 (calib.n_samples)"),
+    (lambda c: c["quant"]["bit_budget"].update(seq_len=64), "quant.bit_budget.seq_len",
+     "2 to 32 (calib.seq_len)"),
     (lambda c: c["quant"]["bit_budget"].update(trget=3), "quant.bit_budget.trget",
      "did you mean 'target'"),
     (lambda c: c.pop("calib"), "calib", "quant.bit_budget measures"),

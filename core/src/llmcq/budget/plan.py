@@ -134,13 +134,15 @@ class BudgetOutcome:
         return out
 
 
-def first_samples(batches: list[torch.Tensor], n: int) -> list[torch.Tensor]:
-    """The first ``n`` samples of the calibration batches, in their batches."""
+def first_samples(batches: list[torch.Tensor], n: int, seq_len: int | None = None
+                  ) -> list[torch.Tensor]:
+    """The first ``n`` samples of the calibration batches, in their batches, each cut to
+    its first ``seq_len`` tokens (None: whole)."""
     out, left = [], n
     for b in batches:
         if left <= 0:
             break
-        out.append(b[:left])
+        out.append(b[:left, :seq_len])
         left -= int(out[-1].shape[0])
     return out
 
@@ -239,7 +241,7 @@ def search(run: RunContext, batches: list[torch.Tensor]) -> BudgetOutcome:
         raise ConfigError(BUDGET, None, show_value=False, reason="every linear is kept in "
                           "float (ignored_layers): nothing to allocate")
     fractional = fractional_zero_widths(run.config, run.resolved.specs, run.resolved.steps)
-    samples = first_samples(batches, bb.n_samples)
+    samples = first_samples(batches, bb.n_samples, bb.seq_len)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     fp = float_pass(run.model, run.adapter, samples, run.device, targets,

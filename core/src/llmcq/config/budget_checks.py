@@ -78,6 +78,10 @@ def check_budget_sections(cfg: RunConfig) -> None:
         raise ConfigError(f"{BUDGET}.target", bb.target, allowed=f">= {bb.widths[0]} (the "
                           "narrowest of quant.bit_budget.widths)", reason="below every "
                           "candidate width (count_overhead: False counts code bits only)")
+    if cfg.calib is not None and bb.seq_len is not None and bb.seq_len > cfg.calib.seq_len:
+        raise ConfigError(f"{BUDGET}.seq_len", bb.seq_len,
+                          allowed=f"2 to {cfg.calib.seq_len} (calib.seq_len)",
+                          reason="longer than the calibration samples")
     if cfg.calib is not None and bb.n_samples > cfg.calib.n_samples:
         raise ConfigError(f"{BUDGET}.n_samples", bb.n_samples,
                           allowed=f"1 to {cfg.calib.n_samples} (calib.n_samples)",

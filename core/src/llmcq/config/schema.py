@@ -311,6 +311,9 @@ class BitBudgetSection(Section):
     #: calibration samples (the first of the calib section's) the sensitivities are
     #: measured on
     n_samples: int = Field(8, ge=1)
+    #: use only the first seq_len tokens of each of those samples (the search's cost grows
+    #: with the tokens); absent: calib.seq_len
+    seq_len: int | None = Field(None, ge=2)
     #: write the chosen allocation here as a quant.mix_bits YAML snippet (optional)
     save_path: str | None = None
 

@@ -223,7 +223,8 @@ def validate(config: str, overrides: tuple[str, ...], overwrite: bool, debug: bo
         measure = "bits_per_param" if bb.count_overhead else "weight_bits_mean"
         click.echo(f"  quant.bit_budget: target {bb.target} {measure}, widths "
                    f"{list(bb.widths)} (quant.weight at each), {bb.n_samples} calibration "
-                   "sample(s)" + (f", saved to {bb.save_path}" if bb.save_path else ""))
+                   "sample(s)" + (f" of {bb.seq_len} tokens" if bb.seq_len else "")
+                   + (f", saved to {bb.save_path}" if bb.save_path else ""))
     if resolved.features:
         names = ", ".join(sorted({f.name for f in resolved.features}))
         click.echo(f"records: {names}")

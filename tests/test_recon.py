@@ -431,3 +431,31 @@ def test_cycle_sampler_sees_every_sample_equally_often() -> None:
     assert sum(seen["random"]) == 12
     with pytest.raises(ValueError, match="sampler 'x'; allowed: random, cycle"):
         recon.ReconSettings(sampler="x")
+
+
+def test_sampled_batches_gather_rows_in_place_without_a_concatenated_copy() -> None:
+    """The sampled iterations' pool picks rows from the calibration batches as they are
+    (batches of 3, 1 and 2 samples): each batch equals the rows of the concatenation at the
+    drawn indices, aug and float inputs included, and the pool holds the caller's tensors,
+    not copies (a copy doubled the GPU memory of inputs and targets)."""
+    from llmcq.recon.train import _Pool
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = [torch.randn(n, 4, 8, generator=gen) for n in (3, 1, 2)]
+    target = [torch.randn(n, 4, 8, generator=gen) for n in (3, 1, 2)]
+    aug = [torch.randn(n, 4, 8, generator=gen) for n in (3, 1, 2)]
+    inputs = BlockInputs(hidden, [{} for _ in hidden])
+    pool = _Pool(inputs, recon.Targets(target, aug, list(hidden)), [{} for _ in hidden])
+    assert len(pool) == 6
+    assert all(a is b for a, b in zip(pool.hidden, hidden, strict=True))
+    assert all(a is b for a, b in zip(pool.target, target, strict=True))
+    for idx in (torch.tensor([5, 0, 3]), torch.tensor([1, 2, 4, 4]), torch.arange(6)):
+        b = pool.batch(idx)
+        assert torch.equal(b.hidden, torch.cat(hidden)[idx])
+        assert torch.equal(b.target, torch.cat(target)[idx])
+        assert torch.equal(b.aug, torch.cat(aug)[idx])
+        assert torch.equal(b.float_hidden, torch.cat(hidden)[idx])
+        assert b.index is idx
+    with pytest.raises(ValueError, match="one sequence length"):
+        _Pool(BlockInputs([torch.zeros(1, 4, 8), torch.zeros(1, 5, 8)], [{}, {}]),
+              recon.Targets([torch.zeros(1, 4, 8), torch.zeros(1, 5, 8)]), [{}, {}])

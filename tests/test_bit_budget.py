@@ -64,7 +64,7 @@ def test_solver_never_exceeds_and_matches_brute_force_within_one_step() -> None:
         # the provable gap: one item's largest error step on its lower convex hull
         assert got.error <= opt + hull_gap(errors, costs) + 1e-12
         exact += abs(got.error - opt) <= 1e-12
-    assert exact >= 0.85 * cases, exact  # measured: 272 of 300 exactly optimal
+    assert exact >= 0.93 * cases, exact  # measured: 290 of 300 (272 without the exchanges)
 
 
 def test_solver_is_optimal_at_its_lagrangian_points() -> None:

@@ -11,7 +11,7 @@ widths? Writes one JSON (``--out``); docs/mixed_precision.md quotes it.
    kind (q_proj, ..., down_proj: the same bits) in reverse order of sensitivity and at random.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bit_budget_smollm2.py --out /tmp/bb.json
-    # one CPU thread: 150-160 s of search (128 tokens) and 30 s per perplexity row
+    # one CPU thread: 150-220 s of search (128 tokens) and 30-50 s per perplexity row
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ the ``L`` cached block inputs plus ``V_i`` hidden-state copies, on the compute d
 (at most 4 GiB of copies at once: a block with more variants, many MoE experts, sends them
 through the later blocks in several rounds).
 Measured on one CPU thread: the tiny 2-block test Llama (4 x 32 tokens, 3 widths) 0.15 s;
-the bundled SmolLM2-135M (30 blocks, 1 x 128 tokens, 3 widths) 150-160 s for 9,705 block
+the bundled SmolLM2-135M (30 blocks, 1 x 128 tokens, 3 widths) 150-220 s for 9,705 block
 forwards (docs/mixed_precision.md, "Bit-budget search").
 """
 

@@ -203,10 +203,13 @@ class OmniQuant(Algorithm):
     #: targets are the float block's, also after an earlier step clipped in place
     float_targets = True
 
+    #: keep the float chain's inputs in the targets (``Batch.float_hidden``), for a subclass
+    #: whose loss reruns float internals (ABQ-LLM's attention maps)
+    keep_float_inputs = False
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        sp = self.special
-        assert isinstance(sp, OmniQuantSpecial)
+        sp = self.omniquant_settings(self.special)
         self.sp: OmniQuantSpecial = sp
         quant = self.run.config.quant
         assert quant is not None and quant.weight is not None
@@ -229,6 +232,16 @@ class OmniQuant(Algorithm):
             if self._load_clip and sp.clip_path else None
         if sp.use_shift:  # refuse before any evaluation or calibration runs
             self._check_shift()
+
+    def omniquant_settings(self, special: Any) -> OmniQuantSpecial:
+        """The OmniQuant settings this driver runs with: the step's special config here; a
+        subclass with keys of its own (ABQ-LLM) maps them onto OmniQuant's."""
+        assert isinstance(special, OmniQuantSpecial)
+        return special
+
+    def after_fold(self, block: Block, state: dict[str, Any]) -> None:
+        """Called after the learned scales are folded into the float weights, before the
+        records are built (nothing here; ABQ-LLM folds its rank-1 compensation)."""
 
     # ------------------------------------------------------------------ stages
 
@@ -300,7 +313,8 @@ class OmniQuant(Algorithm):
         scales, shifts, factors = self._init_params(block, sites, state)
         if self.sp.epochs > 0:
             targets = self._chain.targets(block, inputs, quant_out=self._quant_out,
-                                          aug_loss=self.sp.aug_loss)
+                                          aug_loss=self.sp.aug_loss,
+                                          keep_inputs=self.keep_float_inputs)
             with torch.enable_grad():
                 self._train(block, inputs, sites, scales, shifts, factors, targets)
             del targets
@@ -309,6 +323,7 @@ class OmniQuant(Algorithm):
                 fold_site(s, solver.truncate_scale(scales[s.index].detach()),
                           None if s.index not in shifts else shifts[s.index].detach(),
                           self._heads_of())
+            self.after_fold(block, state)
         state["lwc"] = {n: (u.detach(), None if lo is None else lo.detach())
                         for n, (u, lo) in factors.items()}
         state.pop("clip_init", None)

@@ -413,3 +413,37 @@ def test_llmcq_budget_prints_and_saves_without_quantizing(
     checked = llmcq_cli("validate", str(path))
     assert checked.returncode == 0, checked
     assert "quant.mix_bits.setting_0: w2 g32 asym (" in checked.stdout
+
+
+BUDGET_WORKER = """
+import torch
+from llmcq.testing.gloo import join_ranks, leave_ranks
+rank, world, out, _ = join_ranks()
+from llmcq.budget.plan import BudgetOutcome, _solve
+# errors that differ by rank: without the broadcast each rank would choose its own widths
+names = [f"l{i}" for i in range(6)]
+gen = torch.Generator().manual_seed(100 + rank)
+errors = {n: {b: float(torch.rand(1, generator=gen)) * 4.0 ** -b for b in (2, 3, 4)}
+          for n in names}
+bits = {n: {b: {"storage_bits": 64 * b, "code_bits": 64 * b} for b in (2, 3, 4)}
+        for n in names}
+o = BudgetOutcome(3.0, True, (2, 3, 4), {}, errors, bits, "m", [], 0, 0, 0, {}, 0.0)
+_solve(o, [[n] for n in names], 6 * 64 * 3, torch.device("cpu"))
+mine = BudgetOutcome(3.0, True, (2, 3, 4), {}, errors, bits, "m", [], 0, 0, 0, {}, 0.0)
+import llmcq.dist as d
+d.active = lambda: False  # what this rank alone would choose
+_solve(mine, [[n] for n in names], 6 * 64 * 3, torch.device("cpu"))
+torch.save({"taken": o.allocation, "own": mine.allocation}, out)
+if world > 1:
+    leave_ranks()
+"""
+
+
+def test_data_parallel_ranks_take_rank_0s_allocation(tmp_path: Path) -> None:
+    """Under data parallelism every rank takes rank 0's choice (broadcast), even where its
+    own measurement would have chosen otherwise."""
+    from llmcq.testing.gloo import run_ranks
+
+    r0, r1 = run_ranks(BUDGET_WORKER, 2, tmp_path, name="budget")
+    assert r0["own"] != r1["own"]  # the ranks' own choices differ ...
+    assert r0["taken"] == r1["taken"] == r0["own"]  # ... and both take rank 0's

@@ -403,8 +403,17 @@ def test_llmcq_budget_prints_and_saves_without_quantizing(
     assert "block q_proj k_proj v_proj o_proj gate_proj up_proj down_proj" in res.stdout
     assert "target 3.0 bits_per_param; planned weight_bits_mean" in res.stdout
     assert (tmp_path / "alloc.yaml").is_file() and not (tmp_path / "out").exists()
-    again = llmcq_cli("budget", str(path), "--no-progress", env={"OMP_NUM_THREADS": "1"})
-    assert again.returncode == 2 and "quant.bit_budget.save_path" in again.output
+    # the allocation is not replaced without --overwrite: llmcq run and validate refuse at
+    # config time, llmcq budget before loading the model
+    from llmcq.errors import OutputExistsError
+    from llmcq.pipeline.runner import search_budget
+
+    with pytest.raises(OutputExistsError, match="alloc.yaml"):
+        resolve_config(copy.deepcopy(cfg))
+    resolved = resolve_config(copy.deepcopy(cfg), overwrite=True)
+    resolved.overwrite = False  # as llmcq budget without --overwrite
+    with pytest.raises(OutputExistsError, match="quant.bit_budget.save_path"):
+        search_budget(resolved, progress=False, model=object())
     # the snippet in place of bit_budget passes llmcq validate
     del cfg["quant"]["bit_budget"]
     cfg["quant"]["mix_bits"] = yaml.safe_load((tmp_path / "alloc.yaml").read_text())[

@@ -34,7 +34,8 @@ from llmcq.pipeline.context import RunContext
 from llmcq.pipeline.layer_plan import ModelLinears, check_plan, model_linears
 from llmcq.quant.spec import WeightQuantSpec
 
-__all__ = ["BudgetOutcome", "search", "first_samples", "mix_bits_snippet"]
+__all__ = ["BudgetOutcome", "search", "first_samples", "mix_bits_snippet",
+           "refuse_existing_snippet"]
 
 log = logging.getLogger("llmcq")
 
@@ -229,11 +230,7 @@ def search(run: RunContext, batches: list[torch.Tensor]) -> BudgetOutcome:
     """The search of the module docstring; sets ``run.specs`` to the chosen plan."""
     bb = run.config.quant.bit_budget  # type: ignore[union-attr]
     assert bb is not None and run.adapter is not None
-    if bb.save_path is not None:
-        dest = Path(bb.save_path).expanduser()
-        if dest.exists() and not run.resolved.overwrite:
-            raise OutputExistsError(f"{BUDGET}.save_path: {dest} already exists; choose "
-                                    "another path, or pass --overwrite")
+    refuse_existing_snippet(run.resolved)
     lin = model_linears(run)
     targets, floats = _candidates(run, lin)
     quantized = [f"{lin.prefix}.{i}.{r}" for i, by in sorted(targets.items()) for r in by]
@@ -285,6 +282,16 @@ def search(run: RunContext, batches: list[torch.Tensor]) -> BudgetOutcome:
     for line in outcome.table():
         log.info("bit budget: %s", line)
     return outcome
+
+
+def refuse_existing_snippet(resolved: Any) -> None:
+    """``save_path`` must not exist unless outputs may be overwritten (``--overwrite``)."""
+    bb = resolved.config.quant.bit_budget
+    if bb is not None and bb.save_path is not None:
+        dest = Path(bb.save_path).expanduser()
+        if dest.exists() and not resolved.overwrite:
+            raise OutputExistsError(f"{BUDGET}.save_path: {dest} already exists; choose "
+                                    "another path, or pass --overwrite")
 
 
 def _ceil6(x: Fraction) -> str:

@@ -262,13 +262,15 @@ def search_budget(resolved: ResolvedConfig, *, progress: bool = True, model: Any
         raise ConfigError("quant.bit_budget", None, show_value=False,
                           reason="llmcq budget runs the bit-budget search; the config has "
                           "no quant.bit_budget section")
+    from llmcq.budget.plan import refuse_existing_snippet, search
+
+    refuse_existing_snippet(resolved)  # before anything is loaded
     _seed(cfg.base.seed)
     device = pick_device(cfg.base.device)
     stages = _Stages(device)
     ctx = RunContext(resolved=resolved, device=device,
                      pm=make_plugin_manager(builtin=Builtin()), progress=progress)
     _load(ctx, stages, model, tokenizer)
-    from llmcq.budget.plan import search
 
     batches = _calibration(ctx, stages, {})
     with stages("bit_budget"):

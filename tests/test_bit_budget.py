@@ -142,7 +142,12 @@ def test_the_run_reaches_the_target_without_exceeding_it(searched: Any) -> None:
     assert comp["bits_per_param"] == pytest.approx(expected, abs=1e-6)
     assert results["layers"]["ignored_layers"]["linears"] == 1
     assert len(bb["errors"]) == 13 and all(len(e) == 3 for e in bb["errors"].values())
-    assert any(line.lstrip().startswith("0 ") and " - " in f"{line} " for line in bb["table"])
+    # the table: a column per linear, a row per block, '-' for the linear kept in float
+    head, row0, row1, means = bb["table"]
+    assert head.split() == ["block", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                            "up_proj", "down_proj"]
+    assert row0.split()[4] == "-" and row1.split()[7] == str(alloc["model.layers.1.mlp.down_proj"])
+    assert means.startswith("target 3.0 bits_per_param; planned weight_bits_mean")
 
 
 def test_count_overhead_false_budgets_code_bits(tiny_llama_dir: Path, shared_data: Path,

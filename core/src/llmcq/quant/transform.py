@@ -114,4 +114,13 @@ def transform_from_dict(d: dict[str, Any]) -> OnlineTransform:
         return MatrixTransform(torch.as_tensor(d["matrix"]))
     if kind == BlockHadamard.kind:
         return BlockHadamard(int(d["size"]), int(d["block"]))
-    raise ValueError(f"unknown online transform {kind!r}: known matrix, block_hadamard")
+    if kind == "hadamard":  # any size Sylvester x Paley decomposes (llmcq.transforms.hadamard)
+        from llmcq.transforms.hadamard import Hadamard
+
+        h = Hadamard(int(d["size"]))
+        if "core" in d and int(d["core"]) != h.m:
+            raise ValueError(f"hadamard({h.size}): core order {d['core']} written, this "
+                             f"version builds {h.m}")
+        return h
+    raise ValueError(f"unknown online transform {kind!r}: known matrix, block_hadamard, "
+                     "hadamard")

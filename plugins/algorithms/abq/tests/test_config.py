@@ -33,8 +33,9 @@ def _cfg(data: Path, special: dict[str, Any] | None = None, *, method: Any = "AB
 def test_reference_defaults_and_names(shared_data: Path) -> None:
     sp = AbqSpecial()
     assert (sp.epochs, sp.let_lr, sp.lwc_lr, sp.alpha, sp.wd, sp.aug_loss, sp.deactive_amp,
-            sp.compensation_layers, sp.bit_balance, sp.let, sp.lwc, sp.attn_loss) == \
-        (10, 0.005, 0.01, 0.5, 0.0, True, True, (3, 4), False, True, True, True)
+            sp.compensation_layers, sp.bit_balance, sp.let, sp.lwc, sp.attn_loss,
+            sp.compensation_lr, sp.smooth_up_down) == \
+        (10, 0.005, 0.01, 0.5, 0.0, True, True, (3, 4), False, True, True, True, 0.01, True)
     for name in ("abq", "ABQLLM", "abq_llm", "ABQ-LLM"):
         spec, _ = registry.load_spec("llmcq.algorithms", name, field="quant.method")
         assert spec is SPEC
@@ -58,6 +59,8 @@ def test_any_weight_bits_with_any_activation_bits(shared_data: Path, wbits: int,
     ({"lwc": False, "let": False, "compensation_layers": [0, 0]}, None, None,
      "quant.special.epochs"),
     ({}, {**W4, "calib_algo": "minmax"}, None, "quant.weight.calib_algo"),
+    ({"let": False}, None, None, "quant.special.smooth_up_down"),
+    ({"compensation_lr": 0}, None, None, "quant.special.compensation_lr"),
     ({}, None, {**A8, "bit": 3}, "quant.act.bit"),
     ({}, None, {**A8, "granularity": "per_tensor"}, "quant.act.granularity"),
 ])

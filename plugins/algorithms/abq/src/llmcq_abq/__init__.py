@@ -49,6 +49,10 @@ class AbqSpecial(SpecialConfig):
     #: rank-1 compensation ``W + a b^T`` of down_proj in the first and the last blocks:
     #: ``[first, last]`` counts (``[0, 0]``: none)
     compensation_layers: tuple[int, int] = (3, 4)
+    #: AdamW learning rate of the compensation vectors (fixed at 1e-2 in the reference)
+    compensation_lr: float = Field(0.01, gt=0)
+    #: LET also between up_proj and down_proj (the reference does it in every Llama block)
+    smooth_up_down: bool = True
     #: the 2-bit asymmetric grid with 5 levels (codes 0..4, step range / 4)
     bit_balance: bool = False
     #: the bidirectional KL of the head-averaged attention maps in the loss (needs roles q
@@ -88,6 +92,8 @@ class AbqSpec(AlgorithmSpec):
         if first < 0 or last < 0:
             raise ConfigError(f"{sp}.compensation_layers", list(special.compensation_layers),
                               allowed="[first, last]: two counts >= 0")
+        if special.smooth_up_down and not special.let:
+            raise ConfigError(f"{sp}.smooth_up_down", True, reason="needs let: True")
         if special.bit_balance:
             raise ConfigError(f"{sp}.bit_balance", True, allowed="False",
                               reason="the 5-level 2-bit grid is not implemented in llmcq yet "

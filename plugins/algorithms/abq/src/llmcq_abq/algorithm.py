@@ -154,7 +154,7 @@ class ABQ(OmniQuant):
                                 let_lr=special.let_lr, alpha=special.alpha,
                                 deactive_amp=special.deactive_amp, epochs=special.epochs,
                                 wd=special.wd, aug_loss=special.aug_loss,
-                                smooth_up_down=special.let)
+                                smooth_up_down=special.let and special.smooth_up_down)
 
     # ------------------------------------------------------------------ compensation
 
@@ -248,7 +248,8 @@ class ABQ(OmniQuant):
                 block, inputs, targets,
                 [recon.ParamGroup(lwc, lr=self.sp.lwc_lr, name="lwc"),
                  recon.ParamGroup(let, lr=self.sp.let_lr, name="let"),
-                 recon.ParamGroup(comp_params, lr=solver.COMP_LR, name="compensation")],
+                 recon.ParamGroup(comp_params, lr=self.abq.compensation_lr,
+                                  name="compensation")],
                 settings=recon.ReconSettings(epochs=self.sp.epochs,
                                              amp=not self.sp.deactive_amp,
                                              weight_decay=self.sp.wd, optimizer="adamw"),

@@ -31,10 +31,7 @@ from llmcq.recon.losses import kl_divergence, mse
 from torch.nn import functional as F
 
 __all__ = ["rotate_half", "apply_rotary", "attention_map", "kl_both_ways",
-           "neg_log_mean_cosine", "target_loss", "compensated", "COMP_LR"]
-
-#: learning rate of the compensation vectors (fixed in the reference)
-COMP_LR = 1e-2
+           "neg_log_mean_cosine", "target_loss", "compensated"]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

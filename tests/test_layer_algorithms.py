@@ -54,6 +54,8 @@ CASES: dict[str, tuple[Any, dict, dict, dict | None, dict | None]] = {
     "osplus": ({"search_steps": 4, "true_sequential": True}, W8, {**W8, "bit": 4}, A8, A6),
     "omniquant_wa": ({"epochs": 1, "lwc": True, "let": True}, {**W8, "calib_algo": "learnable"},
                      {**W8, "bit": 4, "calib_algo": "learnable"}, A8, A6),
+    "abq_wa": ({"epochs": 1}, {**W8, "calib_algo": "learnable"},
+               {**W8, "bit": 4, "calib_algo": "learnable"}, A8, A6),
     "awq+gptq": ({"awq": {"trans_version": "v2", "weight_clip": True, "n_grid": 4},
                   "gptq": {}}, W4, W8, None, None),
 }

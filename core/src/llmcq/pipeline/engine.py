@@ -26,6 +26,7 @@ from llmcq.pipeline.context import RunContext, Step
 from llmcq.pipeline.transfer import upload_module
 from llmcq.quant.fake import ActRangeObserver, fake_quantized, swap_in_fake_quant
 from llmcq.quant.record import QuantizedLinear
+from llmcq.quant.transform import online_transform_of
 
 __all__ = ["quantize_model", "deploy_fake_quant", "call_stage"]
 
@@ -153,6 +154,24 @@ def _mask_records(run: RunContext, block: Block, records: dict[str, QuantizedLin
         rec.mask_structure = structure
 
 
+def _attach_transforms(block: Block, records: dict[str, QuantizedLinear],
+                       step: Step | None) -> None:
+    """A linear given an online input transform before the block loop (QuaRot's R4,
+    :func:`llmcq.quant.transform.attach_online_transform`) was quantized in the transformed
+    basis: its record carries that transform, whichever step made the record."""
+    linears = block.linears()
+    for name, rec in records.items():
+        t = online_transform_of(linears[name])
+        if t is None:
+            continue
+        if rec.input_transform is not None and rec.input_transform is not t:
+            raise PluginError("the record has an input transform of its own, but the linear "
+                              f"already applies {t.describe()} online",
+                              plugin=step.label if step else "llmcq core", stage="quantize",
+                              where=block.full_name(name))
+        rec.input_transform = t
+
+
 def _attach_act(run: RunContext, block: Block, inputs: BlockInputs | None,
                 records: dict[str, QuantizedLinear]) -> None:
     """Each record's activation settings (its linear's own, ``quant.act`` unless a
@@ -236,6 +255,7 @@ def quantize_model(run: RunContext, batches: list[torch.Tensor] | None) -> None:
                                 where=name, block=block, inputs=inputs)
             records = _check_records(run, block, result, run.quantizer)
             _mask_records(run, block, records, run.quantizer)
+            _attach_transforms(block, records, run.quantizer)
             _attach_act(run, block, inputs, records)
         if inputs is not None and not last:
             if dense_out is not None:

@@ -8,6 +8,14 @@ refuses the ``input_transform`` feature at config time.
 
 Every transform acts on the last dimension and knows its dense matrix (:meth:`matrix`), so
 ``T(x) == x @ T.matrix().T`` is the one definition tests check against.
+
+A transform that a model-wide step (QuaRot's ``transform_model``) puts on a float linear
+before the block loop is attached with :func:`attach_online_transform`: the linear's weight
+already holds ``W T^-1`` and a forward pre-hook applies ``T`` to its input, so the float
+model computes ``W x`` as before, every later step sees ``T(x)`` at the linear's input
+(GPTQ's Hessian, static activation ranges, search losses), and the engine gives the
+linear's record that ``input_transform`` (:func:`online_transform_of`); fake quantization
+then applies it in place of the hook.
 """
 
 from __future__ import annotations
@@ -18,7 +26,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["OnlineTransform", "MatrixTransform", "BlockHadamard", "transform_from_dict"]
+__all__ = ["OnlineTransform", "MatrixTransform", "BlockHadamard", "transform_from_dict",
+           "attach_online_transform", "online_transform_of", "detach_online_transform"]
+
+#: the attribute of a float linear holding ``(transform, hook handle)``
+_ONLINE_ATTR = "_llmcq_online_transform"
 
 
 class OnlineTransform(ABC):
@@ -124,3 +136,38 @@ def transform_from_dict(d: dict[str, Any]) -> OnlineTransform:
         return h
     raise ValueError(f"unknown online transform {kind!r}: known matrix, block_hadamard, "
                      "hadamard")
+
+
+def attach_online_transform(linear: torch.nn.Module, transform: OnlineTransform) -> None:
+    """Make the float ``linear`` apply ``transform`` to its input (a forward pre-hook) and
+    remember it, so the engine gives the linear's record ``input_transform = transform``.
+    The caller has already folded ``T^-1`` into the weight (``W -> W T.matrix().T`` for an
+    orthogonal ``T``). One transform per linear."""
+    if getattr(linear, _ONLINE_ATTR, None) is not None:
+        raise ValueError(f"{type(linear).__name__} already has an online input transform")
+    width = getattr(linear, "in_features", None)
+    if width is not None and width != transform.size:
+        raise ValueError(f"transform of size {transform.size} on a linear reading {width} "
+                         "inputs")
+
+    def pre_hook(_mod: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (transform.apply(args[0]), *args[1:])
+
+    handle = linear.register_forward_pre_hook(pre_hook)
+    setattr(linear, _ONLINE_ATTR, (transform, handle))
+
+
+def online_transform_of(linear: torch.nn.Module) -> OnlineTransform | None:
+    """The online input transform :func:`attach_online_transform` put on ``linear``."""
+    held = getattr(linear, _ONLINE_ATTR, None)
+    return None if held is None else held[0]
+
+
+def detach_online_transform(linear: torch.nn.Module) -> OnlineTransform | None:
+    """Remove the hook (the weight keeps ``W T^-1``); returns the transform."""
+    held = getattr(linear, _ONLINE_ATTR, None)
+    if held is None:
+        return None
+    held[1].remove()
+    setattr(linear, _ONLINE_ATTR, None)
+    return held[0]

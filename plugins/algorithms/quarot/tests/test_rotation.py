@@ -149,3 +149,63 @@ def test_online_transform_is_applied_in_float() -> None:
     q = model.model.layers[1].mlp.down_proj.weight.detach() @ t.matrix(torch.float64)
     close(down(x), x @ q.T)  # the Hadamard computes in float32
     assert not torch.allclose(q, w)  # R1 rotated the rows
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3"])
+def test_other_dense_families_keep_their_function(family: str) -> None:
+    """q/k/v biases (qwen2), q/k norms (qwen3), fused qkv and gate_up (phi3: R2 skipped)."""
+    from llmcq.testing.tiny_models import auto_model_class, tiny_family_config
+
+    cfg = tiny_family_config(family)
+    torch.manual_seed(0)
+    model = auto_model_class(cfg).from_config(cfg).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.08) if p.dim() >= 2 else p.add_(0.3 * torch.randn_like(p))
+    spec, _ = registry.load_spec("llmcq.models", family, field="model.type")
+    ad = spec.load_impl()(spec)
+    ref = logits(model, IDS)
+    run = SimpleNamespace(adapter=ad, model=model, weight=None, act=None,
+                          device=torch.device("cpu"))
+    algo = Quarot(run=run, step=SimpleNamespace(special=QuarotSpecial()))
+    algo.transform_model(model)
+    close(logits(model, IDS), ref)
+    assert (algo.facts["r2"] is None) is (family == "phi3")
+
+
+@pytest.mark.parametrize("family,match", [("mixtral", "MoE experts"),
+                                          ("falcon", "LayerNorm")])
+def test_unsupported_families_are_refused_with_the_reason(family: str, match: str) -> None:
+    from llmcq.errors import PluginError
+    from llmcq.testing.tiny_models import auto_model_class, tiny_family_config
+
+    cfg = tiny_family_config(family)
+    model = auto_model_class(cfg).from_config(cfg).eval()
+    spec, _ = registry.load_spec("llmcq.models", family, field="model.type")
+    ad = spec.load_impl()(spec)
+    ad.ensure_prepared(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    run = SimpleNamespace(adapter=ad, model=model, weight=None, act=None)
+    with pytest.raises(PluginError, match=match):
+        Quarot(run=run, step=SimpleNamespace(special=QuarotSpecial())).transform_model(model)
+    # refused before anything changed
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_offset_norm_fuses_as_one_plus_w() -> None:
+    """Gemma's RMSNorm computes x / rms(x) * (1 + w): fused into the reader as 1 + w, the
+    norm's weight set to 0."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    from llmcq_quarot.rotation import fuse_norm
+
+    torch.manual_seed(0)
+    norm = GemmaRMSNorm(16).double()
+    with torch.no_grad():
+        norm.weight.normal_(0.0, 0.5)
+    lin = torch.nn.Linear(16, 5).double()
+    x = torch.randn(4, 16, dtype=torch.float64)
+    ref = lin(norm(x))
+    fuse_norm(norm, "rms_offset", [lin])
+    assert torch.equal(norm.weight, torch.zeros(16, dtype=torch.float64))
+    close(lin(norm(x)), ref)

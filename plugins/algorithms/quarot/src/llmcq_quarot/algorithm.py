@@ -203,7 +203,8 @@ class Quarot(Algorithm):
                  if lin in readers and id(lin) not in fed]
         if float_readers or unfed:
             raise PluginError(f"quarot: {where}: residual readers not fed by a declared "
-                              f"pre-norm: {', '.join(float_readers + unfed)}",
+                              f"pre-norm: {', '.join(float_readers + unfed)} (MoE experts "
+                              "read the MLP norm beside the router: not supported yet)",
                               stage="transform_model")
         vs, os_ = by_role.get("v", []), by_role.get("o", [])
         vo = [(vs[0][1], os_[0][1])] if len(vs) == 1 and len(os_) == 1 else []

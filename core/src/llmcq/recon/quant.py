@@ -28,16 +28,18 @@ __all__ = ["fake_quant_grouped", "act_fake_quant", "act_quant_hooks"]
 
 
 def fake_quant_grouped(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                       bits: int, symmetric: bool, ste: bool = True) -> torch.Tensor:
+                       bits: int, symmetric: bool, ste: bool = True,
+                       qmax: int | None = None) -> torch.Tensor:
     """Quantize-dequantize grouped values ``[rows, G, g]`` with step ``scale`` and zero point
     ``zero`` (``[rows, G, 1]``; None when symmetric); straight-through rounding when
-    ``ste``, plain rounding (no gradient through the rounding) otherwise."""
+    ``ste``, plain rounding (no gradient through the rounding) otherwise. ``qmax``
+    (asymmetric grids): the largest code when it is not ``2^bits - 1`` (bit balance)."""
     rnd = round_ste if ste else torch.round
     if symmetric:
         q = torch.clamp(rnd(xg / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
         return q * scale
     assert zero is not None
-    q = torch.clamp(rnd(xg / scale + zero), 0, 2**bits - 1)
+    q = torch.clamp(rnd(xg / scale + zero), 0, 2**bits - 1 if qmax is None else qmax)
     return (q - zero) * scale
 
 

@@ -54,7 +54,6 @@ def test_any_weight_bits_with_any_activation_bits(shared_data: Path, wbits: int,
 
 @pytest.mark.parametrize("special,weight,act,key", [
     ({"epochs_": 2}, None, None, "quant.special.epochs_"),  # unknown key
-    ({"bit_balance": True}, {**W4, "bit": 2}, None, "quant.special.bit_balance"),
     ({"compensation_layers": [-1, 4]}, None, None, "quant.special.compensation_layers"),
     ({"lwc": False, "let": False, "compensation_layers": [0, 0]}, None, None,
      "quant.special.epochs"),
@@ -76,3 +75,23 @@ def test_weight_bits_outside_2_to_8_refused(shared_data: Path) -> None:
     with pytest.raises(ConfigError) as err:
         resolve_config(_cfg(shared_data, weight={**W4, "bit": 1}))
     assert "quant.weight.bit" in str(err.value)
+
+
+def test_bit_balance_only_on_2_bit_asymmetric_weights(shared_data: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve_config(_cfg(shared_data, {"bit_balance": True}, weight={**W4, "bit": 3}))
+    assert "quant.special.bit_balance" in str(err.value)
+    resolve_config(_cfg(shared_data, {"bit_balance": True}, weight={**W4, "bit": 2}))
+
+
+@pytest.mark.parametrize("flag", ["save_vllm", "save_autogptq"])
+def test_bit_balance_refused_by_a_backend_that_stores_codes(shared_data: Path,
+                                                            flag: str) -> None:
+    cfg = _cfg(shared_data, {"bit_balance": True},
+               weight={**W4, "bit": 2, "granularity": "per_group", "group_size": 64})
+    cfg["save"][flag] = True
+    with pytest.raises(ConfigError) as err:
+        resolve_config(cfg)
+    assert "quant.special.bit_balance" in str(err.value), str(err.value)
+    cfg["save"] = {"save_path": "/tmp/llmcq-abq-never-written", "save_fake": True}
+    resolve_config(cfg)  # dequantized weights hold the 5-level grid

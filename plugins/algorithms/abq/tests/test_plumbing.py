@@ -5,6 +5,7 @@ fold is exact, and the attention probe's float map is transformers' eager attent
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
+import llmcq
 from llmcq.config.loader import resolve_config
 from llmcq.model.adapter import resolve_block
 from llmcq.model.loading import ModelSource, load_pretrained
@@ -133,3 +135,46 @@ def test_attention_probe_float_map_is_transformers_eager_attention(
         want = m(input_ids=ids, output_attentions=True).attentions[0].mean(dim=1)
     assert got.shape == want.shape == (2, 16, 16)
     assert torch.allclose(got, want.float(), atol=1e-6)
+
+
+class _Records:
+    """Keeps the run's records (read at evaluation)."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, Any] = {}
+
+    @llmcq.hookimpl
+    def llmcq_evaluate(self, run: Any) -> list:
+        self.records = dict(run.records)
+        return []
+
+
+def test_bit_balance_records_have_five_levels_and_log2_5_bits(
+        tmp_path: Path, tiny_llama_dir: Path, shared_data: Path,
+        tiny: tuple[Any, Any]) -> None:
+    from llmcq_fake import load_fake_quant
+
+    model, tok = tiny
+    m = copy.deepcopy(model)
+    cfg = _cfg(tiny_llama_dir, shared_data, tmp_path / "bb",
+               {"epochs": 1, "bit_balance": True, "attn_loss": False})
+    cfg["quant"]["weight"] = {"bit": 2, "symmetric": False, "granularity": "per_group",
+                              "group_size": 16, "calib_algo": "learnable", "ste": True}
+    del cfg["quant"]["act"]
+    cfg["eval"]["eval_pos"] = ["fake_quant"]
+    cfg["eval"]["num_samples"] = 1
+    cfg["save"]["save_fake"] = True
+    spy = _Records()
+    res = run(resolve_config(cfg), progress=False, model=m, tokenizer=tok, extra_plugins=[spy])
+    assert len(spy.records) == 14
+    for name, rec in spy.records.items():
+        assert rec.levels == 5 and rec.features() == ["grid_levels"] and not rec.problems()
+        assert int(rec.qweight.max()) == 4, name  # the fifth level is used
+        # the evaluated weight is the record's
+        lin = m.get_submodule(name)
+        assert torch.equal(lin.weight.float(), rec.dequantize().to(lin.weight.dtype).float())
+    assert res["compression"]["weight_bits_mean"] == pytest.approx(math.log2(5), abs=1e-6)
+    fake = load_fake_quant(tmp_path / "bb" / "fake_quant_model")
+    x = _ids()
+    with torch.no_grad():
+        assert torch.equal(fake(input_ids=x).logits, m(input_ids=x).logits)

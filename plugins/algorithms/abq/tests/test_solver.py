@@ -104,3 +104,25 @@ def test_compensation_blocks_are_the_first_three_and_last_four_by_default() -> N
     assert compensation_blocks(2, 3, 4) == [0, 1]
     assert compensation_blocks(10, 0, 0) == []
     assert compensation_blocks(10, 1, 0) == [0]
+
+
+def test_bit_balance_grid_has_five_levels_on_range_over_four() -> None:
+    from llmcq.quant.spec import PerChannel, WeightQuantSpec
+    from llmcq_omniquant import solver as omni
+
+    spec = WeightQuantSpec(bits=2, symmetric=False, granularity=PerChannel())
+    w = torch.randn(6, 40, generator=_gen(11))
+    q, qp = omni.lwc_quantize(w, spec, None, None, levels=5)
+    lo, hi = w.amin(1), w.amax(1)
+    h = (hi - lo) / 4
+    z = torch.round(-lo / h)
+    codes = torch.clamp(torch.round(w / h[:, None] + z[:, None]), 0, 4)
+    assert torch.equal(q, codes) and torch.allclose(qp.scale[:, 0], h)
+    assert torch.equal(qp.zero[:, 0], z)
+    assert int(q.max()) == 4 and int(q.min()) == 0
+    fake = omni.lwc_fake_quant(w, spec, None, None, levels=5)
+    assert torch.allclose(fake, (codes - z[:, None]) * h[:, None], atol=1e-6)
+    assert all(len(torch.unique(r)) <= 5 for r in fake)
+    assert max(len(torch.unique(r)) for r in fake) == 5
+    # without levels: the ordinary 4-level grid
+    assert int(omni.lwc_quantize(w, spec, None, None)[0].max()) == 3

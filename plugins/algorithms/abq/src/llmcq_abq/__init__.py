@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmcq.api import AlgorithmSpec, StepSettings
-from llmcq.capabilities import Need
+from llmcq.capabilities import Feature, Need
 from llmcq.config.schema import SpecialConfig
 from llmcq.errors import ConfigError
 from llmcq.quant.spec import PerToken
@@ -53,7 +53,9 @@ class AbqSpecial(SpecialConfig):
     compensation_lr: float = Field(0.01, gt=0)
     #: LET also between up_proj and down_proj (the reference does it in every Llama block)
     smooth_up_down: bool = True
-    #: the 2-bit asymmetric grid with 5 levels (codes 0..4, step range / 4)
+    #: 2-bit asymmetric weights on 5 levels (codes 0..4, step range / 4; the reference's
+    #: W2* rows): results.json counts log2(5) bits per weight; only backends that write
+    #: dequantized weights (fake, trans) accept it
     bit_balance: bool = False
     #: the bidirectional KL of the head-averaged attention maps in the loss (needs roles q
     #: and k and rotary position embeddings in the block's inputs: Llama-style attention)
@@ -94,10 +96,10 @@ class AbqSpec(AlgorithmSpec):
                               allowed="[first, last]: two counts >= 0")
         if special.smooth_up_down and not special.let:
             raise ConfigError(f"{sp}.smooth_up_down", True, reason="needs let: True")
-        if special.bit_balance:
+        if special.bit_balance and (weight.bits != 2 or weight.symmetric):
             raise ConfigError(f"{sp}.bit_balance", True, allowed="False",
-                              reason="the 5-level 2-bit grid is not implemented in llmcq yet "
-                              "(records cannot say that a grid has 2^n + 1 levels)")
+                              reason="the 5-level grid is for 2-bit asymmetric weights "
+                              f"(got {weight.describe()})")
         if act is not None:
             if act.is_float:
                 raise ConfigError("quant.act.quant_type", act.fmt, allowed="int-quant",
@@ -112,6 +114,14 @@ class AbqSpec(AlgorithmSpec):
             if act.static:
                 raise ConfigError("quant.act.static", True, allowed="False",
                                   reason="ABQ-LLM trains with dynamic activation quantization")
+
+    def produces(self, step: StepSettings) -> list[Feature]:
+        special = step.special
+        assert isinstance(special, AbqSpecial)
+        if not special.bit_balance:
+            return []
+        return [Feature("grid_levels", step.key("bit_balance"), True, source=self.name,
+                        hint="set bit_balance: False (an ordinary 4-level 2-bit grid)")]
 
     def needs(self, step: StepSettings) -> list[Need]:
         special = step.special

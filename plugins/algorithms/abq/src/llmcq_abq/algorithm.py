@@ -13,7 +13,9 @@ on the learned clipped grids in ``quantize``) with ABQ-LLM's training:
 * the rank-1 compensation ``W + a b^T`` of ``down_proj`` in the first and last blocks
   (``compensation_layers``), trained with the block (learning rate 1e-2, as the reference)
   and folded into the float weight after the LET fold, so ``quantize`` records an ordinary
-  quantized linear of the compensated weight.
+  quantized linear of the compensated weight;
+* bit balance: 2-bit asymmetric grids with 5 levels (codes 0..4, step range / 4) in training
+  and in the records (``QuantizedLinear.levels``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from torch.nn import functional as F
 from llmcq import dist, recon
 from llmcq.errors import PluginError
 from llmcq.pipeline.blockwise import Block, BlockInputs
+from llmcq.quant.record import QuantizedLinear, make_record
+from llmcq.quant.spec import WeightQuantSpec
 from llmcq_abq import AbqSpecial, solver
 from llmcq_omniquant import OmniQuantSpecial
 from llmcq_omniquant import solver as omni
@@ -156,6 +160,26 @@ class ABQ(OmniQuant):
                                 wd=special.wd, aug_loss=special.aug_loss,
                                 smooth_up_down=special.let and special.smooth_up_down)
 
+    def levels_of(self, spec: WeightQuantSpec) -> int | None:
+        """The grid's levels when bit balance changes them: ``2^bits + 1`` for 2-bit
+        asymmetric grids (the reference's ``qmax = 2^n`` at ``n <= 2``), else None."""
+        if self.abq.bit_balance and spec.bits == 2 and not spec.symmetric:
+            return 2**spec.bits + 1
+        return None
+
+    def quantize(self, block: Block, inputs: BlockInputs | None) -> dict[str, QuantizedLinear]:
+        """OmniQuant's records on the learned clipped grids, with bit balance's levels."""
+        factors = self.run.scratch(block.index).get("omniquant", {}).get("lwc", {})
+        out = {}
+        for name, lin in self.quantized_linears(block).items():
+            spec = self.weight_of(block, name)
+            assert spec is not None
+            up, low = factors.get(name, (None, None))
+            levels = self.levels_of(spec)
+            q, qp = omni.lwc_quantize(lin.weight.data, spec, up, low, levels=levels)
+            out[name] = make_record(q, qp, spec, bias=lin.bias, levels=levels)
+        return out
+
     # ------------------------------------------------------------------ compensation
 
     def _compensated_here(self, block: Block) -> bool:
@@ -215,7 +239,8 @@ class ABQ(OmniQuant):
             for name, spec in grids.items():
                 up, low = factors.get(name, (None, None))
                 key = f"{name}.weight"
-                eff[key] = omni.lwc_fake_quant(eff[key], spec, up, low, ste=ste)
+                eff[key] = omni.lwc_fake_quant(eff[key], spec, up, low, ste=ste,
+                                               levels=self.levels_of(spec))
             return eff
 
         def truncate() -> None:  # LET scales stay away from 0 (the reference's truncation)

@@ -25,8 +25,8 @@ rows) absorbs ``/ s`` and ``- delta``, the consumers' columns absorb ``* s`` and
 from __future__ import annotations
 
 import torch
-from llmcq.quant.qparams import (SCALE_EPS, QParams, group_view, quantize_weight, sym_divisor,
-                                 ungroup)
+from llmcq.quant.qparams import (SCALE_EPS, QParams, group_view, quantize_grouped,
+                                 quantize_weight, sym_divisor, ungroup)
 from llmcq.quant.spec import WeightQuantSpec
 from llmcq.recon.quant import act_fake_quant as recon_act_fake_quant
 from llmcq.recon.quant import fake_quant_grouped
@@ -71,14 +71,16 @@ def lwc_range(wg: torch.Tensor, up: torch.Tensor | None, low: torch.Tensor | Non
 
 
 def lwc_qparams(wg: torch.Tensor, up: torch.Tensor | None, low: torch.Tensor | None,
-                bits: int, symmetric: bool, *, round_zp: bool = True, full_range: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                bits: int, symmetric: bool, *, round_zp: bool = True, full_range: bool = False,
+                levels: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Step ``h`` and zero point ``z`` (``[rows, G, 1]``) of the clipped range, on llmcq's
-    grids (see :func:`llmcq.quant.qparams.minmax_qparams`); differentiable in ``h``."""
+    grids (see :func:`llmcq.quant.qparams.minmax_qparams`); differentiable in ``h``.
+    ``levels`` (asymmetric): a grid of that many levels instead of ``2^bits`` (ABQ-LLM's bit
+    balance: 5 at 2 bits, ``h = range / 4``)."""
     lo, hi = lwc_range(wg, up, low, symmetric)
     if symmetric:
         return (hi / sym_divisor(bits, full_range)).clamp(min=SCALE_EPS), None
-    qmax = 2**bits - 1
+    qmax = 2**bits - 1 if levels is None else levels - 1
     scale = ((hi - lo) / qmax).clamp(min=SCALE_EPS)
     zero = -lo / scale
     zero = zero.round().clamp(0, qmax) if round_zp else zero.clamp(0, qmax)
@@ -91,24 +93,35 @@ _fake_quant_groups = fake_quant_grouped
 
 
 def lwc_fake_quant(w: torch.Tensor, spec: WeightQuantSpec, up: torch.Tensor | None,
-                   low: torch.Tensor | None, *, ste: bool = True) -> torch.Tensor:
+                   low: torch.Tensor | None, *, ste: bool = True,
+                   levels: int | None = None) -> torch.Tensor:
     """``W_hat`` of a weight ``[out, in]`` with clip factors ``[out, G]``, differentiable in
-    ``w``, ``up`` and ``low`` (straight-through rounding when ``ste``)."""
+    ``w``, ``up`` and ``low`` (straight-through rounding when ``ste``); ``levels``: see
+    :func:`lwc_qparams`."""
     wg = group_view(w, spec.granularity)
     scale, zero = lwc_qparams(wg, up, low, spec.bits, spec.symmetric, round_zp=spec.round_zp,
-                              full_range=spec.full_range)
-    return ungroup(_fake_quant_groups(wg, scale, zero, spec.bits, spec.symmetric, ste), w.shape)
+                              full_range=spec.full_range, levels=levels)
+    if levels is None:
+        return ungroup(_fake_quant_groups(wg, scale, zero, spec.bits, spec.symmetric, ste),
+                       w.shape)
+    return ungroup(_fake_quant_groups(wg, scale, zero, spec.bits, spec.symmetric, ste,
+                                      qmax=levels - 1), w.shape)
 
 
 @torch.no_grad()
 def lwc_quantize(w: torch.Tensor, spec: WeightQuantSpec, up: torch.Tensor | None,
-                 low: torch.Tensor | None) -> tuple[torch.Tensor, QParams]:
-    """Integer codes ``[out, in]`` and qparams ``[out, G]`` for a record (no gradient)."""
+                 low: torch.Tensor | None, *, levels: int | None = None
+                 ) -> tuple[torch.Tensor, QParams]:
+    """Integer codes ``[out, in]`` and qparams ``[out, G]`` for a record (no gradient);
+    ``levels``: see :func:`lwc_qparams` (the record then says ``levels``)."""
     wg = group_view(w.float(), spec.granularity)
     scale, zero = lwc_qparams(wg, _on(up, w), _on(low, w), spec.bits, spec.symmetric,
-                              round_zp=spec.round_zp, full_range=spec.full_range)
+                              round_zp=spec.round_zp, full_range=spec.full_range, levels=levels)
     qp = QParams(scale.squeeze(-1), None if zero is None else zero.squeeze(-1))
-    return quantize_weight(w, spec, qp)
+    if levels is None:
+        return quantize_weight(w, spec, qp)
+    q = quantize_grouped(wg, scale, zero, spec.bits, spec.symmetric, qmax=levels - 1)
+    return ungroup(q, w.shape), qp
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ SPEC = BackendSpec(
     # would need code at load time, and a quantized KV cache a runtime: both refused.
     accepts=frozenset({"g_idx", "group_bits", "float_columns", "sparse_outliers",
                        "sparsity_mask", "act_quant", "float_format", "fractional_zero",
-                       "quantized_scales", "layer_grids", "float_linears"}),
+                       "quantized_scales", "layer_grids", "float_linears", "grid_levels"}),
     refusals={"input_transform": "writes dequantized weights only; an online input "
                                  "transform would have to run at load time",
               "kv_cache_quant": "has no KV-cache runtime"},

@@ -9,24 +9,18 @@ compensated nothing, or used the wrong Hessians, would land at or above RTN.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from llmcq.config.loader import resolve_config
-from llmcq.model.loading import ModelSource, load_pretrained
 from llmcq.pipeline.runner import run
 
 pytestmark = pytest.mark.slow
 
+WINDOWS = 16
 W3G64 = {"bit": 3, "symmetric": False, "granularity": "per_group", "group_size": 64}
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_path: Path) -> tuple[Any, Any]:
-    return load_pretrained(ModelSource(smollm2_path.parent, smollm2_path.name))
 
 
 def _config(data: Path, save: Path, method: str) -> dict[str, Any]:
@@ -34,7 +28,7 @@ def _config(data: Path, save: Path, method: str) -> dict[str, Any]:
         "model": {"type": "llama"},
         "eval": {"eval_pos": ["fake_quant"], "name": "wikitext2",
                  "path": str(data / "wikitext2" / "test.txt"), "seq_len": 512,
-                 "num_samples": 16},
+                 "num_samples": WINDOWS},
         "quant": {"method": method, "weight": W3G64},
         "save": {"save_path": str(save)},
     }
@@ -50,15 +44,13 @@ def _config(data: Path, save: Path, method: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def results(smollm2: Any, shared_data: Path, tmp_path_factory: pytest.TempPathFactory
-            ) -> dict[str, Any]:
-    model, tok = smollm2
-    out = {}
-    for method in ("rtn", "gptq"):
-        out[method] = run(resolve_config(_config(shared_data, tmp_path_factory.mktemp(method),
-                                                 method)),
-                          progress=False, model=copy.deepcopy(model), tokenizer=tok)
-    return out
+def results(smollm2_copy: Any, smollm2_ppl: Any, shared_data: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    model, tok = smollm2_copy()
+    gptq = run(resolve_config(_config(shared_data, tmp_path_factory.mktemp("gptq"), "gptq")),
+               progress=False, model=model, tokenizer=tok)
+    # RTN through llmcq run on the same windows, in this session (shared with rtn's test)
+    return {"gptq": gptq, "rtn_ppl": smollm2_ppl(WINDOWS, {"method": "rtn", "weight": W3G64})}
 
 
 def ppl(res: dict[str, Any]) -> float:
@@ -66,7 +58,7 @@ def ppl(res: dict[str, Any]) -> float:
 
 
 def test_gptq_beats_rtn_at_w3g64(results: dict[str, Any]) -> None:
-    rtn, gptq = ppl(results["rtn"]), ppl(results["gptq"])
+    rtn, gptq = results["rtn_ppl"], ppl(results["gptq"])
     assert gptq < 0.92 * rtn, (gptq, rtn)
 
 

@@ -1,0 +1,1 @@
+"""llmcq-kernels: weight-only matmul reading the mixpack layout (Triton on CUDA, torch reference elsewhere)."""

@@ -1,0 +1,117 @@
+"""``KernelLinear``: a mixpack linear that computes through the Triton kernel on CUDA and
+through the reference path (mixpack's ``dequantize`` + ``F.linear``) elsewhere, and the
+calls that put it into a transformers model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from llmcq.quant.fake import set_module
+from llmcq_mixpack.dequant import dequantize
+from llmcq_mixpack.layout import PackedLinear
+from llmcq_mixpack.module import MixPackLinear
+from torch import nn
+from torch.nn import functional as F
+
+from llmcq_kernels import triton_mm
+from llmcq_kernels.layout import KernelPack, repack
+
+__all__ = ["KernelLinear", "swap_linears", "load_model"]
+
+_TENSORS = ("planes", "stream_base", "stream_words", "bits", "group_pos", "scale", "zero",
+            "col_perm", "float_cols", "float_vals")
+#: the float32 grid: moved with the module, never cast (as MixPackLinear's)
+_GRID = ("scale", "zero", "float_vals")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class KernelLinear(nn.Module):
+    """``y = x @ W_hat^T + bias`` for a mixpack linear (``W_hat`` as mixpack dequantizes
+    it). CUDA input with triton importable: the Triton kernel; otherwise (CPU, no triton,
+    float columns, another dtype) the reference path, which equals ``MixPackLinear``."""
+
+    def __init__(self, packed: PackedLinear, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = packed.in_features, packed.out_features
+        kp = repack(packed)
+        self._layout = replace(packed, streams={}, scale=torch.empty(0), group_bits=None,
+                               zero=None, col_perm=None, float_cols=None, float_vals=None)
+        self._had_map = packed.group_bits is not None
+        self._meta = replace(kp, **{name: None for name in _TENSORS})
+        for name in _TENSORS:
+            self.register_buffer(name, getattr(kp, name))
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_mixpack(cls, mod: MixPackLinear) -> KernelLinear:
+        return cls(mod.packed(), None if mod.bias is None else mod.bias.data)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> KernelLinear:
+        grid = {n: t for n in _GRID if (t := getattr(self, n)) is not None
+                and t.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, before in grid.items():
+            now = getattr(self, name)
+            if now.dtype != torch.float32:
+                setattr(self, name, before.to(now.device))
+        return self
+
+    def kernel_pack(self) -> KernelPack:
+        """The kernel's tensors as they are now (on this module's device)."""
+        return replace(self._meta, **{name: getattr(self, name) for name in _TENSORS})
+
+    def packed(self) -> PackedLinear:
+        """mixpack's :class:`PackedLinear` (streams are views of ``planes``)."""
+        kp = self.kernel_pack()
+        template = replace(self._layout, group_bits=torch.empty(0) if self._had_map else None)
+        return kp.packed(template)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.packed(), dtype)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(x.dtype), self.bias)
+
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        return (triton_mm.available(x) and x.dtype in _KERNEL_DTYPES
+                and self.float_cols is None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_kernel(x):
+            return triton_mm.kernel_linear(x, self.kernel_pack(), self.bias)
+        return self.reference(x)
+
+    def extra_repr(self) -> str:
+        p = self._layout
+        grid = f"g{p.group_size}" if p.group_size else p.granularity
+        kp = self._meta
+        widths = str(kp.uniform_bits) if kp.uniform_bits else f"mixed<= {kp.max_bits}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={widths} {grid} {'sym' if p.symmetric else 'asym'}")
+
+
+def swap_linears(model: nn.Module) -> nn.Module:
+    """Replace every ``MixPackLinear`` of ``model`` (as ``llmcq_mixpack.load_model``
+    builds it) by a :class:`KernelLinear` holding the same tensors; returns ``model``."""
+    names = [n for n, m in model.named_modules() if isinstance(m, MixPackLinear)]
+    for name in names:
+        old = model.get_submodule(name)
+        assert isinstance(old, MixPackLinear)
+        set_module(model, name, KernelLinear.from_mixpack(old).to(old.scale.device))
+    return model
+
+
+def load_model(folder: str | Path, device: torch.device | str = "cpu", *,
+               dtype: torch.dtype | str | None = None, verify: bool = True) -> nn.Module:
+    """The model of a mixpack folder with :class:`KernelLinear` linears, in eval mode on
+    ``device`` (``llmcq_mixpack.load_model``'s arguments, then :func:`swap_linears`)."""
+    from llmcq_mixpack.loader import load_model as load_mixpack
+
+    model = load_mixpack(folder, device="cpu", dtype=dtype, verify=verify)
+    return swap_linears(model).to(device).eval()

@@ -1,0 +1,239 @@
+"""Speed of llmcq-kernels' weight-only matmul (mixpack layout) against bf16 cuBLAS and
+torch's int4 kernel, on the 7B Llama linear shapes (issue 16, "The kernels").
+
+    python bench/gpu/kernels_speed.py --out bench/results/kernels_speed_h100.json
+    python bench/gpu/kernels_speed.py --smoke --out /tmp/kernels_smoke.json   # CPU check
+
+Rows: every (K x N) of 4096x4096 (q/k/v/o), 4096x11008 (gate/up), 11008x4096 (down), every
+M of 1, 16, 256 tokens, for
+
+* ``bf16``: ``torch.matmul(x, W.t())`` with a bf16 weight (cuBLAS);
+* ``int4_torch``: ``torch.ops.aten._weight_int4pack_mm`` on the weight packed by
+  ``_convert_weight_to_int4pack`` (g128, bf16 scales and zeros); its signature changed
+  across torch versions, so every known form is tried and a failure is recorded as the
+  row's ``error`` instead of stopping the run;
+* ``ours_w4`` / ``ours_w2``: ``llmcq_kernels.triton_mm.kernel_linear`` on a random mixpack
+  linear, W4A16 / W2A16 asymmetric g128 (random codes, scales and zeros), bf16
+  activations; plus ``ours_mixed_w24``: groups of 2 and 4 bits drawn at random (bit map);
+  each also checked against the reference path (``max_err``, float32 reference); the int4
+  row is checked against the bf16 matmul of the same W4 weights (``max_err_vs_bf16``: a
+  large value means this torch's int4 packing convention differs from the one assumed).
+
+Timing: CUDA events around each call, ``--warmup`` calls first, then ``--iters`` timed
+calls, each after the L2 cache is flushed (a 256 MB write) unless ``--no-flush`` (a 4096 x
+4096 bf16 weight is 32 MB and would otherwise stay in the H100's 50 MB L2); the median is
+reported, with ``speedup_vs_bf16`` per row. ``--smoke`` runs tiny shapes on the CPU
+(reference path, ``time.perf_counter``) so the script itself can be checked anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+SHAPES_7B = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K = in, N = out)
+MS = (1, 16, 256)
+GROUP = 128
+
+
+def _env(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
+                            "device": device}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception as exc:  # noqa: BLE001
+        info["triton"] = f"unavailable: {exc}"
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["sms"] = torch.cuda.get_device_properties(0).multi_processor_count
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                        capture_output=True, text=True).stdout.strip()
+    except OSError:
+        pass
+    return info
+
+
+class Timer:
+    def __init__(self, device: str, warmup: int, iters: int, flush: bool) -> None:
+        self.device, self.warmup, self.iters = device, warmup, iters
+        self.cache = (torch.empty(256 << 20, dtype=torch.uint8, device=device)
+                      if flush and device == "cuda" else None)
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        """Median milliseconds per call."""
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            for _ in range(self.iters):
+                if self.cache is not None:
+                    self.cache.zero_()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+        else:
+            for _ in range(self.iters):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+def int4_torch(w_codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               group: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> x @ W^T`` through torch's int4 kernel, for unsigned 4-bit codes ``[N, K]``,
+    scales/zeros ``[N, K / group]``: tries the known signatures (torch 2.2-2.4: int32
+    codes ``[N, K]``; 2.5+: uint8 ``[N, K / 2]``, two codes a byte, high nibble first).
+    torch's zero is ``(8 - z) * s`` on a grid centred at 8: ``w = (q - 8) * s + zero``."""
+    n, k = w_codes.shape
+    ops = torch.ops.aten
+    sz = torch.stack([scale, (8 - zero.float()) * scale], dim=-1)  # [N, G, 2]
+    sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # [G, N, 2]
+    errors = []
+    packed_u8 = ((w_codes[:, ::2] << 4) | w_codes[:, 1::2]).to(torch.uint8).contiguous()
+    for weight in (packed_u8, w_codes.to(torch.int32).contiguous()):
+        for tiles in (8, 4, 2):
+            try:
+                packed = ops._convert_weight_to_int4pack(weight, tiles)
+                fn = lambda x, p=packed: ops._weight_int4pack_mm(x, p, group, sz)  # noqa: E731
+                fn(torch.zeros(1, k, dtype=torch.bfloat16, device=w_codes.device))
+                return fn
+            except Exception as exc:  # noqa: BLE001 - the signature of this torch version
+                errors.append(f"{weight.dtype} tiles {tiles}: {str(exc).splitlines()[0]}")
+    raise RuntimeError("; ".join(errors))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from llmcq_kernels import triton_mm
+    from llmcq_kernels.layout import repack
+    from llmcq_kernels.reference import reference_linear
+    from llmcq_kernels.synthetic import random_packed
+    from llmcq_mixpack.dequant import dequantize
+    from llmcq_mixpack.packing import unpack_codes
+
+    device = "cpu" if args.smoke else "cuda"
+    shapes = [(256, 128), (128, 256)] if args.smoke else SHAPES_7B
+    ms = (1, 16) if args.smoke else MS
+    timer = Timer(device, args.warmup, args.iters, not args.no_flush)
+    rows: list[dict[str, Any]] = []
+    result = {"env": _env(device), "smoke": args.smoke, "group_size": GROUP,
+              "warmup": args.warmup, "iters": args.iters, "l2_flush": not args.no_flush,
+              "activations": "bfloat16", "rows": rows}
+    for k, n in shapes:
+        packs = {"ours_w4": random_packed(n, k, 4, GROUP, seed=1),
+                 "ours_w2": random_packed(n, k, 2, GROUP, seed=2),
+                 "ours_mixed_w24": random_packed(n, k, (2, 4), GROUP, seed=3)}
+        p4 = packs["ours_w4"]
+        w_bf16 = dequantize(p4).to(device, torch.bfloat16)
+        int4_fn, int4_err = None, None
+        if device == "cuda":
+            try:
+                codes = unpack_codes(p4.streams, p4.bit_map(), (n, k), GROUP).to(torch.int32)
+                assert p4.zero is not None
+                int4_fn = int4_torch(codes.to(device), p4.scale.to(device),
+                                     p4.zero.to(device), GROUP)
+            except Exception as exc:  # noqa: BLE001
+                int4_err = f"{type(exc).__name__}: {exc}"[:2000]
+        else:
+            int4_err = "CUDA only (smoke run)"
+        kps = {name: repack(p) for name, p in packs.items()}
+        if device == "cuda":
+            from dataclasses import replace
+
+            mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+            kps = {name: replace(kp, **{f: mv(getattr(kp, f)) for f in (
+                "planes", "stream_base", "stream_words", "bits", "group_pos", "scale",
+                "zero", "col_perm")}) for name, kp in kps.items()}
+        for m in ms:
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            base = timer(lambda: torch.matmul(x, w_bf16.t()))
+            rows.append({"K": k, "N": n, "M": m, "impl": "bf16", "ms": base})
+            if int4_fn is not None:
+                try:
+                    t = timer(lambda: int4_fn(x))
+                    want = torch.matmul(x, w_bf16.t()).float()  # the same W4 weights
+                    rows.append({"K": k, "N": n, "M": m, "impl": "int4_torch", "ms": t,
+                                 "speedup_vs_bf16": base / t,
+                                 "max_err_vs_bf16": float((int4_fn(x).float() - want)
+                                                          .abs().max()),
+                                 "ref_max": float(want.abs().max())})
+                except Exception as exc:  # noqa: BLE001
+                    rows.append({"K": k, "N": n, "M": m, "impl": "int4_torch",
+                                 "error": str(exc)[:500]})
+            else:
+                rows.append({"K": k, "N": n, "M": m, "impl": "int4_torch", "error": int4_err})
+            for name, kp in kps.items():
+                row: dict[str, Any] = {"K": k, "N": n, "M": m, "impl": name}
+                try:
+                    if device == "cuda":
+                        fn = lambda kp=kp: triton_mm.kernel_linear(x, kp)  # noqa: E731
+                        row["config"] = triton_mm.choose_config(m, n, k)
+                    else:  # the reference path KernelLinear takes on a CPU
+                        fn = lambda p=packs[name]: reference_linear(x, p)  # noqa: E731
+                    ref = reference_linear(x.float(), _on(packs[name], device)).float()
+                    row["max_err"] = float((fn().float() - ref).abs().max())
+                    row["ref_max"] = float(ref.abs().max())
+                    row["ms"] = timer(fn)
+                    row["speedup_vs_bf16"] = base / row["ms"]
+                except Exception as exc:  # noqa: BLE001
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                    traceback.print_exc()
+                rows.append(row)
+            print(json.dumps([r for r in rows if r["M"] == m and r["K"] == k
+                              and r["N"] == n]), flush=True)
+    return result
+
+
+def _on(p: Any, device: str) -> Any:
+    from dataclasses import replace
+
+    mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return replace(p, streams={b: s.to(device) for b, s in p.streams.items()},
+                   group_bits=mv(p.group_bits), scale=mv(p.scale), zero=mv(p.zero),
+                   col_perm=mv(p.col_perm))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes on the CPU through the reference path")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--no-flush", action="store_true", help="do not flush L2 between calls")
+    args = ap.parse_args(argv)
+    if args.warmup is None:
+        args.warmup = 1 if args.smoke else 10
+    if args.iters is None:
+        args.iters = 3 if args.smoke else 50
+    if not args.smoke and not torch.cuda.is_available():
+        print("no CUDA device: run with --smoke on a CPU", file=sys.stderr)
+        return 2
+    result = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

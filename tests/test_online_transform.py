@@ -59,3 +59,18 @@ def test_engine_gives_the_record_the_transform() -> None:
     records["a"].input_transform = MatrixTransform(torch.eye(8))
     with pytest.raises(PluginError, match="already applies hadamard"):
         _attach_transforms(block, records, None)
+
+
+def test_a_scale_cannot_move_through_an_online_transform() -> None:
+    from llmcq.model.adapter import ResolvedGroup
+    from llmcq.model.layout import LinearGroup
+    from llmcq.transforms.scaling import fold_scale
+
+    up, down = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
+    attach_online_transform(down, Hadamard(8))
+    group = ResolvedGroup(LinearGroup(("down",), prev_op="up", prev_kind="linear",
+                                      inspect="down"), {"down": down}, up, down)
+    w = up.weight.detach().clone()
+    with pytest.raises(ValueError, match="online input transform"):
+        fold_scale(group, torch.full((8,), 2.0))
+    assert torch.equal(up.weight, w)

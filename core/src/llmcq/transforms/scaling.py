@@ -82,6 +82,13 @@ def fold_scale(group: ResolvedGroup, s: torch.Tensor, *, n_heads: int | None = N
     prev = group.prev_op
     if prev is None or group.spec.prev_kind == "none":
         raise ValueError(f"group {group.spec.linears} has no producer that can absorb a scale")
+    from llmcq.quant.transform import online_transform_of
+
+    online = [n for n, lin in group.linears.items() if online_transform_of(lin) is not None]
+    if online:  # W T(x / s * s) != W T(x) / s * s: the scale would not cancel
+        raise ValueError(f"{', '.join(online)} apply an online input transform (QuaRot's "
+                         "R4): a per-channel scale cannot move through it; leave this pair "
+                         "unscaled or rotate without online_rotate")
     s = s.detach().float().flatten()
     width = consumer_width(group)
     if group.spec.prev_kind == "linear":

@@ -252,7 +252,7 @@ class ABQ(OmniQuant):
             fparams = block.float_params if block.float_params is not None else {
                 n: p.detach().float() for n, p in block.module.named_parameters()}
             probe = AttentionProbe(block, heads, {n: p.float() for n, p in fparams.items()})
-        kl_sum = torch.zeros(())
+        kl_sum: torch.Tensor | None = None  # on the compute device: no host sync per step
         kl_n = [0]
 
         def loss(out: torch.Tensor, batch: recon.Batch) -> torch.Tensor:
@@ -262,7 +262,7 @@ class ABQ(OmniQuant):
             if probe is not None:
                 kl = probe.loss(batch)
                 nonlocal kl_sum
-                kl_sum = kl_sum + kl.detach().cpu()
+                kl_sum = kl.detach() if kl_sum is None else kl_sum + kl.detach()
                 kl_n[0] += 1
                 value = value + kl
             return value
@@ -285,7 +285,7 @@ class ABQ(OmniQuant):
         if comp:
             self._comp[block.index] = comp
         self._amp = result.amp
-        if kl_n[0]:
+        if kl_sum is not None and kl_n[0]:
             self._attn_kl.append(float(kl_sum) / kl_n[0])
         if not result.losses:
             return

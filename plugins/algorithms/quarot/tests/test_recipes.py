@@ -192,6 +192,11 @@ def test_config_refusals(tmp_path: Path, tiny_llama_dir: Path, shared_data: Path
     assert "online_rotate" in msg and "fake" in msg
     resolve_config(cfg(save_fake=True, special={"Quarot": {"online_rotate": False},
                                                 "RTN": {}}))
+    budget = cfg()
+    del budget["quant"]["act"]  # the search is weight-only
+    budget["quant"]["bit_budget"] = {"target": 3.0, "widths": [2, 4], "n_samples": 2}
+    msg = _refusal(budget)
+    assert "quant.bit_budget" in msg and "unrotated" in msg
     # a family without rotation points (Gemma-2's sandwich norms)
     bad = cfg()
     bad["model"]["type"] = "gemma2"

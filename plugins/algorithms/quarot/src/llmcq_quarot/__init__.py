@@ -16,6 +16,7 @@ from typing import Literal
 from llmcq.api import AlgorithmSpec, StepSettings
 from llmcq.capabilities import Feature
 from llmcq.config.schema import SpecialConfig
+from llmcq.errors import ConfigError
 
 __all__ = ["SPEC", "QuarotSpecial", "QuarotSpec"]
 
@@ -50,6 +51,15 @@ class QuarotSpecial(SpecialConfig):
 @dataclass(frozen=True, kw_only=True)
 class QuarotSpec(AlgorithmSpec):
     """Declares the online transform of R4 so backends that cannot apply it refuse it."""
+
+    def check(self, step: StepSettings) -> None:
+        super().check(step)
+        quant = step.quant
+        if quant is not None and quant.bit_budget is not None:
+            raise ConfigError("quant.bit_budget", None, show_value=False,
+                              reason="the bit-budget search measures every linear before the "
+                              "recipe runs, on the unrotated weights, while quarot rotates "
+                              "them all first; use quant.mix_bits, or no quarot")
 
     def produces(self, step: StepSettings) -> list[Feature]:
         special = step.special

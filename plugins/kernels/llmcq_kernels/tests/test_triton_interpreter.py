@@ -89,10 +89,12 @@ def _to(p: Any, device: str) -> Any:
 def compare(device: str, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
             ) -> list[tuple[str, int, str, float, float]]:
     """(case, M, dtype, max |kernel - reference|, tolerance) for every case, M and dtype,
-    plus two forced split-K runs."""
+    plus forced split-K runs and the per-element path on a linear the whole-word path
+    takes by default (8 of the 16 cases take the whole-word path by default: no partial
+    group, groups a multiple of 32)."""
     from llmcq_kernels.layout import repack
     from llmcq_kernels.reference import reference_linear
-    from llmcq_kernels.triton_mm import kernel_linear
+    from llmcq_kernels.triton_mm import kernel_linear, word_path
 
     gen = torch.Generator().manual_seed(1)
     rows = []
@@ -110,12 +112,16 @@ def compare(device: str, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch
                              float((y.float() - ref.float()).abs().max()), _tolerance(ref)))
     p = cases(device)[2][1]  # W4 g128 act-order, K = 256: split in 2 and 4, both paths
     kp = repack(p)
+    assert word_path(kp)  # whole-word path by default; the per-element one forced here too
     for m, cfg in ((1, dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=4, USE_DOT=0)),
-                   (16, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, USE_DOT=1))):
+                   (16, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, USE_DOT=1)),
+                   (1, dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, USE_DOT=0, WORDS=0)),
+                   (16, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, USE_DOT=1,
+                             WORDS=0))):
         x = torch.randn(m, p.in_features, generator=gen).to(device)
         ref = reference_linear(x, p)
         y = kernel_linear(x, kp, config=cfg)
-        rows.append((f"split_k{cfg['SPLIT_K']}", m, "float32",
+        rows.append((f"split_k{cfg['SPLIT_K']}_words{cfg.get('WORDS', 1)}", m, "float32",
                      float((y - ref).abs().max()), _tolerance(ref)))
     return rows
 
@@ -137,6 +143,6 @@ def test_kernel_matches_reference_in_triton_interpreter() -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [line.split() for line in res.stdout.strip().splitlines()]
     n_kinds = len(_mixpack_records().KINDS) - 1
-    assert len(rows) == (len(SYNTHETIC) + n_kinds) * len(MS) * 2 + 2
+    assert len(rows) == (len(SYNTHETIC) + n_kinds) * len(MS) * 2 + 4
     bad = [r for r in rows if not float(r[3]) <= float(r[4])]
     assert not bad, bad

@@ -25,7 +25,7 @@ import torch
 
 from llmcq_kernels.layout import KernelPack
 
-__all__ = ["available", "kernel_linear", "supports", "choose_config"]
+__all__ = ["available", "kernel_linear", "supports", "choose_config", "word_path"]
 
 try:  # pragma: no cover - the body is exercised under the interpreter or on CUDA
     import triton
@@ -37,6 +37,7 @@ try:  # pragma: no cover - the body is exercised under the interpreter or on CUD
                     sxm, sxk, s_row, s_map,
                     UNIFORM_B: tl.constexpr, MAX_B: tl.constexpr, SYM: tl.constexpr,
                     USE_DOT: tl.constexpr, IEEE: tl.constexpr, ATOMIC: tl.constexpr,
+                    WORDS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -53,42 +54,81 @@ try:  # pragma: no cover - the body is exercised under the interpreter or on CUD
             kmask = rk < k_hi
             x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk,
                         mask=mmask[:, None] & kmask[None, :], other=0.0)
-            # the weight tile, transposed: [BLOCK_K, BLOCK_N]
-            wmask = kmask[:, None] & nmask[None, :]
-            g = rk // GW
-            j = rk - g * GW
-            gi = rn[None, :] * s_row + g[:, None]  # into scale / zero ([R, G], R = N or 1)
-            if UNIFORM_B > 0:
-                b = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32) + UNIFORM_B
-                pos = tl.where(g[:, None] < FULL, rn[None, :] * (FULL * GW) + rk[:, None],
-                               N * FULL * GW + rn[None, :] * REM + j[:, None])
-            else:
-                mi = rn[None, :] * s_map + g[:, None]  # into bits / group_pos ([N, G])
-                b = tl.load(BITS + mi, mask=wmask, other=1).to(tl.int32)
-                pos = tl.load(GPOS + mi, mask=wmask, other=0) + j[:, None]
-            base = tl.load(SB + b, mask=wmask, other=0)
-            stride = tl.load(SW + b, mask=wmask, other=0)
-            word = base + (pos >> 5)
-            shift = pos & 31
-            u = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
-            for p in tl.static_range(MAX_B):
-                bit_on = wmask & (b > p)
-                wd = tl.load(PL + word + p * stride, mask=bit_on, other=0)
-                u = u | (((wd >> shift) & 1) << p)
-            s = tl.load(SC + gi, mask=wmask, other=0.0)
-            if SYM:
-                c = (tl.full((BLOCK_K, BLOCK_N), 1, tl.int32) << (b - 1)).to(tl.float32)
-            else:
-                c = tl.load(ZR + gi, mask=wmask, other=0.0)
-            w = ((u.to(tl.float32) - c) * s).to(X.dtype.element_ty)
-            if USE_DOT:
-                if IEEE:  # float32 activations, or the interpreter (see _interpreted)
-                    acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            if WORDS:
+                # every row of the tile lies in one group, its codes word-aligned and
+                # contiguous in the stream: load whole words, one per plane per 32 codes
+                g = k0 // GW
+                gi_r = rn * s_row + g
+                if UNIFORM_B > 0:
+                    b_r = tl.zeros((BLOCK_N,), dtype=tl.int32) + UNIFORM_B
+                    pos_r = rn * K + k0
                 else:
-                    acc += tl.dot(x, w)
+                    b_r = tl.load(BITS + rn * s_map + g, mask=nmask, other=1).to(tl.int32)
+                    pos_r = tl.load(GPOS + rn * s_map + g, mask=nmask, other=0) + (k0 - g * GW)
+                base_r = tl.load(SB + b_r, mask=nmask, other=0) + (pos_r >> 5)
+                stride_r = tl.load(SW + b_r, mask=nmask, other=0)
+                wk = tl.arange(0, BLOCK_K // 32)
+                lane = tl.arange(0, 32)
+                u3 = tl.zeros((BLOCK_N, BLOCK_K // 32, 32), dtype=tl.int32)
+                for p in tl.static_range(MAX_B):
+                    on = nmask & (b_r > p)
+                    wd = tl.load(PL + (base_r + p * stride_r)[:, None] + wk[None, :],
+                                 mask=on[:, None], other=0)
+                    u3 = u3 | (((wd[:, :, None] >> lane[None, None, :]) & 1) << p)
+                u = tl.reshape(u3, (BLOCK_N, BLOCK_K))
+                s_r = tl.load(SC + gi_r, mask=nmask, other=0.0)
+                if SYM:
+                    c_r = (tl.full((BLOCK_N,), 1, tl.int32) << (b_r - 1)).to(tl.float32)
+                else:
+                    c_r = tl.load(ZR + gi_r, mask=nmask, other=0.0)
+                w_nk = ((u.to(tl.float32) - c_r[:, None]) * s_r[:, None]).to(
+                    X.dtype.element_ty)
+                if USE_DOT:
+                    if IEEE:
+                        acc += tl.dot(x.to(tl.float32), tl.trans(w_nk.to(tl.float32)),
+                                      input_precision="ieee")
+                    else:
+                        acc += tl.dot(x, tl.trans(w_nk))
+                else:
+                    acc += tl.sum(x.to(tl.float32)[:, None, :]
+                                  * w_nk.to(tl.float32)[None, :, :], axis=2)
             else:
-                acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :],
-                              axis=1)
+                # the weight tile, transposed: [BLOCK_K, BLOCK_N]
+                wmask = kmask[:, None] & nmask[None, :]
+                g = rk // GW
+                j = rk - g * GW
+                gi = rn[None, :] * s_row + g[:, None]  # into scale / zero ([R, G], R = N or 1)
+                if UNIFORM_B > 0:
+                    b = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32) + UNIFORM_B
+                    pos = tl.where(g[:, None] < FULL, rn[None, :] * (FULL * GW) + rk[:, None],
+                                   N * FULL * GW + rn[None, :] * REM + j[:, None])
+                else:
+                    mi = rn[None, :] * s_map + g[:, None]  # into bits / group_pos ([N, G])
+                    b = tl.load(BITS + mi, mask=wmask, other=1).to(tl.int32)
+                    pos = tl.load(GPOS + mi, mask=wmask, other=0) + j[:, None]
+                base = tl.load(SB + b, mask=wmask, other=0)
+                stride = tl.load(SW + b, mask=wmask, other=0)
+                word = base + (pos >> 5)
+                shift = pos & 31
+                u = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
+                for p in tl.static_range(MAX_B):
+                    bit_on = wmask & (b > p)
+                    wd = tl.load(PL + word + p * stride, mask=bit_on, other=0)
+                    u = u | (((wd >> shift) & 1) << p)
+                s = tl.load(SC + gi, mask=wmask, other=0.0)
+                if SYM:
+                    c = (tl.full((BLOCK_K, BLOCK_N), 1, tl.int32) << (b - 1)).to(tl.float32)
+                else:
+                    c = tl.load(ZR + gi, mask=wmask, other=0.0)
+                w = ((u.to(tl.float32) - c) * s).to(X.dtype.element_ty)
+                if USE_DOT:
+                    if IEEE:  # float32 activations, or the interpreter (see _interpreted)
+                        acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                    else:
+                        acc += tl.dot(x, w)
+                else:
+                    acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :],
+                                  axis=1)
         yp = Y + rm[:, None] * N + rn[None, :]
         ymask = mmask[:, None] & nmask[None, :]
         if ATOMIC:
@@ -119,6 +159,12 @@ def available(x: torch.Tensor) -> bool:
 def supports(kp: KernelPack) -> bool:
     """Whether the kernel computes this linear (float columns take the reference path)."""
     return kp.float_cols is None
+
+
+def word_path(kp: KernelPack) -> bool:
+    """Whether the whole-word path applies: no partial group and groups a multiple of 32
+    codes (so every group starts word-aligned in its stream; 7B shapes at g128 do)."""
+    return kp.rem == 0 and kp.group_width % 32 == 0
 
 
 def _pow2(n: int) -> int:
@@ -161,6 +207,10 @@ def kernel_linear(x: torch.Tensor, kp: KernelPack, bias: torch.Tensor | None = N
     cfg = dict(config or choose_config(m, n, k))
     split = cfg.pop("SPLIT_K")
     use_dot = bool(cfg.pop("USE_DOT"))
+    words = bool(cfg.pop("WORDS", True)) and word_path(kp)
+    if words:  # a power of two >= 32 dividing the group width: one group per tile row
+        while kp.group_width % cfg["BLOCK_K"]:
+            cfg["BLOCK_K"] //= 2
     bk = cfg["BLOCK_K"]
     k_per_split = -(-(-(-k // split)) // bk) * bk  # a multiple of BLOCK_K
     split = -(-k // k_per_split)
@@ -177,7 +227,8 @@ def kernel_linear(x: torch.Tensor, kp: KernelPack, bias: torch.Tensor | None = N
         m, n, k, kp.group_width, kp.full_groups, kp.rem, k_per_split,
         x2.stride(0), x2.stride(1), s_row, kp.n_groups,
         UNIFORM_B=kp.uniform_bits, MAX_B=kp.max_bits, SYM=kp.symmetric,
-        USE_DOT=use_dot, IEEE=x.dtype == torch.float32 or _interpreted(), ATOMIC=split > 1, **cfg)
+        USE_DOT=use_dot, IEEE=x.dtype == torch.float32 or _interpreted(), ATOMIC=split > 1,
+        WORDS=words, **cfg)
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], n)

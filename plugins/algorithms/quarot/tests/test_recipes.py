@@ -90,7 +90,8 @@ def test_online_transform_reaches_records_and_fake_quant(
     cfg = config(tiny_llama_dir, shared_data, tmp_path / "out", ["Quarot", "RTN"], weight=W8,
                  act=A8)
     ref = copy.deepcopy(model)
-    run(resolve_config(cfg), progress=False, model=model, tokenizer=tok)
+    res = run(resolve_config(cfg), progress=False, model=model, tokenizer=tok)
+    assert res["recipe"][0]["online"] == {"hadamard(160 = 20 x 8)": 2}
     # the run's records: down_proj's carry the online Hadamard (160 = 20 x 8), no other
     from llmcq.pipeline.engine import deploy_fake_quant  # noqa: F401 - the model is deployed
     for i, blk in enumerate(model.model.layers):

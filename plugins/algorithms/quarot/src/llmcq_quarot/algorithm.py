@@ -150,7 +150,7 @@ class Quarot(Algorithm):
             log.info("quarot: R2 skipped in %s (no separate v_proj / o_proj)",
                      ", ".join(skipped_r2))
         # ---------------------------------------------------------------- 5. R4
-        r4: dict[str, str] = {}
+        r4: dict[str, int] = {}
         if special.online_rotate:
             cache: dict[int, OnlineTransform] = {}
             for plan in plans:
@@ -161,11 +161,11 @@ class Quarot(Algorithm):
                     t = cache[n]
                     fold_online(lin, t.matrix(torch.float64).to(device))
                     attach_online_transform(lin, t)
-                    r4[t.describe()] = r4.get(t.describe(), 0) + 1  # type: ignore[assignment]
+                    r4[t.describe()] = r4.get(t.describe(), 0) + 1
         self.facts = {
             "r1": r1, "r2": r2, "norms_fused": sum(len(p["norms"]) for p in plans)
             + (final is not None), "untied_embeddings": untied,
-            "online": {k: f"{v} linears" for k, v in r4.items()},
+            "online": r4,  # transform -> number of linears applying it
             "rotate_mode": special.rotate_mode,
         }
         log.info("quarot: R1 %s on the residual stream, R2 %s per head, R4 %s", r1, r2,

@@ -119,8 +119,9 @@ def compare(device: str, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch
                    (16, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, USE_DOT=1,
                              WORDS=0))):
         x = torch.randn(m, p.in_features, generator=gen).to(device)
-        ref = reference_linear(x, p)
-        y = kernel_linear(x, kp, config=cfg)
+        b = torch.randn(p.out_features, generator=gen).to(device)
+        ref = reference_linear(x, p, b)
+        y = kernel_linear(x, kp, b, config=cfg)
         rows.append((f"split_k{cfg['SPLIT_K']}_words{cfg.get('WORDS', 1)}", m, "float32",
                      float((y - ref).abs().max()), _tolerance(ref)))
     return rows

@@ -8,8 +8,9 @@ map), the code's stream position (analytic when uniform, else ``group_pos``), ga
 (``(u - c) * scale``, ``c`` the zero point or ``2^(b-1)``: mixpack's arithmetic, the same
 float32 values) and casts to the activation dtype. Accumulation is float32: ``tl.dot`` when
 the token tile is at least 16 (M >= 16), else a broadcast-multiply-reduce (GEMV-style,
-M < 16). Split-K programs add their partial sums with float32 atomics; bias and the cast
-to the activation dtype follow in torch.
+M < 16). Without split-K the epilogue adds the bias in float32 and stores in the
+activation dtype; split-K programs add their partial sums with float32 atomics, and bias
+and cast follow in torch.
 
 Act-order (``col_perm``): the activations are permuted once per call (``x[:, col_perm]``,
 stored column order), so the weight walk stays sequential. Float columns (OWQ) are not
@@ -32,12 +33,12 @@ try:  # pragma: no cover - the body is exercised under the interpreter or on CUD
     import triton.language as tl
 
     @triton.jit
-    def _mixpack_mm(X, PL, SB, SW, BITS, GPOS, SC, ZR, Y,
+    def _mixpack_mm(X, PL, SB, SW, BITS, GPOS, SC, ZR, BIAS, Y,
                     M, N, K, GW, FULL, REM, K_PER_SPLIT,
                     sxm, sxk, s_row, s_map,
                     UNIFORM_B: tl.constexpr, MAX_B: tl.constexpr, SYM: tl.constexpr,
                     USE_DOT: tl.constexpr, IEEE: tl.constexpr, ATOMIC: tl.constexpr,
-                    WORDS: tl.constexpr,
+                    WORDS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -131,10 +132,12 @@ try:  # pragma: no cover - the body is exercised under the interpreter or on CUD
                                   axis=1)
         yp = Y + rm[:, None] * N + rn[None, :]
         ymask = mmask[:, None] & nmask[None, :]
-        if ATOMIC:
+        if ATOMIC:  # float32 partial sums; bias and cast follow in torch
             tl.atomic_add(yp, acc, mask=ymask)
-        else:
-            tl.store(yp, acc, mask=ymask)
+        else:  # fused epilogue: bias in float32, one rounding to the output dtype
+            if HAS_BIAS:
+                acc += tl.load(BIAS + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            tl.store(yp, acc.to(Y.dtype.element_ty), mask=ymask)
 
     _AVAILABLE = True
 except Exception:  # noqa: BLE001 - no triton, or one that cannot build kernels here
@@ -214,8 +217,10 @@ def kernel_linear(x: torch.Tensor, kp: KernelPack, bias: torch.Tensor | None = N
     bk = cfg["BLOCK_K"]
     k_per_split = -(-(-(-k // split)) // bk) * bk  # a multiple of BLOCK_K
     split = -(-k // k_per_split)
-    y = (torch.zeros if split > 1 else torch.empty)(m, n, dtype=torch.float32,
-                                                     device=x.device)
+    if split > 1:
+        y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (-(-m // cfg["BLOCK_M"]), -(-n // cfg["BLOCK_N"]), split)
     dummy = kp.planes
     s_row = 0 if kp.scale.shape[0] == 1 else kp.scale.shape[1]
@@ -223,12 +228,15 @@ def kernel_linear(x: torch.Tensor, kp: KernelPack, bias: torch.Tensor | None = N
         x2, kp.planes, kp.stream_base, kp.stream_words,
         kp.bits if kp.bits is not None else dummy,
         kp.group_pos if kp.group_pos is not None else dummy,
-        kp.scale, kp.zero if kp.zero is not None else kp.scale, y,
+        kp.scale, kp.zero if kp.zero is not None else kp.scale,
+        bias if bias is not None else kp.scale, y,
         m, n, k, kp.group_width, kp.full_groups, kp.rem, k_per_split,
         x2.stride(0), x2.stride(1), s_row, kp.n_groups,
         UNIFORM_B=kp.uniform_bits, MAX_B=kp.max_bits, SYM=kp.symmetric,
         USE_DOT=use_dot, IEEE=x.dtype == torch.float32 or _interpreted(), ATOMIC=split > 1,
-        WORDS=words, **cfg)
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype).reshape(*shape[:-1], n)
+        WORDS=words, HAS_BIAS=bias is not None and split == 1, **cfg)
+    if split > 1:
+        if bias is not None:
+            y += bias.float()
+        y = y.to(x.dtype)
+    return y.reshape(*shape[:-1], n)

@@ -24,7 +24,9 @@ calls, each after the L2 cache is flushed (a 256 MB write) unless ``--no-flush``
 4096 bf16 weight is 32 MB and would otherwise stay in the H100's 50 MB L2); the median is
 reported, with ``speedup_vs_bf16`` per row. ``--tune`` also times ``candidate_configs(M)``
 (tiles, split-K, warps) per row and keeps the best (the default's time stays as
-``default_ms``); ``--shapes`` / ``--ms`` narrow the run. ``--smoke`` runs tiny shapes on the CPU
+``default_ms``); ``--shapes`` / ``--ms`` narrow the run. ``--decode`` (or
+``--decode-only``) adds a whole-model greedy decode at batch 1 of a 7B-shaped Llama (random
+weights), bf16 against W4 and W2 g128 KernelLinears, in tokens/s. ``--smoke`` runs tiny shapes on the CPU
 (reference path, ``time.perf_counter``) so the script itself can be checked anywhere.
 """
 
@@ -245,6 +247,67 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def decode(args: argparse.Namespace) -> dict[str, Any]:
+    """Whole-model greedy decode at batch 1: a Llama of the 7B shape (random weights,
+    bf16; ``--smoke``: a tiny one on the CPU) against the same model with every block
+    linear a W4 / W2 g128 :class:`KernelLinear` (random codes; the lm_head stays bf16).
+    Tokens/s over ``--decode-tokens`` new tokens after a prompt of 16, best of 3 runs."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from llmcq_kernels.module import KernelLinear
+    from llmcq_kernels.synthetic import random_packed
+    from llmcq.quant.fake import set_module
+
+    device = "cpu" if args.smoke else "cuda"
+    if args.smoke:
+        cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+    else:
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                          num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=32)
+    n_new = args.decode_tokens or (4 if args.smoke else 128)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 16), device=device)
+    out: dict[str, Any] = {"config": "llama-7b shape" if not args.smoke else "tiny",
+                           "new_tokens": n_new, "prompt": 16, "rows": []}
+
+    def tokens_per_s(model: Any) -> float:
+        best = float("inf")
+        for _ in range(3):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new,
+                               do_sample=False, pad_token_id=0)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return n_new / best
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    out["rows"].append({"impl": "bf16", "tokens_per_s": tokens_per_s(model)})
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
+    for bits in (4, 2):
+        packs: dict[tuple[int, int], Any] = {}
+        for name in names:
+            lin = model.get_submodule(name)
+            key = (lin.out_features, lin.in_features)
+            if key not in packs:  # one random linear per shape, its tensors copied per use
+                packs[key] = random_packed(*key, bits, GROUP, seed=bits)
+            set_module(model, name, KernelLinear(packs[key], None).to(device))
+        try:
+            row = {"impl": f"ours_w{bits}", "tokens_per_s": tokens_per_s(model)}
+            row["speedup_vs_bf16"] = row["tokens_per_s"] / out["rows"][0]["tokens_per_s"]
+        except Exception as exc:  # noqa: BLE001
+            row = {"impl": f"ours_w{bits}", "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
 def _on(p: Any, device: str) -> Any:
     from dataclasses import replace
 
@@ -268,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default=None,
                     help="K x N pairs to run instead of the 7B ones, e.g. 4096x4096,11008x4096")
     ap.add_argument("--ms", default=None, help="token counts, e.g. 1,16")
+    ap.add_argument("--decode", action="store_true",
+                    help="also the whole-model batch-1 decode (7B shape, W4/W2 vs bf16)")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode section")
+    ap.add_argument("--decode-tokens", type=int, default=None, help="new tokens (128)")
     args = ap.parse_args(argv)
     if args.warmup is None:
         args.warmup = 1 if args.smoke else 10
@@ -276,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         print("no CUDA device: run with --smoke on a CPU", file=sys.stderr)
         return 2
-    result = run(args)
+    result = run(args) if not args.decode_only else {"env": _env(
+        "cpu" if args.smoke else "cuda"), "smoke": args.smoke, "rows": []}
+    if args.decode or args.decode_only:
+        result["decode"] = decode(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -26,3 +26,17 @@ def test_kernels_speed_smoke(tmp_path: Path) -> None:
         if r["impl"].startswith("ours"):
             assert "error" not in r, r
             assert r["ms"] > 0 and r["max_err"] <= 2.0**-6 * r["ref_max"], r
+
+
+def test_kernels_speed_decode_smoke(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "kernels_speed", REPO / "bench" / "gpu" / "kernels_speed.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "decode.json"
+    assert bench.main(["--smoke", "--decode-only", "--decode-tokens", "2",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["decode"]["rows"]
+    assert [r["impl"] for r in rows] == ["bf16", "ours_w4", "ours_w2"]
+    assert all(r.get("tokens_per_s", 0) > 0 for r in rows), rows

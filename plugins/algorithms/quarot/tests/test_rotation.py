@@ -209,3 +209,28 @@ def test_offset_norm_fuses_as_one_plus_w() -> None:
     fuse_norm(norm, "rms_offset", [lin])
     assert torch.equal(norm.weight, torch.zeros(16, dtype=torch.float64))
     close(lin(norm(x)), ref)
+
+
+def test_fp32_had_chooses_the_online_transform_precision() -> None:
+    from llmcq.transforms.hadamard import Hadamard
+
+    from llmcq_quarot.algorithm import InputDtypeHadamard
+
+    a, b = tiny(), tiny()
+    quarot(a, fp32_had=True)
+    quarot(b, fp32_had=False)
+    ta = online_transform_of(a.model.layers[0].mlp.down_proj)
+    tb = online_transform_of(b.model.layers[0].mlp.down_proj)
+    assert type(ta) is Hadamard and isinstance(tb, InputDtypeHadamard)
+    assert torch.equal(a.model.layers[0].mlp.down_proj.weight,
+                       b.model.layers[0].mlp.down_proj.weight)
+    from llmcq.transforms.hadamard import hadamard_matrix
+
+    h = hadamard_matrix(160, torch.float64)
+    x = torch.randn(4, 160, dtype=torch.float64)
+    torch.testing.assert_close(tb.apply(x), x @ h.T, rtol=1e-12,
+                               atol=1e-12)  # float64 kept: no float32 rounding
+    assert float((ta.apply(x) - x @ h.T).abs().max()) > 1e-12
+    xb = x.to(torch.bfloat16)
+    assert tb.apply(xb).dtype == torch.bfloat16
+    assert tb.to_dict()["fp32"] is False and "fp32" not in ta.to_dict()

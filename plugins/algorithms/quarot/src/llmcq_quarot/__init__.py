@@ -39,8 +39,8 @@ class QuarotSpecial(SpecialConfig):
     #: orthogonal, with a warning, for sizes without one), or a random orthogonal matrix
     #: seeded from base.seed
     rotate_mode: Literal["hadamard", "random"] = "hadamard"
-    #: apply the online Hadamard in float32 (core's Hadamard always computes in float32 and
-    #: casts back, so False gives the same numbers; accepted for llmc's configs)
+    #: apply the online Hadamard in float32 and cast back (False: in the activations' dtype,
+    #: llmc's half-precision path; the same for a float32 model)
     fp32_had: bool = True
     #: True: R4, a Hadamard on down_proj's input applied online (the record's
     #: input_transform); False: only the offline rotations R1 and R2 (function-preserving;

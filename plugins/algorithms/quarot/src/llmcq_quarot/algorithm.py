@@ -17,6 +17,7 @@ The run's quantizer (RTN, GPTQ, ...) then quantizes the rotated weights block by
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -27,12 +28,12 @@ from llmcq.errors import PluginError
 from llmcq.model.adapter import resolve_block
 from llmcq.model.layout import READER_ROLES, WRITER_ROLES
 from llmcq.quant.transform import MatrixTransform, OnlineTransform, attach_online_transform
-from llmcq.transforms.hadamard import Hadamard, hadamard_matrix, hadamard_order, \
+from llmcq.transforms.hadamard import Hadamard, _fwht, hadamard_matrix, hadamard_order, \
     random_orthogonal
 from llmcq_quarot.rotation import fold_online, fuse_norm, rotate_embedding, rotate_heads, \
     rotate_reader, rotate_writer, untie_head
 
-__all__ = ["Quarot", "orthogonal", "online_transform"]
+__all__ = ["Quarot", "orthogonal", "online_transform", "InputDtypeHadamard"]
 
 log = logging.getLogger("llmcq.quarot")
 
@@ -55,11 +56,29 @@ def orthogonal(n: int, mode: str, seed: int, what: str) -> tuple[torch.Tensor, s
     return random_orthogonal(n, seed, torch.float64), f"random_orthogonal({n}, seed {seed})"
 
 
-def online_transform(n: int, seed: int, what: str) -> OnlineTransform:
+class InputDtypeHadamard(Hadamard):
+    """The Hadamard transform computed in the input's dtype (``fp32_had: False``, llmc's
+    half-precision path) instead of float32; the same matrix, serialized the same way plus
+    ``"fp32": False``."""
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.size:
+            raise ValueError(f"input width {x.shape[-1]} != transform size {self.size}")
+        y = _fwht(x.reshape(*x.shape[:-1], self.m, self.p))
+        if self.m > 1:
+            y = torch.matmul(self._core.to(device=y.device, dtype=y.dtype), y)
+        return y.reshape(x.shape) / math.sqrt(self.size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "fp32": False}
+
+
+def online_transform(n: int, seed: int, what: str, fp32: bool = True) -> OnlineTransform:
     """R4's online transform of width ``n``: :class:`~llmcq.transforms.hadamard.Hadamard`
-    when one exists, else a random orthogonal :class:`MatrixTransform` (warned)."""
+    (computed in float32, or in the input's dtype when not ``fp32``) when one exists, else
+    a random orthogonal :class:`MatrixTransform` (warned)."""
     if hadamard_order(n) is not None:
-        return Hadamard(n)
+        return Hadamard(n) if fp32 else InputDtypeHadamard(n)
     log.warning("quarot: no Hadamard matrix of order %d (%s): the online transform is a "
                 "random orthogonal matrix (seed %d), applied as a dense matmul", n, what, seed)
     return MatrixTransform(random_orthogonal(n, seed, torch.float32))
@@ -157,7 +176,8 @@ class Quarot(Algorithm):
                 for name, lin in plan["down"]:
                     n = lin.in_features
                     if n not in cache:
-                        cache[n] = online_transform(n, seed + 2, "down_proj input")
+                        cache[n] = online_transform(n, seed + 2, "down_proj input",
+                                                    special.fp32_had)
                     t = cache[n]
                     fold_online(lin, t.matrix(torch.float64).to(device))
                     attach_online_transform(lin, t)

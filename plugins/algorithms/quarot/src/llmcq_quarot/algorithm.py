@@ -28,7 +28,7 @@ from llmcq.errors import PluginError
 from llmcq.model.adapter import resolve_block
 from llmcq.model.layout import READER_ROLES, WRITER_ROLES
 from llmcq.quant.transform import MatrixTransform, OnlineTransform, attach_online_transform
-from llmcq.transforms.hadamard import Hadamard, _fwht, hadamard_matrix, hadamard_order, \
+from llmcq.transforms.hadamard import Hadamard, hadamard_matrix, hadamard_order, \
     random_orthogonal
 from llmcq_quarot.rotation import fold_online, fuse_norm, rotate_embedding, rotate_heads, \
     rotate_reader, rotate_writer, untie_head
@@ -54,6 +54,19 @@ def orthogonal(n: int, mode: str, seed: int, what: str) -> tuple[torch.Tensor, s
         log.warning("quarot: no Hadamard matrix of order %d (%s) from Sylvester x Paley: "
                     "using a random orthogonal matrix (seed %d) instead", n, what, seed)
     return random_orthogonal(n, seed, torch.float64), f"random_orthogonal({n}, seed {seed})"
+
+
+def _fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalized Walsh-Hadamard butterfly (Sylvester order) on the last dimension, in
+    ``x``'s dtype."""
+    n = x.shape[-1]
+    y = x.reshape(-1, n)
+    h = 1
+    while h < n:
+        y = y.reshape(y.shape[0], -1, 2, h)
+        y = torch.stack((y[:, :, 0, :] + y[:, :, 1, :], y[:, :, 0, :] - y[:, :, 1, :]), dim=2)
+        h *= 2
+    return y.reshape(x.shape)
 
 
 class InputDtypeHadamard(Hadamard):

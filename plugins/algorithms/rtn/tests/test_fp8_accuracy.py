@@ -13,7 +13,6 @@ largest code exactly 448, at most 253 distinct values).
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ import torch
 
 from llmcq import hookimpl
 from llmcq.config.loader import resolve_config
-from llmcq.model.loading import ModelSource, load_pretrained
 from llmcq.pipeline.runner import run
 
 pytestmark = pytest.mark.slow
@@ -45,9 +43,9 @@ class KeepRecords:
 
 
 @pytest.fixture(scope="module")
-def result(smollm2_path: Path, shared_data: Path,
+def result(smollm2_copy: Any, shared_data: Path,
            tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, KeepRecords]:
-    model, tok = load_pretrained(ModelSource(smollm2_path.parent, smollm2_path.name))
+    model, tok = smollm2_copy()
     cfg = {"model": {"type": "llama"},
            "eval": {"eval_pos": ["pretrain", "fake_quant"], "name": "wikitext2",
                     "path": str(shared_data / "wikitext2" / "test.txt"), "seq_len": 512,
@@ -55,7 +53,7 @@ def result(smollm2_path: Path, shared_data: Path,
            "quant": {"method": "rtn", "weight": FP8_W, "act": FP8_A},
            "save": {"save_path": str(tmp_path_factory.mktemp("fp8"))}}
     keep = KeepRecords()
-    res = run(resolve_config(cfg), progress=False, model=copy.deepcopy(model), tokenizer=tok,
+    res = run(resolve_config(cfg), progress=False, model=model, tokenizer=tok,
               extra_plugins=[keep])
     return res, keep
 

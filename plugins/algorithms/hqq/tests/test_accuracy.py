@@ -27,7 +27,6 @@ import pytest
 import torch
 
 from llmcq.config.loader import resolve_config
-from llmcq.model.loading import ModelSource, load_pretrained
 from llmcq.pipeline.runner import run
 from llmcq.quant.qparams import fake_quantize_weight
 from llmcq.quant.spec import PerGroup, WeightQuantSpec
@@ -40,8 +39,8 @@ W3G64 = {"bit": 3, "symmetric": False, "granularity": "per_group", "group_size":
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_path: Path) -> tuple[Any, Any]:
-    return load_pretrained(ModelSource(smollm2_path.parent, smollm2_path.name))
+def smollm2(smollm2_copy: Any) -> tuple[Any, Any]:
+    return smollm2_copy()
 
 
 def _config(data: Path, save: Path, quant: dict[str, Any] | None) -> dict[str, Any]:

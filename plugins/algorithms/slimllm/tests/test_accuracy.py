@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from llmcq.model.adapter import resolve_block
-from llmcq.model.loading import ModelSource, load_pretrained
 from llmcq.pipeline.blockwise import Block, BlockInputs, capture_block_inputs
 from llmcq.plugins import registry
 from llmcq.quant.fake import fake_quantized
@@ -39,8 +38,8 @@ W2G64 = WeightQuantSpec(bits=2, symmetric=False, granularity=PerGroup(64))
 
 
 @pytest.fixture(scope="module")
-def setup(smollm2_path: Path, shared_data: Path) -> dict[str, Any]:
-    model, tok = load_pretrained(ModelSource(smollm2_path.parent, smollm2_path.name))
+def setup(smollm2_copy: Any, shared_data: Path) -> dict[str, Any]:
+    model, tok = smollm2_copy()
     mspec, _ = registry.load_spec("llmcq.models", "llama", field="model.type")
     adapter = mspec.load_impl()(mspec)
     text = (shared_data / "wikitext2" / "valid.txt").read_text()[:400_000]

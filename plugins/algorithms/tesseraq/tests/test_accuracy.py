@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 from llmcq.config.loader import resolve_config
-from llmcq.model.loading import ModelSource, load_pretrained
 from llmcq.pipeline.runner import run
 from llmcq.plugins import registry
 
@@ -32,11 +31,6 @@ WINDOWS, SEQ = 4, 512
 ITERATIONS, STAGES = 4, [0.5, 0.1]
 N_GRID = 5
 W2G64 = {"bit": 2, "symmetric": False, "granularity": "per_group", "group_size": 64}
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_path: Path) -> tuple[Any, Any]:
-    return load_pretrained(ModelSource(smollm2_path.parent, smollm2_path.name))
 
 
 def _config(data: Path, save: Path, method: str, weight: dict[str, Any],
@@ -56,9 +50,9 @@ def _config(data: Path, save: Path, method: str, weight: dict[str, Any],
 
 
 @pytest.fixture(scope="module")
-def results(smollm2: tuple[Any, Any], shared_data: Path,
+def results(smollm2_copy: Any, shared_data: Path,
             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    model, tok = smollm2
+    model, tok = smollm2_copy()
     files = tmp_path_factory.mktemp("awq_files")
     # AWQ's scale grid coarsened from 20 to N_GRID ratios to fit the CPU budget (the same
     # AWQ result is TesseraQ's start and the bound)

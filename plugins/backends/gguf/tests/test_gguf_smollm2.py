@@ -14,17 +14,17 @@ from typing import Any
 import numpy as np
 import pytest
 from llmcq.config.loader import resolve_config
-from llmcq.model.loading import ModelSource, load_pretrained
 from llmcq.pipeline.runner import run
 
 pytestmark = pytest.mark.slow
 
 
 def test_round_trip_of_the_bundled_q4_1_file_is_byte_identical(smollm2_path: Path,
+                                                                smollm2_copy: Any,
                                                                 tmp_path: Path) -> None:
     from gguf import GGUFReader
 
-    model, tok = load_pretrained(ModelSource(smollm2_path.parent, smollm2_path.name))
+    model, tok = smollm2_copy()
     cfg: dict[str, Any] = {
         "model": {"type": "llama", "path": str(smollm2_path)},
         "quant": {"method": "rtn", "weight": {"bit": 4, "symmetric": False,

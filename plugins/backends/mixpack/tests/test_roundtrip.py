@@ -231,8 +231,9 @@ def test_pipeline_run_reloads_with_the_fake_quant_perplexity(
 
 @pytest.mark.slow
 def test_bundled_model_run_reloads_with_the_fake_quant_perplexity(
-        tmp_path: Path, smollm2_path: Path, shared_data: Path, mixed_rtn: str) -> None:
-    model, tok = load_pretrained(ModelSource(smollm2_path.parent, smollm2_path.name))
+        tmp_path: Path, smollm2_path: Path, smollm2_copy: Any, shared_data: Path,
+        mixed_rtn: str) -> None:
+    model, tok = smollm2_copy()
     out, text = tmp_path / "out", _eval_text(tmp_path, shared_data)
     cfg = _config(smollm2_path, out, text, n_windows=2, seq_len=256, group_size=64)
     cfg["model"].pop("path")  # the bundled model

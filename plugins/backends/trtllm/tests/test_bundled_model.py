@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import torch
 from llmcq.config.loader import resolve_config
-from llmcq.model.loading import ModelSource, load_pretrained
 from llmcq.pipeline.runner import run
 from safetensors.torch import load_file
 
@@ -49,9 +48,9 @@ def _ppl(model: Any, ids: torch.Tensor, seq: int) -> tuple[float, torch.Tensor]:
 
 
 def test_bundled_w4a16_export_reads_back_to_the_fake_quant_model(
-        smollm2_path: Path, shared_data: Path, tmp_path: Path) -> None:
+        smollm2_copy: Any, shared_data: Path, tmp_path: Path) -> None:
     reader = _reader()
-    model, tok = load_pretrained(ModelSource(smollm2_path.parent, smollm2_path.name))
+    model, tok = smollm2_copy()
     cfg = {"base": {"seed": 0, "device": "cpu"}, "model": {"type": "llama"},
            "quant": {"method": "rtn", "weight": {"bit": 4, "symmetric": True,
                                                  "granularity": "per_group",

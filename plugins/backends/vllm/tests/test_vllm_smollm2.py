@@ -19,15 +19,14 @@ from typing import Any
 import pytest
 import torch
 from llmcq.config.loader import resolve_config
-from llmcq.model.loading import ModelSource, load_pretrained
 from llmcq.pipeline.runner import run
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_path: Path) -> tuple[Any, Any]:
-    return load_pretrained(ModelSource(smollm2_path.parent, smollm2_path.name))
+def smollm2(smollm2_copy: Any) -> tuple[Any, Any]:
+    return smollm2_copy()
 
 
 @pytest.fixture(scope="module")

@@ -110,3 +110,16 @@ def test_sylvester_and_random_orthogonal() -> None:
     torch.testing.assert_close(q @ q.T, torch.eye(9, dtype=torch.float64), rtol=0, atol=1e-12)
     assert torch.equal(q, random_orthogonal(9, seed=3, dtype=torch.float64))
     assert not torch.equal(q, random_orthogonal(9, seed=4, dtype=torch.float64))
+
+
+def test_block_hadamard_is_the_block_diagonal_sylvester_matrix() -> None:
+    """core's BlockHadamard and Hadamard share the butterfly (``fwht``): blocks of 8 over 24
+    channels equal ``I_3 (x) H_8 / sqrt(8)``; the full transform of 64 equals Sylvester's."""
+    from llmcq.quant.transform import BlockHadamard, fwht
+
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dense = torch.kron(torch.eye(3, dtype=torch.float64), sylvester(8)) / math.sqrt(8)
+    torch.testing.assert_close(BlockHadamard(24, 8).apply(x.float()).double(), x @ dense.T,
+                               rtol=0, atol=1e-6)
+    y = torch.randn(2, 64, dtype=torch.float64)
+    torch.testing.assert_close(fwht(y), y @ sylvester(64).T, rtol=0, atol=1e-12)

@@ -84,6 +84,20 @@ class MatrixTransform(OnlineTransform):
         return {"kind": self.kind, "size": self.size, "matrix": self.m.cpu()}
 
 
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalized Walsh-Hadamard transform (Sylvester order) along the last dimension, a
+    power of two, computed in ``x``'s dtype by the butterfly: O(n log n)."""
+    n = x.shape[-1]
+    y = x.reshape(-1, n)
+    h = 1
+    while h < n:
+        y = y.reshape(y.shape[0], -1, 2, h)
+        a, b = y[:, :, 0, :], y[:, :, 1, :]
+        y = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return y.reshape(x.shape)
+
+
 class BlockHadamard(OnlineTransform):
     """Normalized Walsh-Hadamard transform on consecutive blocks of ``block`` channels
     (``block`` a power of two dividing ``size``), applied in O(n log block) by the
@@ -101,15 +115,8 @@ class BlockHadamard(OnlineTransform):
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.size:
             raise ValueError(f"input width {x.shape[-1]} != transform size {self.size}")
-        shape = x.shape
-        y = x.float().reshape(-1, self.size // self.block, self.block)
-        h = 1
-        while h < self.block:
-            y = y.reshape(y.shape[0], y.shape[1], -1, 2, h)
-            a, b = y[..., 0, :], y[..., 1, :]
-            y = torch.stack((a + b, a - b), dim=-2)
-            h *= 2
-        y = y.reshape(shape) / math.sqrt(self.block)
+        y = fwht(x.float().reshape(-1, self.size // self.block, self.block))
+        y = y.reshape(x.shape) / math.sqrt(self.block)
         return y.to(x.dtype)
 
     def matrix(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -129,7 +136,7 @@ def transform_from_dict(d: dict[str, Any]) -> OnlineTransform:
     if kind == "hadamard":  # any size Sylvester x Paley decomposes (llmcq.transforms.hadamard)
         from llmcq.transforms.hadamard import Hadamard
 
-        h = Hadamard(int(d["size"]))
+        h = Hadamard(int(d["size"]), fp32=bool(d.get("fp32", True)))
         if "core" in d and int(d["core"]) != h.m:
             raise ValueError(f"hadamard({h.size}): core order {d['core']} written, this "
                              f"version builds {h.m}")

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from llmcq.quant.transform import OnlineTransform
+from llmcq.quant.transform import OnlineTransform, fwht
 
 __all__ = ["is_prime", "paley_order", "paley_matrix", "sylvester", "hadamard_order",
            "hadamard_matrix", "random_orthogonal", "Hadamard"]
@@ -146,49 +146,39 @@ def random_orthogonal(n: int, seed: int = 0, dtype: torch.dtype = torch.float32
     return (q * torch.sign(torch.diagonal(r))).to(dtype)
 
 
-def _fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalized Walsh-Hadamard transform (Sylvester order) along the last dimension."""
-    n = x.shape[-1]
-    lead = x.shape[:-1]
-    y = x.reshape(-1, n)
-    h = 1
-    while h < n:
-        y = y.reshape(y.shape[0], -1, 2, h)
-        a, b = y[:, :, 0, :], y[:, :, 1, :]
-        y = torch.stack((a + b, a - b), dim=2)
-        h *= 2
-    return y.reshape(*lead, n)
-
-
 class Hadamard(OnlineTransform):
     """The normalized Hadamard transform of any size :func:`hadamard_order` decomposes:
     ``T(x) = x @ H^T`` with ``H = (H_m (x) H_p) / sqrt(n)``, computed as a butterfly over
-    the last ``p`` channels of each of ``m`` chunks and one ``m x m`` matmul."""
+    the last ``p`` channels of each of ``m`` chunks and one ``m x m`` matmul, in float32
+    (``fp32``, cast back) or in the input's dtype (llmc's ``fp32_had: False``)."""
 
     kind = "hadamard"
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, fp32: bool = True) -> None:
         order = hadamard_order(size)
         if order is None:
             raise ValueError(f"no Hadamard matrix of order {size} from Sylvester x Paley; "
                              "use a random orthogonal MatrixTransform")
-        self.size = int(size)
+        self.size, self.fp32 = int(size), bool(fp32)
         self.m, self.p = order
         self._core = paley_matrix(self.m).float()
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.size:
             raise ValueError(f"input width {x.shape[-1]} != transform size {self.size}")
-        y = _fwht(x.float().reshape(*x.shape[:-1], self.m, self.p))
+        y = fwht((x.float() if self.fp32 else x).reshape(*x.shape[:-1], self.m, self.p))
         if self.m > 1:  # (H_m (x) H_p) x = vec(H_m X H_p^T) with X = x as [m, p]
-            y = torch.matmul(self._core.to(y.device), y)
+            y = torch.matmul(self._core.to(device=y.device, dtype=y.dtype), y)
         return (y.reshape(x.shape) / math.sqrt(self.size)).to(x.dtype)
 
     def matrix(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.apply(torch.eye(self.size)).T.contiguous().to(dtype)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "size": self.size, "core": self.m}
+        d: dict[str, Any] = {"kind": self.kind, "size": self.size, "core": self.m}
+        if not self.fp32:
+            d["fp32"] = False
+        return d
 
     def describe(self) -> str:
         return f"hadamard({self.size} = {self.m} x {self.p})"

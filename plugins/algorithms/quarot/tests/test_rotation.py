@@ -212,16 +212,16 @@ def test_offset_norm_fuses_as_one_plus_w() -> None:
 
 
 def test_fp32_had_chooses_the_online_transform_precision() -> None:
+    from llmcq.quant.transform import transform_from_dict
     from llmcq.transforms.hadamard import Hadamard
-
-    from llmcq_quarot.algorithm import InputDtypeHadamard
 
     a, b = tiny(), tiny()
     quarot(a, fp32_had=True)
     quarot(b, fp32_had=False)
     ta = online_transform_of(a.model.layers[0].mlp.down_proj)
     tb = online_transform_of(b.model.layers[0].mlp.down_proj)
-    assert type(ta) is Hadamard and isinstance(tb, InputDtypeHadamard)
+    assert isinstance(ta, Hadamard) and isinstance(tb, Hadamard)
+    assert ta.fp32 and not tb.fp32
     assert torch.equal(a.model.layers[0].mlp.down_proj.weight,
                        b.model.layers[0].mlp.down_proj.weight)
     from llmcq.transforms.hadamard import hadamard_matrix
@@ -234,3 +234,6 @@ def test_fp32_had_chooses_the_online_transform_precision() -> None:
     xb = x.to(torch.bfloat16)
     assert tb.apply(xb).dtype == torch.bfloat16
     assert tb.to_dict()["fp32"] is False and "fp32" not in ta.to_dict()
+    back = transform_from_dict(tb.to_dict())  # the precision survives serialization
+    assert isinstance(back, Hadamard) and not back.fp32
+    torch.testing.assert_close(back.apply(x), tb.apply(x), rtol=0, atol=0)

@@ -17,7 +17,6 @@ The run's quantizer (RTN, GPTQ, ...) then quantizes the rotated weights block by
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
@@ -33,7 +32,7 @@ from llmcq.transforms.hadamard import Hadamard, hadamard_matrix, hadamard_order,
 from llmcq_quarot.rotation import fold_online, fuse_norm, rotate_embedding, rotate_heads, \
     rotate_reader, rotate_writer, untie_head
 
-__all__ = ["Quarot", "orthogonal", "online_transform", "InputDtypeHadamard"]
+__all__ = ["Quarot", "orthogonal", "online_transform"]
 
 log = logging.getLogger("llmcq.quarot")
 
@@ -56,42 +55,12 @@ def orthogonal(n: int, mode: str, seed: int, what: str) -> tuple[torch.Tensor, s
     return random_orthogonal(n, seed, torch.float64), f"random_orthogonal({n}, seed {seed})"
 
 
-def _fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalized Walsh-Hadamard butterfly (Sylvester order) on the last dimension, in
-    ``x``'s dtype."""
-    n = x.shape[-1]
-    y = x.reshape(-1, n)
-    h = 1
-    while h < n:
-        y = y.reshape(y.shape[0], -1, 2, h)
-        y = torch.stack((y[:, :, 0, :] + y[:, :, 1, :], y[:, :, 0, :] - y[:, :, 1, :]), dim=2)
-        h *= 2
-    return y.reshape(x.shape)
-
-
-class InputDtypeHadamard(Hadamard):
-    """The Hadamard transform computed in the input's dtype (``fp32_had: False``, llmc's
-    half-precision path) instead of float32; the same matrix, serialized the same way plus
-    ``"fp32": False``."""
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.size:
-            raise ValueError(f"input width {x.shape[-1]} != transform size {self.size}")
-        y = _fwht(x.reshape(*x.shape[:-1], self.m, self.p))
-        if self.m > 1:
-            y = torch.matmul(self._core.to(device=y.device, dtype=y.dtype), y)
-        return y.reshape(x.shape) / math.sqrt(self.size)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "fp32": False}
-
-
 def online_transform(n: int, seed: int, what: str, fp32: bool = True) -> OnlineTransform:
     """R4's online transform of width ``n``: :class:`~llmcq.transforms.hadamard.Hadamard`
     (computed in float32, or in the input's dtype when not ``fp32``) when one exists, else
     a random orthogonal :class:`MatrixTransform` (warned)."""
     if hadamard_order(n) is not None:
-        return Hadamard(n) if fp32 else InputDtypeHadamard(n)
+        return Hadamard(n, fp32=fp32)
     log.warning("quarot: no Hadamard matrix of order %d (%s): the online transform is a "
                 "random orthogonal matrix (seed %d), applied as a dense matmul", n, what, seed)
     return MatrixTransform(random_orthogonal(n, seed, torch.float32))

@@ -198,7 +198,7 @@ def run_row(method: str, setting: str, cfg: dict[str, Any], log_dir: Path, *, fu
                "peak_cpu_bytes": res["peak_memory_bytes"]["cpu"],
                "peak_cuda_bytes": res["peak_memory_bytes"].get("cuda"),
                "recipe": res.get("recipe"), "bit_budget": _budget(res),
-               "device": device_name(), "config": cfg}
+               "device": LR.device_name(), "config": cfg}
         if full:
             LR.FULL["on"] = True
             ev = LR.evaluate_folder(Path(tmp) / "out" / "fake_quant_model")
@@ -236,12 +236,6 @@ def _count(allocation: dict[str, Any]) -> dict[str, int]:
     for v in allocation.values():
         out[str(v)] = out.get(str(v), 0) + 1
     return dict(sorted(out.items()))
-
-
-def device_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
 
 
 def bits_table(rows: dict[str, Any], calib: dict[str, Any], windows: int) -> str:

@@ -8,18 +8,7 @@
 # has it, so their kernels share the GPU instead of taking turns (left alone if it fails).
 source bench/gpu/issue14_env.sh || exit
 export OMP_NUM_THREADS=1 LLMCQ_BENCH_COMMIT=${COMMIT:?set COMMIT to the commit the .whl wheels were built from}
-if command -v nvidia-cuda-mps-control >/dev/null; then
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
-  mkdir -p /tmp/mps /tmp/mpslog && nvidia-cuda-mps-control -d
-  if python3 -c "import torch; assert float(torch.ones(4, device='cuda').sum()) == 4"; then
-    echo "MPS on"
-  else
-    echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-    echo "MPS failed: off"
-  fi
-else
-  echo "no MPS in the image"
-fi
+mps_on
 job tq-w2 tesseraq w2g64
 job tq-w3 tesseraq w3g64
 job ar-a autoround w2g64,w3g64

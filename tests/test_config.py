@@ -241,9 +241,9 @@ def test_unknown_preproc(paths: dict[str, str]) -> None:
 
 def test_llmc_feature_not_supported_yet(paths: dict[str, str]) -> None:
     raw = _raw(LLMC_RTN_W_ONLY, paths)
-    raw["quant"]["kvcache"] = {"method": "Naive", "bit": 8}
+    raw["quant"]["quant_objects"] = ["language"]
     err = _error(raw)
-    assert err.path == "quant.kvcache" and "not supported" in str(err)
+    assert err.path == "quant.quant_objects" and "not supported" in str(err)
 
 
 def test_fake_quant_position_needs_quant(paths: dict[str, str]) -> None:

@@ -51,7 +51,8 @@ class RunSpecs:
         weight = WeightQuantSpec.from_section(q.weight) if q is not None and q.weight else None
         act = ActQuantSpec.from_section(q.act) if q is not None and q.act else None
         sparsity = SparsitySpec.from_section(s) if s is not None else None
-        return cls(weight=weight, act=act, kv=None, sparsity=sparsity,
+        kv = KVQuantSpec.from_section(q.kvcache) if q is not None and q.kvcache else None
+        return cls(weight=weight, act=act, kv=kv, sparsity=sparsity,
                    quant_out=bool(q.quant_out) if q is not None else False,
                    layers=LayerRules.from_config(cfg, weight, act))
 

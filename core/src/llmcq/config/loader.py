@@ -31,6 +31,7 @@ from llmcq.api import (
 from llmcq.capabilities import Feature, Need, check_backend, check_layout, spec_features
 from llmcq.config.budget_checks import (budget_features, check_budget_backend,
                                         check_budget_sections, check_budget_steps)
+from llmcq.config.kv_checks import check_kvcache
 from llmcq.config.layer_checks import (check_layer_backend, check_layer_sections,
                                        check_layer_steps, layer_step_features)
 from llmcq.config.schema import FLOAT_BITS, SAVE_FLAGS, QuantSection, RunConfig, SpecialConfig
@@ -57,7 +58,6 @@ LLMC_AUTO_TYPES = ("internlm2", "minicpm", "starcoder")
 
 #: llmc keys llmcq does not implement yet, with what they are (clearer than "unknown key")
 LLMC_UNSUPPORTED = {
-    "quant.kvcache": "KV-cache quantization",
     "quant.quant_objects": "vision/language split quantization",
     "quant.language": "vision/language split quantization",
     "quant.vision": "vision/language split quantization",
@@ -513,6 +513,8 @@ def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
                 raise ConfigError("quant.weight", None, reason="required: bit, symmetric, "
                                   "granularity and group_size of the weights", show_value=False)
             check_quant_types(cfg.quant)
+            if cfg.quant.kvcache is not None:
+                check_kvcache(cfg.quant.kvcache)
         specs = _specs(cfg)
         check_layer_sections(cfg, specs, check_quant_types)
         check_budget_sections(cfg)
@@ -664,11 +666,14 @@ def _calibration(cfg: RunConfig, steps: list[ResolvedStep], specs: RunSpecs, not
                  ) -> tuple[bool, tuple[DatasetSpec, EntryPointInfo] | None]:
     wanting = [s.spec.name for s in steps if s.spec.wants_calibration(s.settings)]
     searching = cfg.quant is not None and cfg.quant.bit_budget is not None
-    needs_calib = bool(wanting) or specs.any_act(lambda a: a.static) or searching
+    static_kv = specs.kv is not None and specs.kv.static
+    needs_calib = bool(wanting) or specs.any_act(lambda a: a.static) or searching or static_kv
     if needs_calib and cfg.calib is None:
         reason = (f"{', '.join(wanting)} needs calibration data" if wanting
                   else "quant.bit_budget measures sensitivities on calibration data"
-                  if searching else "static activation quantization needs calibration data")
+                  if searching else "static KV-cache quantization (quant.kvcache.static) "
+                  "needs calibration data" if static_kv and not specs.any_act(lambda a: a.static)
+                  else "static activation quantization needs calibration data")
         raise ConfigError("calib", None, reason=f"{reason}; add a calib section (name, path, "
                           "n_samples, seq_len, preproc)", show_value=False)
     if cfg.calib is None:
@@ -705,7 +710,7 @@ def _evaluation(cfg: RunConfig, i: int, e: Any) -> ResolvedEval:
         raise ConfigError(f"{prefix}.download", True, reason="downloads are not supported; "
                           f"set download: False and point {prefix}.path at local data")
     for pos in e.eval_pos:
-        if pos in ("fake_quant", "transformed") and cfg.quant is None and \
+        if pos in ("fake_quant", "fake_quant_wo_kv", "transformed") and cfg.quant is None and \
                 not (pos == "transformed" and cfg.sparse is not None):
             raise ConfigError(f"{prefix}.eval_pos", e.eval_pos, reason=f"position {pos!r} "
                               "needs a quant section", allowed="pretrain")

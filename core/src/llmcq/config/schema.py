@@ -25,6 +25,7 @@ __all__ = [
     "WeightQuantSection",
     "ActQuantSection",
     "QuantSection",
+    "KVCacheSection",
     "MixBitsSetting",
     "BitBudgetSection",
     "IgnoredLayersSection",
@@ -36,9 +37,12 @@ __all__ = [
     "DTYPES",
     "QUANT_TYPES",
     "FLOAT_BITS",
+    "KV_METHODS",
+    "KV_GRANULARITIES",
 ]
 
-EVAL_POSITIONS = ("pretrain", "transformed", "fake_quant")
+#: ``fake_quant_wo_kv`` (llmc's): the fake-quantized model with a float KV cache
+EVAL_POSITIONS = ("pretrain", "transformed", "fake_quant", "fake_quant_wo_kv")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
                   "float": "float32"}
@@ -140,7 +144,7 @@ class CalibSection(Section):
 
 
 class EvalSection(Section):
-    eval_pos: list[Literal["pretrain", "transformed", "fake_quant"]] = Field(
+    eval_pos: list[Literal["pretrain", "transformed", "fake_quant", "fake_quant_wo_kv"]] = Field(
         default_factory=lambda: ["pretrain", "fake_quant"])
     #: dataset name(s) from ``llmcq.datasets``.
     name: str | list[str] = "wikitext2"
@@ -153,7 +157,12 @@ class EvalSection(Section):
     #: evaluator name from ``llmcq.evaluators``.
     type: str = "ppl"
     #: llmcq extension: evaluate only the first N windows (quick checks); absent = all.
+    #: ``type: decode_ppl``: the number of windows decoded token by token (llmc's key).
     num_samples: int | None = Field(None, ge=1)
+    #: llmcq extension, with ``quant.kvcache`` at the fake_quant position: ``type: ppl`` feeds
+    #: each window through the quantized cache in forwards of this many tokens (absent: the
+    #: whole window in one forward; 1: token by token, as ``decode_ppl``).
+    kv_chunk: int | None = Field(None, ge=1)
 
     @property
     def names(self) -> list[str]:
@@ -243,6 +252,53 @@ class ActQuantSection(_QuantBase):
             raise ValueError("static activation quantization needs granularity per_tensor "
                              f"(got {self.granularity})")
         return self
+
+
+#: llmc's ``quant.kvcache.method`` spellings -> llmcq's method name
+KV_METHODS = {"naive": "naive", "kivi": "kivi"}
+KV_GRANULARITIES = ("per_token", "per_head", "per_channel", "per_tensor")
+
+
+class KVCacheSection(Section):
+    """llmc's ``quant.kvcache``: the attention's key/value cache stored on a grid (evaluated
+    with the quantized cache in place, :mod:`llmcq.quant.kvcache`). Cross-key rules
+    (static granularities, KIVI's keys) are checked by :func:`llmcq.config.kv_checks.check_kvcache`
+    so each error names its key."""
+
+    #: Naive (keys and values on one grid) or Kivi (keys per channel in groups of tokens,
+    #: values per token, the most recent ``residual_length`` tokens kept in float, as the
+    #: KIVI paper; llmc's Kivi used ``granularity`` for both)
+    method: str
+    #: int-quant (integer grid, ``bit`` 2..16) or float-quant (``bit: e4m3``, FP8)
+    quant_type: Literal["int-quant", "float-quant"] = "int-quant"
+    bit: Annotated[int, Field(ge=2, le=16)] | str
+    symmetric: bool = True
+    #: Naive: the grid of keys and values (per_token: one scale per token over all heads;
+    #: per_head: per token and head; per_channel / per_tensor: over the tokens quantized
+    #: together, or static). Kivi: the values' grid (per_token or per_head); keys are per
+    #: channel.
+    granularity: Literal["per_token", "per_head", "per_channel", "per_tensor"] = "per_token"
+    #: Kivi: tokens per key group (the paper's G; -1: one group of ``residual_length``)
+    group_size: int = -1
+    #: Naive per_tensor / per_channel: ranges fixed on the calibration data (``calib``)
+    static: bool = False
+    #: Kivi: the most recent tokens kept in full precision (the paper's R; llmc's default 128)
+    residual_length: int | None = Field(None, ge=1)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v.strip().lower() not in KV_METHODS:
+            raise ValueError("allowed: Naive, Kivi")
+        return v
+
+    @property
+    def method_name(self) -> str:
+        return KV_METHODS[self.method.strip().lower()]
+
+    @property
+    def residual(self) -> int:
+        return 128 if self.residual_length is None else self.residual_length
 
 
 #: how a ``quant.mix_bits`` entry names linears: a text found in the linear's name within
@@ -401,6 +457,8 @@ class QuantSection(Section):
     method: str | list[str]
     weight: WeightQuantSection | None = None
     act: ActQuantSection | None = None
+    #: llmc's KV-cache quantization (:class:`KVCacheSection`)
+    kvcache: KVCacheSection | None = None
     #: the algorithm's own keys; for a list of methods, one mapping per method name.
     special: dict[str, Any] = Field(default_factory=dict)
     #: feed each block the quantized outputs of the block before it (llmc semantics).

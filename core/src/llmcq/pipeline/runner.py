@@ -153,7 +153,7 @@ def _evaluate(run: RunContext, stages: _Stages, position: str,
                 key = f"{key}@{m.get('seq_len')}"
             entry = table.setdefault(key, {})
             entry[m.get("metric", "value")] = m["value"]
-            for extra in ("tokens", "seq_len", "windows"):
+            for extra in ("tokens", "seq_len", "windows", "kv_cache"):
                 if extra in m:
                     entry[extra] = m[extra]
 
@@ -323,6 +323,7 @@ def run(resolved: ResolvedConfig, *, progress: bool = True,
         with stages("deploy"):
             deploy_fake_quant(ctx.model, ctx.records)
     _evaluate(ctx, stages, "fake_quant", results)
+    _evaluate(ctx, stages, "fake_quant_wo_kv", results)  # llmc's: without quant.kvcache
     _export(ctx, stages, "quantized", written, sizes)
 
     stages.seconds["total"] = time.perf_counter() - total_start

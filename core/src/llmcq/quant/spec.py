@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:
-    from llmcq.config.schema import ActQuantSection, WeightQuantSection
+    from llmcq.config.schema import ActQuantSection, KVCacheSection, WeightQuantSection
 
 __all__ = ["SYM_RANGES", "PerTensor", "PerChannel", "PerGroup", "PerToken", "PerHead",
            "Granularity", "WeightQuantSpec", "ActQuantSpec", "KVQuantSpec", "FLOAT_FORMATS",
@@ -235,10 +235,10 @@ class ActQuantSpec(_IntGrid):
 class KVQuantSpec(_IntGrid):
     """KV-cache quantization: the keys' and values' grids as the attention stores them.
 
-    ``method``: "naive" (one grid for keys and values) or "kivi" (keys per channel, values
-    per token, the last ``residual`` tokens kept in float, as the KIVI paper). The config
-    section (llmc's ``quant.kvcache``) arrives with the rotations issue; the spec is part of
-    the contract already so that backends can declare whether they store a quantized cache.
+    ``method``: "naive" (one grid for keys and values) or "kivi" (keys per channel in groups
+    of ``key_group`` tokens, values per token, the last ``residual`` tokens kept in float, as
+    the KIVI paper). Built from llmc's ``quant.kvcache`` section (:meth:`from_section`); the
+    cache that applies it is :mod:`llmcq.quant.kvcache`, its maths :mod:`llmcq.quant.kvmath`.
     """
 
     key_granularity: Granularity = PerToken()
@@ -249,6 +249,8 @@ class KVQuantSpec(_IntGrid):
     residual: int = 0
     fmt: str = INT
     sym_range: str = "restricted"
+    #: KIVI: tokens per key group (per-channel scale over each group); 0 for naive
+    key_group: int = 0
 
     def __post_init__(self) -> None:
         self._check_grid()
@@ -256,11 +258,40 @@ class KVQuantSpec(_IntGrid):
             raise ValueError(f"unknown KV-cache method {self.method!r}: allowed naive, kivi")
         if self.residual < 0:
             raise ValueError("residual must be >= 0")
+        if self.method == "kivi" and (self.key_group < 1 or self.residual < 1
+                                      or self.residual % self.key_group):
+            raise ValueError("kivi needs residual >= 1 and a key_group dividing it")
+
+    @classmethod
+    def from_section(cls, s: KVCacheSection) -> KVQuantSpec:
+        bits, fmt = (8, str(s.bit)) if s.quant_type == "float-quant" else (int(s.bit), INT)
+        gran = _granularity(s.granularity, 0)
+        if s.method_name == "kivi":
+            residual = s.residual
+            group = s.group_size if s.group_size >= 1 else residual
+            return cls(bits=bits, symmetric=s.symmetric, key_granularity=PerChannel(),
+                       value_granularity=gran, static=False, method="kivi",
+                       residual=residual, fmt=fmt, key_group=group)
+        return cls(bits=bits, symmetric=s.symmetric, key_granularity=gran,
+                   value_granularity=gran, static=s.static, method="naive", fmt=fmt)
 
     def describe(self) -> str:
         kind = "static" if self.static else "dynamic"
-        return (f"kv{self.bits} {self.method} k:{self.key_granularity} "
-                f"v:{self.value_granularity} {kind}")
+        el = f"fp8({self.fmt})" if self.is_float else f"{self.bits}"
+        extra = f" R={self.residual} G={self.key_group}" if self.method == "kivi" else ""
+        return (f"kv{el} {self.method} k:{self.key_granularity} "
+                f"v:{self.value_granularity} {kind}{extra}")
+
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "method": self.method, "bits": self.bits, "symmetric": self.symmetric,
+            "key_granularity": str(self.key_granularity),
+            "value_granularity": str(self.value_granularity), "static": self.static}
+        if self.is_float:
+            out["fmt"] = self.fmt
+        if self.method == "kivi":
+            out.update(residual_length=self.residual, key_group=self.key_group)
+        return out
 
 
 def _sym_label(spec: _IntGrid) -> str:

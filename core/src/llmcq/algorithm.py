@@ -9,7 +9,12 @@ Override only the stages the algorithm needs; the others do nothing:
   (scaling, smoothing, rotation, clipping) or pruning;
 * :meth:`Algorithm.prune` - per block, sparse steps: return a keep-mask per linear; core
   zeroes the pruned weights and hands the masks to later steps (``block.masks``);
-* :meth:`Algorithm.quantize` - per block: return one :class:`QuantizedLinear` per linear.
+* :meth:`Algorithm.quantize` - per block: return one :class:`QuantizedLinear` per linear;
+* :meth:`Algorithm.observe_block` and :meth:`Algorithm.remove_blocks` - layer pruning
+  (ShortGPT): before anything else, every block of the unpruned model runs once on the
+  calibration data and ``observe_block`` sees its inputs and outputs; then
+  ``remove_blocks`` names the blocks to delete and core deletes them (config and layer
+  indices renumbered) before the model-wide transforms and the block loop.
 
 Per block, core calls each recipe step's ``calibrate`` then ``transform`` (then ``prune``
 for sparse steps) in recipe order, sparse steps first, then ``quantize`` of the last quant
@@ -44,7 +49,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Algorithm", "STAGES"]
 
-STAGES = ("transform_model", "calibrate", "transform", "prune", "quantize")
+STAGES = ("transform_model", "calibrate", "transform", "prune", "quantize",
+          "observe_block", "remove_blocks")
 
 
 class Algorithm:
@@ -135,6 +141,19 @@ class Algorithm:
                  ) -> dict[str, QuantizedLinear] | None:
         """Records for the block's linears, keyed by name relative to the block."""
         return None
+
+    def observe_block(self, block: Block, inputs: BlockInputs,
+                      outputs: list[torch.Tensor]) -> None:
+        """Layer pruning, before the block loop: block ``block.index`` of the unpruned model
+        on the calibration data (``inputs``: its inputs per batch, the dense chain;
+        ``outputs``: its outputs per batch). Accumulate running statistics; with
+        data-parallel calibration this rank's share only (reduce in :meth:`remove_blocks`).
+        Called only for algorithms that implement :meth:`remove_blocks`."""
+
+    def remove_blocks(self) -> list[int]:
+        """Layer pruning: the indices of the blocks to delete (of the unpruned model), once,
+        after every block was observed; core deletes them and renumbers the rest."""
+        return []
 
     def summary(self) -> dict[str, Any]:
         """Extra facts for results.json (e.g. how often damping was raised)."""

@@ -127,7 +127,9 @@ def spec_features(specs: RunSpecs) -> list[Feature]:
         out.append(Feature("float_format", f"{sec}.quant_type", "float-quant",
                            detail="e4m3", source=sec,
                            hint="use quant_type: int-quant for an integer grid"))
-    if specs.sparsity is not None and specs.weight is not None:
+    # masks: a sparse section that prunes weights (not only whole blocks: ShortGPT)
+    if specs.sparsity is not None and specs.sparsity.sparsity > 0 and \
+            specs.weight is not None:
         out.append(Feature("sparsity_mask", "sparse.method", None,
                            detail=str(specs.sparsity.structure), source="sparse",
                            hint="export with save_fake (dense, zeros kept) or prune without "

@@ -68,6 +68,8 @@ class RunContext:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("llmcq"))
     #: (zeros, weights) of every pruned linear, by full name (``compression.sparsity``)
     pruned: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: old indices of the blocks a step removed before the block loop (ShortGPT)
+    removed_blocks: list[int] = field(default_factory=list)
     #: typed hand-off between recipe steps (AWQ's scales and clips, ...)
     artefacts: ArtefactStore = field(default_factory=lambda: ArtefactStore())
     _scratch: dict[int, dict[str, Any]] = field(default_factory=dict)

@@ -8,6 +8,13 @@ Per block (moved to the compute device alone):
 4. the block's outputs become the next block's inputs: computed with the fake-quantized
    block when ``quant.quant_out`` is set, with the float (transformed) block otherwise;
 5. the block goes back to host memory, its records are kept on the CPU.
+
+Before all that, when a recipe step removes whole blocks (``Algorithm.remove_blocks``,
+ShortGPT): every block of the unpruned model runs once on the calibration data, each step's
+``observe_block(block, inputs, outputs)`` sees the block's inputs and outputs, the blocks
+the steps name are deleted (:func:`llmcq.model.remove_blocks.remove_blocks`: config fields and
+layer indices renumbered), per-linear settings are bound again to the smaller model, and the
+rest of the run (model-wide transforms, the block loop) works on the smaller model.
 """
 
 from __future__ import annotations
@@ -207,6 +214,10 @@ def quantize_model(run: RunContext, batches: list[torch.Tensor] | None) -> None:
     model, adapter = run.model, run.adapter
     assert adapter is not None
     hook = run.pm.hook
+    removers = [s for s in run.steps
+                if s.algorithm is not None and s.algorithm.implements("remove_blocks")]
+    if removers:
+        _remove_blocks(run, removers, batches)
     for step in run.steps:
         call_stage(run, "transform", hook.llmcq_transform, step=step, where="model",
                    block=None, inputs=None)
@@ -219,8 +230,10 @@ def quantize_model(run: RunContext, batches: list[torch.Tensor] | None) -> None:
     quant_out = run.specs.quant_out
     # the dense block's outputs feed the next block unless pruned outputs are asked for
     # (sparse.sparsity_out) or quantized ones (quant.quant_out)
-    dense_next = sparse is not None and not sparse.sparsity_out and not (quantizing and
-                                                                         quant_out)
+    masking = any(s.spec.kind == "sparse" and s.algorithm is not None
+                  and s.algorithm.implements("prune") for s in run.steps)
+    dense_next = masking and sparse is not None and not sparse.sparsity_out and not (
+        quantizing and quant_out)
     # a step that trains against the float block: keep the block's parameters from before the
     # first quant step changes anything (Algorithm.float_targets)
     quant_steps = [s for s in run.steps if s.spec.kind != "sparse"]
@@ -276,6 +289,60 @@ def quantize_model(run: RunContext, batches: list[torch.Tensor] | None) -> None:
         run.drop_scratch(i)
         if run.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _step_call(method: str) -> Callable[..., Any]:
+    def call(run: RunContext, step: Step, **kwargs: Any) -> Any:
+        assert step.algorithm is not None
+        return getattr(step.algorithm, method)(**kwargs)
+    return call
+
+
+@torch.no_grad()
+def _remove_blocks(run: RunContext, steps: list[Step], batches: list[torch.Tensor] | None
+                   ) -> None:
+    """Layer pruning before anything else runs (see the module docstring)."""
+    from llmcq.model.remove_blocks import remove_blocks
+    from llmcq.pipeline.layer_plan import bind_layers
+
+    model, adapter = run.model, run.adapter
+    assert adapter is not None
+    blocks = adapter.blocks(model)
+    if batches:
+        inputs = capture_block_inputs(model, adapter, dist.shard(batches), run.device)
+        for i in range(len(blocks)):
+            module: nn.Module = blocks[i]
+            name = f"{adapter.layout.blocks}.{i}"
+            resident = _upload(module, run.device)
+            block = Block(i, name, module, resolve_block(module, adapter.block_layout(model, i),
+                                                         where=name))
+            outputs = inputs.forward(module)
+            for step in steps:
+                call_stage(run, "observe_block", _step_call("observe_block"), step=step,
+                           where=name, block=block, inputs=inputs, outputs=outputs)
+            inputs.replace(outputs)
+            del outputs
+            _offload(module, resident)
+        del inputs
+    drop: set[int] = set()
+    for step in steps:
+        got = call_stage(run, "remove_blocks", _step_call("remove_blocks"), step=step,
+                         where="model")
+        if got is None or not all(isinstance(i, int) and 0 <= i < len(blocks) for i in got):
+            raise PluginError(f"remove_blocks returned {got!r}, expected a list of block "
+                              f"indices below {len(blocks)}", plugin=step.label,
+                              stage="remove_blocks", where="model")
+        drop |= set(got)
+    if not drop:
+        return
+    remove_blocks(model, adapter.layout.blocks, sorted(drop))
+    run.removed_blocks = sorted(drop)
+    if run.resolved.specs.layers is not None:  # block ids now name the smaller model's
+        run.specs = run.resolved.specs
+        bind_layers(run)
+        for step in run.steps:
+            if step.algorithm is not None:
+                step.algorithm.specs = run.specs
 
 
 def _fingerprint(t: torch.Tensor) -> torch.Tensor:

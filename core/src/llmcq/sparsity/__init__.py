@@ -69,9 +69,10 @@ class SparsitySpec:
     """The resolved ``sparse`` section.
 
     ``sparsity``: fraction of each pruned linear's weights set to zero (for N:M it is
-    ``1 - n/m``); ``structure``: the mask structure; ``n_prune_layers``: whole blocks to
-    remove (ShortGPT-style; None when not asked); ``sparsity_out``: the next block reads the
-    pruned block's outputs (llmc) instead of the dense block's.
+    ``1 - n/m``; 0 when only ``n_prune_layers`` is set: no weight is masked);
+    ``structure``: the mask structure; ``n_prune_layers``: whole blocks to remove
+    (ShortGPT-style; None when not asked); ``sparsity_out``: the next block reads the pruned
+    block's outputs (llmc) instead of the dense block's.
     """
 
     sparsity: float
@@ -89,6 +90,9 @@ class SparsitySpec:
         structure = parse_structure(w.mask_structure) if w is not None else Unstructured()
         if isinstance(structure, NM):
             sparsity = structure.sparsity
+        elif w is not None and w.n_prune_layers is not None and \
+                "sparsity" not in w.model_fields_set:
+            sparsity = 0.0  # whole blocks removed (ShortGPT), no weight masked
         else:
             sparsity = w.sparsity if w is not None else 0.0
         return cls(sparsity=sparsity, structure=structure,

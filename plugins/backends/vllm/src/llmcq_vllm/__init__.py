@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from llmcq.api import ExportTarget, LayerTarget
     from llmcq.quant.spec import Granularity
 
-__all__ = ["VLLM_SPEC", "SGL_SPEC", "LIGHTLLM_SPEC", "CompressedTensorsSpec", "LightLLMSpec",
+__all__ = ["VLLM_SPEC", "SGL_SPEC", "LIGHTLLM_SPEC", "SPARSE", "CompressedTensorsSpec", "LightLLMSpec",
            "check_grids", "check_fused", "ACCEPTS", "REFUSALS"]
 
 #: weight bits vLLM's compressed-tensors schemes read (WNA16: 4 and 8; W8A8; W4A8)
@@ -33,15 +33,19 @@ VLLM_GROUP_SIZES = (32, 64, 128)
 #: ``input_scale``/``input_zero_point`` or dynamic schemes), FP8 codes (float-quantized),
 #: linears on different grids (one ``config_groups`` scheme per grid, its linears as
 #: targets) and linears kept in float (the config's ``ignore`` list)
-ACCEPTS = frozenset({"act_quant", "float_format", "layer_grids", "float_linears"})
+#: and an FP8 KV cache (``kv_cache_scheme`` with k/v scales, :mod:`llmcq_vllm.kvcache`)
+ACCEPTS = frozenset({"act_quant", "float_format", "layer_grids", "float_linears",
+                     "kv_cache_quant"})
+#: pruned weights (``sparsity_mask``) are written in the same dense layouts, as the codes of
+#: exact zero (:mod:`llmcq_vllm.sparse`): compressed-tensors >= 0.15 has no sparse compressor
+#: left and vLLM >= 0.19.1 no sparse kernel, so no ``sparsity_config`` is written
+SPARSE = frozenset({"sparsity_mask"})
 #: why the others cannot be written (the generic sentence serves the rest)
 REFUSALS = {
     "g_idx": "cannot write columns quantized out of group order (g_idx; compressed-tensors "
              ">= 0.20 stores no g_idx, its groups are consecutive columns)",
     "fractional_zero": "cannot write fractional zero points (compressed-tensors stores "
                        "integer int8 zero points)",
-    "sparsity_mask": "cannot write a sparsity mask (this exporter writes dense "
-                     "compressed-tensors layouts only, no sparsity_config)",
 }
 
 
@@ -146,12 +150,17 @@ def check_fused(target: LayerTarget, *, name: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class CompressedTensorsSpec(BackendSpec):
-    accepts: frozenset[str] = ACCEPTS
+    accepts: frozenset[str] = ACCEPTS | SPARSE
     refusals: dict[str, str] = field(default_factory=lambda: dict(REFUSALS))
 
     def supports(self, target: ExportTarget) -> None:
+        if target.specs.weight is None and target.specs.sparsity is not None:
+            return  # pruned, not quantized: the float model, dense with its zeros
+        from llmcq_vllm.kvcache import check_kv
+
         super().supports(target)
         check_grids(target, name=self.name)
+        check_kv(target, name=self.name)
 
     def check_layers(self, target: LayerTarget) -> None:
         check_fused(target, name=self.name)
@@ -182,7 +191,7 @@ class LightLLMSpec(CompressedTensorsSpec):
     ``weight`` + ``weight_scale`` per output channel (+ ``input_scale`` when config.json says
     ``activation_scheme: static``), symmetric int8 activations."""
 
-    accepts: frozenset[str] = frozenset({"act_quant"})
+    accepts: frozenset[str] = frozenset({"act_quant"}) | SPARSE
     refusals: dict[str, str] = field(default_factory=lambda: {
         **REFUSALS,
         "float_format": "cannot write FP8 codes (its offline-quantized path, quant_type "

@@ -33,7 +33,8 @@ from llmcq.model.hf_io import save_hf_folder
 from llmcq.quant.record import QuantizedLinear
 from llmcq.quant.spec import PerChannel, PerGroup, PerTensor, PerToken
 
-from llmcq_vllm import ACCEPTS, LIGHTLLM_SPEC
+from llmcq_vllm import ACCEPTS, LIGHTLLM_SPEC, SPARSE
+from llmcq_vllm.kvcache import kv_cache_export
 
 __all__ = ["export", "export_lightllm", "scheme_args", "compress_record", "storage_dtype"]
 
@@ -110,6 +111,10 @@ def compress_record(rec: QuantizedLinear, dtype: torch.dtype) -> tuple[dict[str,
     fmt = infer_module_format(torch.nn.Linear, scheme)
     offset = 0 if rec.symmetric else 2 ** (rec.bits - 1)
     q = rec.qweight.to(torch.int16) - offset  # signed codes, as compressed-tensors holds them
+    if rec.mask is not None:  # pruned weights: the code of exact zero
+        from llmcq_vllm.sparse import zero_pruned_codes
+
+        q = zero_pruned_codes(rec, q, offset)
     scale = rec.scale.to(dtype)
     state: dict[str, torch.Tensor] = {"weight_scale": scale.reshape(-1) if isinstance(
         rec.weight.granularity, PerTensor) else scale}
@@ -160,8 +165,10 @@ def _compress_float_record(rec: QuantizedLinear, scheme: Any, wargs: dict,
     per_tensor = isinstance(rec.weight.granularity, PerTensor)
     state: dict[str, torch.Tensor] = {"weight_scale": scale.reshape(1) if per_tensor
                                       else scale.reshape(-1, 1)}
+    codes = rec.qweight if rec.mask is None else torch.where(  # pruned: the zero code
+        rec.mask, rec.qweight, torch.zeros_like(rec.qweight))
     # the weight the compressor re-quantizes: the record's codes times the stored scale
-    state["weight"] = rec.qweight.float() * (scale.reshape(1, 1) if per_tensor
+    state["weight"] = codes.float() * (scale.reshape(1, 1) if per_tensor
                                              else scale.reshape(-1, 1))
     if rec.act is not None and rec.act.static:
         if rec.act_scale is None:
@@ -169,8 +176,8 @@ def _compress_float_record(rec: QuantizedLinear, scheme: Any, wargs: dict,
         state["input_scale"] = rec.act_scale.reshape(1).float()
     fmt = CompressionFormat.float_quantized.value
     out = BaseCompressor.get_value_from_registry(fmt).compress(state, scheme)
-    codes = out["weight"]
-    if codes.dtype != rec.qweight.dtype or not torch.equal(codes.float(), rec.qweight.float()):
+    written = out["weight"]
+    if written.dtype != rec.qweight.dtype or not torch.equal(written.float(), codes.float()):
         raise PluginError("compressed-tensors re-quantized different FP8 codes than the "
                           "record holds")
     return dict(out), fmt, wargs, iargs
@@ -207,9 +214,11 @@ def checkpoint_names(model: Any, names: list[str]) -> list[str]:
 
 def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: Path, *,
            scale_dtype: torch.dtype | None = None,
-           accepts: frozenset[str] = ACCEPTS) -> list[Path]:
+           accepts: frozenset[str] = ACCEPTS | SPARSE) -> list[Path]:
     """The compressed-tensors folder; scales in the model's dtype unless ``scale_dtype``;
-    ``accepts``: the record features the calling backend writes (vllm/sglang: ``ACCEPTS``)."""
+    ``accepts``: the record features the calling backend writes (vllm/sglang: ``ACCEPTS``
+    and ``SPARSE``). Pruned weights are written as the codes of exact zero
+    (:mod:`llmcq_vllm.sparse`); a pruned run without quantization writes the float model."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.config import CompressionFormat
     from compressed_tensors.quantization import (
@@ -220,6 +229,9 @@ def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: P
     )
 
     if not records:
+        if getattr(getattr(run, "specs", None), "sparsity", None) is not None:
+            # pruned without quantization: vLLM/SGLang run the float model as it is
+            return save_hf_folder(model, getattr(run, "tokenizer", None), out_dir)
         raise PluginError("nothing to export: the run produced no quantized linears")
     dtype = scale_dtype or storage_dtype(model)
     state = OrderedDict((k, v.detach().to("cpu")) for k, v in model.state_dict().items())
@@ -236,6 +248,8 @@ def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: P
         key = json.dumps([wargs, iargs, fmt], sort_keys=True)
         groups.setdefault(key, (wargs, iargs, fmt, []))[3].append(name)
 
+    kv_state, kv_args = kv_cache_export(run, model)  # FP8 KV scales (quant.kvcache)
+    state.update(kv_state)
     ignore = sorted(checkpoint_names(model, unquantized_matrices(model, records)))
     single = len(groups) == 1
     config_groups = {}
@@ -250,7 +264,8 @@ def export(run: Any, model: Any, records: dict[str, QuantizedLinear], out_dir: P
     qconfig = QuantizationConfig(
         config_groups=config_groups, ignore=ignore,
         format=formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value,
-        quantization_status=QuantizationStatus.COMPRESSED)
+        quantization_status=QuantizationStatus.COMPRESSED,
+        kv_cache_scheme=None if kv_args is None else QuantizationArgs(**kv_args))
 
     save_hf_folder(model, None, out_dir, state_dict=state)
     ModelCompressor(quantization_config=qconfig).update_config(str(out_dir))

@@ -315,3 +315,30 @@ def test_llmc_kivi_config_resolves_as_the_paper(tiny_llama_dir: Path, shared_dat
     assert r.specs.kv == KVQuantSpec(bits=8, symmetric=True, method="kivi",
                                      key_granularity=PerChannel(), value_granularity=PerToken(),
                                      residual=128, key_group=128)
+
+
+def test_fp8_grid_matches_transformers_fp8_cache() -> None:
+    """transformers' ``QuantizedCache("fp8")`` fixes one E4M3 scale per layer on its first
+    update and appends later tokens on it: llmcq's static per-tensor FP8 cache given that scale
+    stores the same values (where transformers' unsaturated cast stays finite)."""
+    from transformers import QuantizedCache
+
+    model = _tiny_model(outliers=False)
+    hf = QuantizedCache("fp8", model.config)
+    _decode(model, IDS[:, :24], hf, chunk=24)               # prefill: fixes the scales
+    static = [(layer._quantized_keys[1], None, layer._quantized_values[1], None)
+              for layer in hf.layers]
+    spec = KVQuantSpec(bits=8, symmetric=True, key_granularity=PerTensor(),
+                       value_granularity=PerTensor(), static=True, fmt="e4m3")
+    ours = FakeQuantKVCache(spec, len(static), static)
+    _decode(model, IDS[:, :24], ours, chunk=24)
+    _decode(model, IDS[:, 24:32], hf)                        # decode on the fixed scales
+    _decode(model, IDS[:, 24:32], ours)
+    # layer 0 only: transformers' prefill returns the float keys (its attention reads them),
+    # llmcq's the quantized ones, so the hidden states of later layers differ by design
+    h, o = hf.layers[0], ours.layers[0]
+    for theirs, mine in ((h._dequantize(h._quantized_keys), o.keys),
+                         (h._dequantize(h._quantized_values), o.values)):
+        ok = torch.isfinite(theirs)
+        assert ok.float().mean() > 0.9 and mine.shape == theirs.shape == (2, 2, 32, 16)
+        torch.testing.assert_close(mine[ok], theirs[ok], rtol=0, atol=0)

@@ -152,9 +152,12 @@ def check_fused(target: LayerTarget, *, name: str) -> None:
 class CompressedTensorsSpec(BackendSpec):
     accepts: frozenset[str] = ACCEPTS | SPARSE
     refusals: dict[str, str] = field(default_factory=lambda: dict(REFUSALS))
+    #: a pruned run without quant.weight exports the float model (vLLM, SGLang run it as is)
+    pruned_float: bool = True
 
     def supports(self, target: ExportTarget) -> None:
-        if target.specs.weight is None and target.specs.sparsity is not None:
+        if self.pruned_float and target.specs.weight is None and \
+                target.specs.sparsity is not None:
             return  # pruned, not quantized: the float model, dense with its zeros
         from llmcq_vllm.kvcache import check_kv
 
@@ -192,6 +195,7 @@ class LightLLMSpec(CompressedTensorsSpec):
     ``activation_scheme: static``), symmetric int8 activations."""
 
     accepts: frozenset[str] = frozenset({"act_quant"}) | SPARSE
+    pruned_float: bool = False
     refusals: dict[str, str] = field(default_factory=lambda: {
         **REFUSALS,
         "float_format": "cannot write FP8 codes (its offline-quantized path, quant_type "

@@ -247,6 +247,16 @@ def test_bad_settings_are_refused(tiny_tokenizer: Any, shared_data: Path,
     with pytest.raises(ConfigError) as err:  # a key ShortGPT does not honour
         resolve_config(cfg)
     assert err.value.path == "sparse.weight.sparsity" and "shortgpt" in str(err.value)
+    # ShortGPT touches no grid: activation quantization and FP8 after it are accepted
+    for quant in ({"method": "smoothquant", "weight": {"bit": 8, "symmetric": True,
+                                                       "granularity": "per_channel"},
+                   "act": {"bit": 8, "symmetric": True, "granularity": "per_token"}},
+                  {"method": "rtn", "weight": {"bit": "e4m3", "symmetric": True,
+                                               "granularity": "per_channel",
+                                               "quant_type": "float-quant"}}):
+        ok = {**cfg, "quant": quant, "sparse": {"method": "ShortGPT",
+                                                "weight": {"n_prune_layers": 1}}}
+        assert [s.spec.name for s in resolve_config(ok).steps][0] == "shortgpt"
     cfg["sparse"]["weight"] = {"n_prune_layers": 3}  # the model has 3 blocks
     with pytest.raises(ConfigError) as err:
         run(resolve_config(cfg), progress=False)

@@ -42,4 +42,8 @@ SPEC = ShortGPTSpec(
     aliases=("ShortGPT",),
     needs_calibration=True,
     sparse_keys=("n_prune_layers",),
+    # removes whole blocks and touches no grid: any quantizer after it may quantize
+    # activations or use FP8
+    supports_act=True,
+    weight_formats=("int", "float"),
 )

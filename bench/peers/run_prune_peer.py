@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--calib", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 2),
+                    help="torch CPU threads (default: $OMP_NUM_THREADS, else 2)")
     ap.add_argument("--block-size", type=int, default=128, help="SparseGPT block size")
     ap.add_argument("--dampening-frac", type=float, default=0.01, help="SparseGPT damping")
     return ap.parse_args(argv)

@@ -187,6 +187,37 @@ def test_shortgpt_then_gptq_quantizes_the_smaller_model(tiny_tokenizer: Any, sha
                                    rtol=0, atol=1e-4)
 
 
+def test_block_ids_of_per_linear_settings_name_the_smaller_model(tiny_tokenizer: Any,
+                                                                 shared_data: Path,
+                                                                 tmp_path: Path) -> None:
+    """ignored_layers binds after the blocks are removed: block 3 of the 4-block model."""
+    import llmcq
+
+    class Spy:
+        @llmcq.hookimpl
+        def llmcq_evaluate(self, run: Any) -> list:
+            self.records = sorted(run.records)
+            return []
+
+    model_dir = _model_dir(tmp_path, tiny_tokenizer)
+    cfg = _config(model_dir, shared_data, tmp_path / "o",
+                  quant={"method": "rtn", "weight": {"bit": 4, "symmetric": True,
+                                                     "granularity": "per_channel"}})
+    cfg["ignored_layers"] = {"block_ids": [3], "layer_names": ["mlp.down_proj"]}
+    spy = Spy()
+    out = run(resolve_config(cfg), progress=False, extra_plugins=[spy])
+    assert out["compression"]["linears_quantized"] == 4 * 7 - 1
+    assert "model.layers.3.mlp.down_proj" not in spy.records
+    assert "model.layers.2.mlp.down_proj" in spy.records
+    assert not any(r.startswith(("model.layers.4.", "model.layers.5.")) for r in spy.records)
+    # block 5 of the unpruned model does not exist any more: the rule names nothing
+    cfg["ignored_layers"] = {"block_ids": [5], "layer_names": ["mlp.down_proj"]}
+    cfg["save"]["save_path"] = str(tmp_path / "o5")
+    with pytest.raises(ConfigError) as err:
+        run(resolve_config(cfg), progress=False)
+    assert "ignored_layers" in err.value.path
+
+
 LLMC_SHORTGPT = """
 base:
     seed: &seed 42

@@ -166,6 +166,7 @@ def test_cayley_steps_lower_the_quantized_loss_below_the_hadamard_start(
                      special={"SpinQuant": {"steps": steps, **SMALL}, "RTN": {}})
         res = run(resolve_config(cfg), progress=False, model=m, tokenizer=tok)
         assert res["recipe"][0]["steps"] == steps
+        assert steps == 0 or res["recipe"][0]["train_weights"] == "rtn"
         if steps == 0:
             resolved = resolve_config(cfg, overwrite=True)
             ids = torch.cat(calibration_samples(SimpleNamespace(
@@ -190,6 +191,8 @@ def test_recipes_with_gptq_and_the_offline_export(
     step = res["recipe"][0]
     assert step["method"] == "spinquant" and step["online"] == {"hadamard(160 = 20 x 8)": 2}
     assert step["steps"] == 2 and step["samples"] == 8 and step["untied_embeddings"] is True
+    # before GPTQ the rotations are learned with float weights (the reference's practice)
+    assert step["train_weights"] == "none"
     for blk in m.model.layers:
         assert blk.mlp.down_proj.input_transform.describe() == "hadamard(160 = 20 x 8)"
         assert blk.self_attn.q_proj.input_transform is None
@@ -230,6 +233,10 @@ def test_bad_keys_are_refused_at_config_time(tmp_path: Path, tiny_llama_dir: Pat
     assert "lr_schedule" in msg and "cosine" in msg
     msg = _refusal(cfg({"batch_size": 2, "micro_batch": 4}))
     assert "quant.special.SpinQuant.micro_batch" in msg and "<= batch_size (2)" in msg
+    weight_only = cfg({"train_weight_quant": "none"})
+    del weight_only["quant"]["act"]
+    msg = _refusal(weight_only)
+    assert "quant.special.SpinQuant.train_weight_quant" in msg and "quant.act" in msg
     # the online Hadamard cannot be written by save_fake
     msg = _refusal(cfg({}, save_fake=True))
     assert "online_rotate" in msg and "fake" in msg

@@ -68,6 +68,11 @@ class SpinQuantSpecial(SpecialConfig):
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     #: Cayley SGD momentum (0 in the paper)
     momentum: float = Field(0.0, ge=0, lt=1)
+    #: the weights while the rotations are learned: rtn (fake-quantized min-max on their
+    #: grids), none (float; only activations quantized), or auto: none when the run's
+    #: quantizer is GPTQ and activations are quantized (the reference's practice: its
+    #: rotations for GPTQ are learned on W16A4), rtn otherwise
+    train_weight_quant: Literal["auto", "rtn", "none"] = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +88,12 @@ class SpinQuantSpec(AlgorithmSpec):
                               reason="the bit-budget search measures every linear before the "
                               "recipe runs, on the unrotated weights, while spinquant "
                               "rotates them all first; use quant.mix_bits, or no spinquant")
+        if special.steps > 0 and special.train_weight_quant == "none" and \
+                step.specs.act is None:
+            raise ConfigError(step.key("train_weight_quant"), "none", allowed=("auto", "rtn"),
+                              reason="without quant.act nothing would be quantized while "
+                              "learning, and the float model's loss does not depend on "
+                              "the rotations")
         if special.steps > 0 and special.micro_batch > special.batch_size:
             raise ConfigError(step.key("micro_batch"), special.micro_batch,
                               allowed=f"<= batch_size ({special.batch_size})")

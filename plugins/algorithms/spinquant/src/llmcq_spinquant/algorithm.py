@@ -211,6 +211,16 @@ class SpinQuant(Algorithm):
 
     # ------------------------------------------------------------------ training
 
+    def _train_weights(self) -> str:
+        """``rtn`` or ``none``: ``train_weight_quant``, with ``auto`` resolved against the
+        run's quantizer (GPTQ with quantized activations: none)."""
+        mode = self.special.train_weight_quant
+        if mode != "auto":
+            return mode
+        quantizer = getattr(self.run, "quantizer", None)
+        gptq = quantizer is not None and quantizer.spec.name == "gptq"
+        return "none" if gptq and self.act is not None else "rtn"
+
     def _train(self, model: nn.Module, plan: RotationPlan, q: torch.Tensor,
                r2: list[torch.Tensor | None], seed: int, device: torch.device
                ) -> tuple[torch.Tensor, list[torch.Tensor | None], dict[str, Any]]:
@@ -225,7 +235,9 @@ class SpinQuant(Algorithm):
         compute = torch.promote_types(dtype, torch.float32)
         frozen = {p: p.requires_grad for p in model.parameters()}
         was_training = model.training
-        fwd = RotatedForward(model, plan, self._weight_of, self._act_of, compute)
+        wq = self._train_weights()
+        fwd = RotatedForward(model, plan, self._weight_of if wq == "rtn" else lambda _n: None,
+                             self._act_of, compute)
         order = torch.Generator().manual_seed(seed)
         perm: list[int] = []
         r1 = q.to(device, torch.float64)
@@ -247,7 +259,8 @@ class SpinQuant(Algorithm):
                     idx.append(perm.pop())
                 mine = idx[dist.rank()::dist.world_size()] if dist.active() else idx
                 leaves = [r1.detach().to(compute).clone().requires_grad_()] + [
-                    None if r is None else r.detach().to(compute).clone().requires_grad_() for r in rs]
+                    None if r is None else r.detach().to(compute).clone().requires_grad_()
+                    for r in rs]
                 params = fwd.params(leaves[0], leaves[1:])
                 total = torch.zeros((), dtype=torch.float64, device=device)
                 with fwd.hooks(leaves[0]):
@@ -288,7 +301,8 @@ class SpinQuant(Algorithm):
             for p, flag in frozen.items():
                 p.requires_grad_(flag)
             model.train(was_training)
-        train = {"steps": sp.steps, "samples": len(samples), "batch_size": sp.batch_size,
+        train = {"steps": sp.steps, "train_weights": wq, "samples": len(samples),
+                 "batch_size": sp.batch_size,
                  "seq_len": int(samples[0].shape[1]), "loss_first": losses[0],
                  "loss_last": losses[-1], "r1_step_last": alphas[-1],
                  "seconds": round(time.perf_counter() - start, 2)}

@@ -283,6 +283,18 @@ REFUSED = [
 ]
 
 
+def test_per_block_evaluation_through_a_cache_is_refused(tiny_llama_dir: Path,
+                                                         shared_data: Path,
+                                                         tmp_path: Path) -> None:
+    for kv, ev in ((NAIVE, {"eval_pos": ["fake_quant"]}),
+                   (None, {"type": "decode_ppl", "eval_pos": ["pretrain"]})):
+        cfg = _config(tiny_llama_dir, shared_data, tmp_path / "x", kv,
+                      [{**ev, "inference_per_block": True}])
+        with pytest.raises(ConfigError) as info:
+            resolve_config(cfg)
+        assert info.value.path == "eval.inference_per_block", str(info.value)
+
+
 @pytest.mark.parametrize(("kv", "path", "allowed"), REFUSED)
 def test_config_refusals(kv: dict[str, Any], path: str, allowed: str | None,
                          tiny_llama_dir: Path, shared_data: Path, tmp_path: Path) -> None:

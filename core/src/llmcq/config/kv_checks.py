@@ -4,10 +4,10 @@ Each error names the key to change and the values it may take."""
 
 from __future__ import annotations
 
-from llmcq.config.schema import FLOAT_BITS, KVCacheSection
+from llmcq.config.schema import FLOAT_BITS, KVCacheSection, RunConfig
 from llmcq.errors import ConfigError
 
-__all__ = ["check_kvcache"]
+__all__ = ["check_kvcache", "check_kv_evals"]
 
 _P = "quant.kvcache"
 
@@ -56,3 +56,18 @@ def check_kvcache(kv: KVCacheSection) -> None:
                           reason="static ranges are fixed on calibration data for the whole "
                           "tensor or per channel; per-token scales are dynamic (set "
                           "static: False)")
+
+
+def check_kv_evals(cfg: RunConfig) -> None:
+    """Evaluations that run through a KV cache need the whole model on the device: refuse
+    ``inference_per_block: True`` for ``decode_ppl``, and for any evaluation at
+    ``fake_quant`` when ``quant.kvcache`` is set."""
+    kv = cfg.quant is not None and cfg.quant.kvcache is not None
+    for i, e in enumerate(cfg.eval):
+        prefix = "eval" if len(cfg.eval) == 1 else f"eval[{i}]"
+        decode = e.type.strip().lower().replace("-", "_") == "decode_ppl"
+        if e.inference_per_block and (decode or (kv and "fake_quant" in e.eval_pos)):
+            raise ConfigError(f"{prefix}.inference_per_block", True, allowed=(False,),
+                              reason="decoding through a KV cache runs the whole model on "
+                              "the device" if decode else "the quantized KV cache "
+                              "(quant.kvcache) is evaluated on the whole model")

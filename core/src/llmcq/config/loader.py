@@ -31,7 +31,7 @@ from llmcq.api import (
 from llmcq.capabilities import Feature, Need, check_backend, check_layout, spec_features
 from llmcq.config.budget_checks import (budget_features, check_budget_backend,
                                         check_budget_sections, check_budget_steps)
-from llmcq.config.kv_checks import check_kvcache
+from llmcq.config.kv_checks import check_kv_evals, check_kvcache
 from llmcq.config.layer_checks import (check_layer_backend, check_layer_sections,
                                        check_layer_steps, layer_step_features)
 from llmcq.config.schema import FLOAT_BITS, SAVE_FLAGS, QuantSection, RunConfig, SpecialConfig
@@ -519,6 +519,8 @@ def resolve_config(raw: dict[str, Any], *, overwrite: bool = False,
         check_layer_sections(cfg, specs, check_quant_types)
         check_budget_sections(cfg)
         specs_ok = True
+    with errs.part():
+        check_kv_evals(cfg)
 
     # model
     source: ModelSource | None = None

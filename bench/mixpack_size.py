@@ -5,7 +5,7 @@
 
 One run per setting (in process, ``save_fake`` + ``backends: [mixpack]``): RTN W4 g128
 asymmetric and W3 g64 symmetric (uniform records), and ``mixed_rtn`` (the test-only
-mixed-precision quantizer of plugins/backends/mixpack/tests/records.py: per linear, the
+mixed-precision quantizer of llmcq_mixpack.testing (plugins/backends/mixpack): per linear, the
 quarter of groups with the largest RTN error at N bits get N+1, the quarter with the
 smallest N-1; mean exactly N) at 3 bits g64 asymmetric and 4 bits g128 symmetric, until
 SliM-LLM lands. For each: the bytes of both folders' safetensors, the packed linears' bytes
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import math
 import os
 import subprocess
@@ -38,9 +37,9 @@ from llmcq.model.loading import ModelSource, bundled_model_path, load_pretrained
 from llmcq.pipeline.runner import run
 from llmcq.plugins import registry
 from llmcq_mixpack import load_model
+from llmcq_mixpack import testing as MB
 from safetensors.torch import load_file
 
-RECORDS = "llmcq_mixpack_test_records"
 SETTINGS = {
     "rtn_w4_g128_asym": ("rtn", {"bit": 4, "symmetric": False, "granularity": "per_group",
                                  "group_size": 128}),
@@ -54,17 +53,6 @@ SETTINGS = {
 #: packed tensors by the suffix of their key
 KINDS = {"codes": ".codes_b", "scales": ".scale", "zeros": ".zero", "bit_maps": ".group_bits",
          "col_perms": ".col_perm", "float_columns": ".float_"}
-
-
-def _records_module() -> Any:
-    """The tests' record helpers (as the tests load them), for the mixed_rtn algorithm."""
-    path = REPO / "plugins" / "backends" / "mixpack" / "tests" / "records.py"
-    spec = importlib.util.spec_from_file_location(RECORDS, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[RECORDS] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _stored_bytes(folder: Path, modules: set[str]) -> dict[str, int]:
@@ -173,7 +161,7 @@ def main() -> None:
     commit = _commit()
     if args.threads:
         torch.set_num_threads(args.threads)
-    registry.register("llmcq.algorithms", _records_module().SPEC)
+    registry.register("llmcq.algorithms", MB.SPEC)
     src = bundled_model_path()
     assert src is not None, "bundled model missing"
     model, tok = load_pretrained(ModelSource(src.parent, src.name))

@@ -4,10 +4,8 @@ or module (never a model with wrong weights); a g_idx it cannot store fails the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,26 +16,11 @@ import torch
 from llmcq.config.loader import resolve_config
 from llmcq.errors import ConfigError, ConfigErrors, PluginError
 from llmcq_mixpack import load_model
+from llmcq_mixpack import testing as MB
 from llmcq_mixpack.export import export, file_digest
 from llmcq_mixpack.format import MixPackFormatError
 from safetensors.torch import load_file, save_file
 
-RECORDS = "llmcq_mixpack_test_records"
-
-
-def _records() -> Any:
-    """tests/records.py, as a module its algorithm's ``impl`` string can import."""
-    if RECORDS not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            RECORDS, Path(__file__).with_name("records.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[RECORDS] = module
-        spec.loader.exec_module(module)
-    return sys.modules[RECORDS]
-
-
-MB = _records()
 LINEAR = "model.layers.0.mlp.down_proj"  # the first kind: mixed symmetric g48 (3 widths)
 
 

@@ -5,17 +5,15 @@ bit for bit, so its logits (and perplexity) equal the fake-quant model's.
   symmetric and asymmetric, partial last groups, per channel, per tensor, uniform, act-order
   ``g_idx``, float columns, fractional zeros, quantized scales, and a linear left in float;
   the README's numpy reader reads the same weights from the files;
-* a pipeline run with a test-only mixed-precision algorithm (``records.py``) and
+* a pipeline run with a test-only mixed-precision algorithm (``llmcq_mixpack.testing``) and
   ``save_fake`` + ``mixpack`` (the bundled model: the one slow test).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -34,28 +32,11 @@ from llmcq.quant.transform import MatrixTransform
 from llmcq_fake import load_fake_quant
 from llmcq_fake.export import export as export_fake
 from llmcq_mixpack import SPEC, load_model
+from llmcq_mixpack import testing as MB
 from llmcq_mixpack.export import export
 from llmcq_mixpack.layout import ACCEPTED_FEATURES
 from llmcq_mixpack.module import MixPackLinear
 from safetensors.torch import load_file
-
-RECORDS = "llmcq_mixpack_test_records"
-
-
-def _records() -> Any:
-    """tests/records.py, as a module its algorithm's ``impl`` string can import."""
-    if RECORDS not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            RECORDS, Path(__file__).with_name("records.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[RECORDS] = module
-        spec.loader.exec_module(module)
-    return sys.modules[RECORDS]
-
-
-MB = _records()
-assert MB.MODULE == RECORDS
 
 
 def test_spec_declares_what_the_layout_writes() -> None:

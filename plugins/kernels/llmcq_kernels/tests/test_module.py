@@ -5,7 +5,6 @@ within a stated tolerance with the kernel forced under Triton's interpreter."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,34 +13,20 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import llmcq_kernels
 import pytest
 import torch
+from llmcq_kernels.module import KernelLinear
 from llmcq_mixpack import load_model as load_mixpack
+from llmcq_mixpack import testing as MB
 from llmcq_mixpack.export import export
 from llmcq_mixpack.module import MixPackLinear
-
-import llmcq_kernels
-from llmcq_kernels.module import KernelLinear
-
-REPO = Path(__file__).resolve().parents[4]
-RECORDS = "llmcq_mixpack_test_records"
-
-
-def _mixpack_records() -> Any:
-    if RECORDS not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            RECORDS, REPO / "plugins" / "backends" / "mixpack" / "tests" / "records.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[RECORDS] = module
-        spec.loader.exec_module(module)
-    return sys.modules[RECORDS]
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Any:
     """(mixpack folder, the in-process fake-quant model, its records)."""
-    model, tok, records = _mixpack_records().fake_quantized(tiny_llama_dir)
+    model, tok, records = MB.fake_quantized(tiny_llama_dir)
     out = tmp_path_factory.mktemp("kernels") / "mixpack_model"
     out.mkdir()
     export(SimpleNamespace(tokenizer=tok), model, records, out)

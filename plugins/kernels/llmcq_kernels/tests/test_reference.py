@@ -3,37 +3,16 @@ equals fake-quant (no triton needed)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from typing import Any
-
 import pytest
 import torch
 from llmcq.quant.fake import FakeQuantLinear
-from llmcq_mixpack.dequant import dequantize
-from llmcq_mixpack.layout import pack_record
-from llmcq_mixpack.packing import unpack_codes
-
 from llmcq_kernels.layout import group_positions, repack, unpack_positions
 from llmcq_kernels.reference import reference_linear
 from llmcq_kernels.synthetic import random_packed
-
-REPO = Path(__file__).resolve().parents[4]
-RECORDS = "llmcq_mixpack_test_records"
-
-
-def mixpack_records() -> Any:
-    """mixpack's test records (plugins/backends/mixpack/tests/records.py), one module."""
-    if RECORDS not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            RECORDS, REPO / "plugins" / "backends" / "mixpack" / "tests" / "records.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[RECORDS] = module
-        spec.loader.exec_module(module)
-    return sys.modules[RECORDS]
-
+from llmcq_mixpack import testing as MB
+from llmcq_mixpack.dequant import dequantize
+from llmcq_mixpack.layout import pack_record
+from llmcq_mixpack.packing import unpack_codes
 
 CASES = [  # (out, in, bits, group_size, kwargs)
     (32, 64, 4, 16, {}),
@@ -67,7 +46,7 @@ def test_group_positions_on_a_hand_made_map() -> None:
 
 
 def test_reference_equals_fake_quant_on_every_mixpack_kind() -> None:
-    mb = mixpack_records()
+    mb = MB
     gen = torch.Generator().manual_seed(0)
     for kind in mb.KINDS:
         w = torch.randn(24, 96, generator=gen)

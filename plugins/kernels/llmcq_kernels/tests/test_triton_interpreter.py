@@ -14,19 +14,15 @@ reference ``F.linear(x, dequantize(packed, x.dtype), bias)``:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[4]
-RECORDS = "llmcq_mixpack_test_records"
+from llmcq_mixpack import testing as MB
 
 #: (name, out, in, bits, group size, random_packed kwargs)
 SYNTHETIC = [
@@ -47,27 +43,15 @@ def _tolerance(ref: torch.Tensor) -> float:
     return 1e-5 * (1 + top) if ref.dtype == torch.float32 else 2.0**-6 * top
 
 
-def _mixpack_records() -> Any:
-    if RECORDS not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            RECORDS, REPO / "plugins" / "backends" / "mixpack" / "tests" / "records.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[RECORDS] = module
-        spec.loader.exec_module(module)
-    return sys.modules[RECORDS]
-
-
 def cases(device: str) -> list[tuple[str, Any]]:
     """(name, PackedLinear): the synthetic ones and every kind of mixpack's test records
     the kernel takes (per tensor, fractional zeros, quantized scales, 1..8-bit maps)."""
-    from llmcq_mixpack.layout import pack_record
-
     from llmcq_kernels.synthetic import random_packed
+    from llmcq_mixpack.layout import pack_record
 
     out = [(name, random_packed(o, i, b, g, seed=n, **kw))
            for n, (name, o, i, b, g, kw) in enumerate(SYNTHETIC)]
-    mb = _mixpack_records()
+    mb = MB
     gen = torch.Generator().manual_seed(0)
     for kind in mb.KINDS:
         if kind == "float_columns":  # the reference path's (tests/test_module.py)
@@ -143,7 +127,7 @@ def test_kernel_matches_reference_in_triton_interpreter() -> None:
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [line.split() for line in res.stdout.strip().splitlines()]
-    n_kinds = len(_mixpack_records().KINDS) - 1
+    n_kinds = len(MB.KINDS) - 1
     assert len(rows) == (len(SYNTHETIC) + n_kinds) * len(MS) * 2 + 4
     bad = [r for r in rows if not float(r[3]) <= float(r[4])]
     assert not bad, bad

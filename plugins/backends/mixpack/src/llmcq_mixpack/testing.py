@@ -6,9 +6,9 @@ widths on real weights, so the mixpack round trips see what SliM-LLM makes.
 * ``quant.method: mixed_rtn`` (:data:`SPEC`, registered by the tests), a quantizer with a
   simple allocation, for runs through the pipeline.
 
-Loaded by the tests and by bench/mixpack_size.py as module :data:`MODULE`, registered in
-``sys.modules`` so the algorithm's ``impl`` string imports (test modules cannot import each
-other under ``--import-mode=importlib``). Not a test module itself.
+Part of the installed package (not of its tests folder) so mixpack's tests, the kernels
+package's tests and bench/mixpack_size.py import one copy: under the repo's
+``--import-mode=importlib`` test folders are not importable from each other.
 
 Allocation (``mixed_rtn``): per linear, the quarter of groups with the largest round-to-
 nearest error at ``N`` bits get ``N + 1`` bits and the quarter with the smallest get
@@ -31,7 +31,7 @@ from llmcq.quant.qparams import QParams, group_view, ungroup
 from llmcq.quant.record import QuantizedLinear, QuantizedScales, make_record
 from llmcq.quant.spec import PerChannel, PerGroup, PerTensor, WeightQuantSpec
 
-MODULE = "llmcq_mixpack_test_records"
+MODULE = "llmcq_mixpack.testing"
 NAME = "mixed_rtn"
 
 

@@ -31,7 +31,8 @@ def random_packed(out: int, n_in: int, bits: int | tuple[int, ...] = 4,
     top = (1 << bit_map.long()) - 1  # [out, G]
     codes = (torch.rand(out, n_in, generator=gen) * (top[:, cols] + 1)).floor().long()
     codes = torch.minimum(codes, top[:, cols]).to(torch.int32)
-    scale = (torch.rand(out, n_groups, generator=gen) * 0.02 + 0.005) / (1 << bit_map.long()).float()
+    levels = (1 << bit_map.long()).float()
+    scale = (torch.rand(out, n_groups, generator=gen) * 0.02 + 0.005) / levels
     zero = None
     if not symmetric:
         zero = torch.minimum((torch.rand(out, n_groups, generator=gen) * (top + 1)).floor(),

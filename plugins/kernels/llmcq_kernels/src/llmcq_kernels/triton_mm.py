@@ -215,7 +215,8 @@ def kernel_linear(x: torch.Tensor, kp: KernelPack, bias: torch.Tensor | None = N
         while kp.group_width % cfg["BLOCK_K"]:
             cfg["BLOCK_K"] //= 2
     bk = cfg["BLOCK_K"]
-    k_per_split = -(-(-(-k // split)) // bk) * bk  # a multiple of BLOCK_K
+    per_split = -(-k // split)  # ceil(k / split)
+    k_per_split = -(-per_split // bk) * bk  # rounded up to a multiple of BLOCK_K
     split = -(-k // k_per_split)
     if split > 1:
         y = torch.zeros(m, n, dtype=torch.float32, device=x.device)

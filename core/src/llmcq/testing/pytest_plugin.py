@@ -15,6 +15,29 @@ import pytest
 
 from llmcq.testing.paths import shared_data_dir
 
+#: most test workers ``pytest -n auto`` starts: each worker reads the bundled model and
+#: computes the session baselines once, so more workers than this cost memory for little time
+MAX_AUTO_WORKERS = 4
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (the repo's default) runs one worker per core, at most MAX_AUTO_WORKERS."""
+    return max(1, min(MAX_AUTO_WORKERS, os.cpu_count() or 1))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, give each worker its share of the cores: torch's default of one
+    thread per core in every worker oversubscribes the machine and slows all of them."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers:
+        return
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not any(item.get_closest_marker("gpu") for item in items):

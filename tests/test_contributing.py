@@ -146,7 +146,7 @@ def test_the_capability_example_refuses_as_the_page_says(tiny_llama_dir: Path,
         assert msg.startswith("quant.special.keep: backend vllm (save.save_vllm)")
         assert "outlier_demo produces" in msg and "set keep: 0" in msg
         assert msg.endswith("allowed: vllm writes: act_quant, float_format, float_linears, "
-                            "layer_grids")
+                            "kv_cache_quant, layer_grids, sparsity_mask")
         cfg["save"] = {"save_path": str(tmp_path / "o"), "save_fake": True}
         resolve_config(cfg)
     finally:

@@ -156,23 +156,27 @@ def test_the_training_loss_is_the_quantized_models_loss(
 def test_cayley_steps_lower_the_quantized_loss_below_the_hadamard_start(
         tmp_path: Path, tiny_llama_dir: Path, shared_data: Path) -> None:
     """Through the pipeline, [SpinQuant, RTN] W4A4 with 0 steps (the Hadamard start, i.e.
-    QuaRot) and with 10 Cayley SGD steps: the deployed quantized model's cross-entropy on
-    the training samples is lower after the steps."""
+    QuaRot) and with 10 Cayley SGD steps on the same 4 samples (every step sees the whole
+    batch, so the steps descend one objective): the deployed quantized model's
+    cross-entropy on those samples is lower after the steps. (With the gradient's sign
+    flipped it rises: measured 6.425 -> 6.451, against 6.425 -> 6.370 here; with fresh
+    samples at every step a random walk from the Hadamard start lowers it too.)"""
     model, tok = load_pretrained(ModelSource(tiny_llama_dir))
     losses = {}
     for steps in (0, 10):
         m = copy.deepcopy(model)
         cfg = config(tiny_llama_dir, shared_data, tmp_path / str(steps), ["SpinQuant", "RTN"],
-                     special={"SpinQuant": {"steps": steps, **SMALL}, "RTN": {}})
+                     special={"SpinQuant": {"steps": steps, "nsamples": 4, "batch_size": 4,
+                                            "micro_batch": 4}, "RTN": {}})
         res = run(resolve_config(cfg), progress=False, model=m, tokenizer=tok)
         assert res["recipe"][0]["steps"] == steps
         assert steps == 0 or res["recipe"][0]["train_weights"] == "rtn"
         if steps == 0:
             resolved = resolve_config(cfg, overwrite=True)
             ids = torch.cat(calibration_samples(SimpleNamespace(
-                config=resolved.config, resolved=resolved, token_source=lambda _d: tok), 8))
+                config=resolved.config, resolved=resolved, token_source=lambda _d: tok), 4))
         losses[steps] = ce(m, ids)
-    assert losses[10] < losses[0], losses  # measured 6.398 against 6.415
+    assert losses[10] < losses[0], losses
 
 
 def test_recipes_with_gptq_and_the_offline_export(
@@ -225,12 +229,12 @@ def test_bad_keys_are_refused_at_config_time(tmp_path: Path, tiny_llama_dir: Pat
 
     msg = _refusal(cfg({"rotate_mode": "kronecker"}))
     assert "quant.special.SpinQuant.rotate_mode" in msg and "hadamard" in msg
-    msg = _refusal(cfg({"learning_rate": 1.5}))
-    assert "quant.special.SpinQuant.learning_rate" in msg
-    for key, value in (("lr", 0), ("steps", -1), ("nsamples", 0), ("momentum", 1.0)):
-        assert f"quant.special.SpinQuant.{key}" in _refusal(cfg({key: value}))
-    msg = _refusal(cfg({"lr_schedule": "step"}))
-    assert "lr_schedule" in msg and "cosine" in msg
+    bad = {"learning_rate": 1.5, "lr": 0, "steps": -1, "nsamples": 0, "momentum": 1.0,
+           "lr_schedule": "step"}
+    msg = _refusal(cfg(bad))  # every bad key named at once
+    for key in bad:
+        assert f"quant.special.SpinQuant.{key}" in msg, (key, msg)
+    assert "cosine" in msg
     msg = _refusal(cfg({"batch_size": 2, "micro_batch": 4}))
     assert "quant.special.SpinQuant.micro_batch" in msg and "<= batch_size (2)" in msg
     weight_only = cfg({"train_weight_quant": "none"})

@@ -100,6 +100,8 @@ class SparsitySpec:
                    sparsity_out=s.sparsity_out)
 
     def describe(self) -> str:
+        if self.n_prune_layers and not self.sparsity:
+            return f"remove {self.n_prune_layers} blocks"
         text = f"sparsity {self.sparsity:g} {self.structure}"
         if self.n_prune_layers:
             text += f", remove {self.n_prune_layers} blocks"

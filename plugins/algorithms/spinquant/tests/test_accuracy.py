@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from llmcq.config.loader import resolve_config
 from llmcq.pipeline.runner import run
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from llmcq.quant.qparams import fake_quantize_weight
 from llmcq.quant.spec import PerChannel, PerGroup, WeightQuantSpec
 from llmcq.transforms.hadamard import hadamard_matrix, random_orthogonal

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from llmcq.config.loader import resolve_config
 from llmcq.errors import ConfigError, ConfigErrors
 from llmcq.model.loading import ModelSource, load_pretrained

@@ -27,17 +27,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
-
 from llmcq.algorithm import Algorithm
 from llmcq.errors import PluginError
 from llmcq.model.adapter import resolve_block
 from llmcq.model.layout import READER_ROLES, WRITER_ROLES
 from llmcq.quant.transform import MatrixTransform, OnlineTransform, attach_online_transform
-from llmcq.transforms.hadamard import Hadamard, hadamard_matrix, hadamard_order, \
-    random_orthogonal
-from llmcq_quarot.rotation import fold_online, fuse_norm, rotate_embedding, rotate_heads, \
-    rotate_reader, rotate_writer, untie_head
+from llmcq.transforms.hadamard import Hadamard, hadamard_matrix, hadamard_order, random_orthogonal
+from torch import nn
+
+from llmcq_quarot.rotation import (
+    fold_online,
+    fuse_norm,
+    rotate_embedding,
+    rotate_heads,
+    rotate_reader,
+    rotate_writer,
+    untie_head,
+)
 
 __all__ = ["Quarot", "orthogonal", "online_transform", "RotationPlan", "plan_rotation",
            "block_plan", "fuse_and_untie", "rotate_residual", "rotate_value_heads",
@@ -159,7 +165,7 @@ def rotate_value_heads(plan: RotationPlan, r: torch.Tensor | Sequence[torch.Tens
     if len(rs) != len(plan.blocks):
         raise ValueError(f"{len(rs)} R2 matrices for {len(plan.blocks)} blocks")
     facts = plan.facts
-    for bp, ri in zip(plan.blocks, rs):
+    for bp, ri in zip(plan.blocks, rs, strict=True):
         for v, o in bp["vo"]:
             rotate_heads(v, o, ri, heads=facts.heads, kv_heads=facts.kv_heads)
 
@@ -209,7 +215,7 @@ def block_plan(lay: Any, groups: Any, where: str, who: str = "quarot") -> dict[s
             entry = norms.setdefault(site.name, (g.prev_op, site.kind, []))
             entry[2].extend(g.linears.values())
             fed.update(id(lin) for lin in g.linears.values())
-    float_readers = [n for n, r in zip(lay.float_linears, lay.float_roles)
+    float_readers = [n for n, r in zip(lay.float_linears, lay.float_roles, strict=False)
                      if r in READER_ROLES]
     unfed = [n for n, lin in ((n, lin) for g in groups for n, lin in g.linears.items())
              if lin in readers and id(lin) not in fed]

@@ -15,12 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
-
 from llmcq.api import AlgorithmSpec, StepSettings
 from llmcq.capabilities import Feature
 from llmcq.config.schema import SpecialConfig
 from llmcq.errors import ConfigError
+from pydantic import Field
 
 __all__ = ["SPEC", "SpinQuantSpecial", "SpinQuantSpec"]
 

@@ -26,17 +26,25 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from torch import nn
-
 from llmcq import dist
 from llmcq.algorithm import Algorithm
 from llmcq.errors import PluginError
-from llmcq.model.layout import READER_ROLES, WRITER_ROLES  # noqa: F401 - documented roles
 from llmcq.recon.optim import lr_factor
 from llmcq.recon.quant import act_quant_hooks
 from llmcq.recon.settings import ActQuant
-from llmcq_quarot.algorithm import RotationPlan, attach_down_transforms, fuse_and_untie, \
-    orthogonal, plan_rotation, rotate_residual, rotate_value_heads, run_device, run_seed
+from llmcq_quarot.algorithm import (
+    RotationPlan,
+    attach_down_transforms,
+    fuse_and_untie,
+    orthogonal,
+    plan_rotation,
+    rotate_residual,
+    rotate_value_heads,
+    run_device,
+    run_seed,
+)
+from torch import nn
+
 from llmcq_spinquant import solver
 
 __all__ = ["SpinQuant", "RotatedForward", "calibration_samples"]
@@ -92,7 +100,7 @@ class RotatedForward:
     def params(self, r1: torch.Tensor, r2: list[torch.Tensor | None]) -> dict[str, Any]:
         """``{parameter name: rotated (fake-quantized) tensor}`` for every block linear."""
         out: dict[str, Any] = {}
-        for name, lin, kind, b in self.linears:
+        for name, lin, kind, _block in self.linears:
             w = lin.weight.to(self.dtype)
             bias = None if lin.bias is None else lin.bias.to(self.dtype)
             if kind == "reader":

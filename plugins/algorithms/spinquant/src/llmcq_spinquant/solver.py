@@ -28,7 +28,6 @@ rows ``R2^T W_v[h]`` and ``o_proj``'s columns ``W_o[:, h] R2`` - the same maps
 from __future__ import annotations
 
 import torch
-
 from llmcq.quant.qparams import SCALE_EPS, group_view, sym_divisor, ungroup
 from llmcq.quant.spec import WeightQuantSpec
 from llmcq.recon.quant import fake_quant_grouped

@@ -346,3 +346,8 @@ class EvaluatorSpec(PluginSpec):
     """An evaluator (``eval.type``). ``impl`` names ``evaluate(run, model, eval_cfg, position)``."""
 
     group: ClassVar[str] = "llmcq.evaluators"
+
+    def check(self, section: Any, prefix: str) -> None:
+        """Refuse, at config time and torch-free, an ``eval`` block (``section``, an
+        :class:`~llmcq.config.schema.EvalSection`) this evaluator cannot honour: raise
+        :class:`~llmcq.errors.ConfigError` naming ``f"{prefix}.<key>"``. Default: accept."""

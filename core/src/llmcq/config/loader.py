@@ -719,6 +719,7 @@ def _evaluation(cfg: RunConfig, i: int, e: Any) -> ResolvedEval:
     espec, einfo = registry.load_spec("llmcq.evaluators", e.type, field=f"{prefix}.type",
                                       kind=EvaluatorSpec)
     assert isinstance(espec, EvaluatorSpec)
+    espec.check(e, prefix)
     datasets = []
     for j, (name, path) in enumerate(zip(e.names, e.paths)):
         npath = f"{prefix}.name" + (f"[{j}]" if isinstance(e.name, list) else "")

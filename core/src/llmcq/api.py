@@ -346,6 +346,11 @@ class EvaluatorSpec(PluginSpec):
     """An evaluator (``eval.type``). ``impl`` names ``evaluate(run, model, eval_cfg, position)``."""
 
     group: ClassVar[str] = "llmcq.evaluators"
+    #: True: the evaluator scores ``eval.tasks`` (lm-evaluation-harness tasks) read under
+    #: ``eval.path``; the loader then resolves no ``eval.name`` datasets and leaves the checks
+    #: of ``tasks``, ``limit`` and ``path`` to :meth:`check`. False: ``tasks`` and ``limit``
+    #: are refused.
+    reads_tasks: bool = False
 
     def check(self, section: Any, prefix: str) -> None:
         """Refuse, at config time and torch-free, an ``eval`` block (``section``, an

@@ -720,6 +720,13 @@ def _evaluation(cfg: RunConfig, i: int, e: Any) -> ResolvedEval:
                                       kind=EvaluatorSpec)
     assert isinstance(espec, EvaluatorSpec)
     espec.check(e, prefix)
+    if espec.reads_tasks:
+        return ResolvedEval(i, espec, einfo, [])
+    for key in ("tasks", "limit"):
+        if getattr(e, key) is not None:
+            raise ConfigError(f"{prefix}.{key}", getattr(e, key), reason=f"eval.type "
+                              f"{espec.name} reads no lm-evaluation-harness tasks",
+                              suggestion="type: tasks")
     datasets = []
     for j, (name, path) in enumerate(zip(e.names, e.paths)):
         npath = f"{prefix}.name" + (f"[{j}]" if isinstance(e.name, list) else "")

@@ -163,6 +163,12 @@ class EvalSection(Section):
     #: each window through the quantized cache in forwards of this many tokens (absent: the
     #: whole window in one forward; 1: token by token, as ``decode_ppl``).
     kv_chunk: int | None = Field(None, ge=1)
+    #: llmcq extension, for evaluators that read lm-evaluation-harness tasks (``type: tasks``):
+    #: the task names, their data read from local files under ``path`` (the data root).
+    tasks: list[str] | None = None
+    #: llmcq extension, ``type: tasks``: score only the first N documents of each task
+    #: (lm-evaluation-harness's ``limit``); absent = all.
+    limit: int | None = Field(None, ge=1)
 
     @property
     def names(self) -> list[str]:

@@ -270,6 +270,8 @@ def quantize_model(run: RunContext, batches: list[torch.Tensor] | None) -> None:
             _mask_records(run, block, records, run.quantizer)
             _attach_transforms(block, records, run.quantizer)
             _attach_act(run, block, inputs, records)
+        if inputs is not None and records:
+            _record_errors(run, block, inputs, records)
         if inputs is not None and not last:
             if dense_out is not None:
                 inputs.replace(dense_out)
@@ -289,6 +291,19 @@ def quantize_model(run: RunContext, batches: list[torch.Tensor] | None) -> None:
         run.drop_scratch(i)
         if run.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _record_errors(run: RunContext, block: Block, inputs: BlockInputs,
+                   records: dict[str, QuantizedLinear]) -> None:
+    """Relative output errors of the block and its linears on the calibration inputs
+    (:mod:`llmcq.quant.calib_error`), kept for results.json ``calibration_error``."""
+    from llmcq.quant.calib_error import block_errors
+
+    b_err, l_err = block_errors(block.module, inputs, records)
+    errs = run.cache.setdefault("calibration_error", {"blocks": {}, "linears": {}})
+    errs["blocks"][block.name] = b_err
+    for rel, e in l_err.items():
+        errs["linears"][block.full_name(rel)] = e
 
 
 def _step_call(method: str) -> Callable[..., Any]:

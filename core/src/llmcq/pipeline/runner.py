@@ -37,7 +37,7 @@ from llmcq.pipeline.context import RunContext, Step
 from llmcq.pipeline.engine import call_stage, deploy_fake_quant, quantize_model
 from llmcq.pipeline.layer_plan import bind_layers
 from llmcq.plugins.manager import make_plugin_manager
-from llmcq.quant.compression import compression_summary
+from llmcq.quant.compression import compression_summary, linear_summary
 
 __all__ = ["run", "search_budget", "pick_device", "calibration_batches"]
 
@@ -343,6 +343,9 @@ def run(resolved: ResolvedConfig, *, progress: bool = True,
         **({"layers": ctx.specs.plan.summary()} if ctx.specs.plan is not None else {}),
         "compression": {**compression_summary(ctx.model, ctx.records, ctx.pruned),
                         "export_bytes": sizes},
+        "linears": linear_summary(ctx.records, ctx.pruned),
+        **({"calibration_error": ctx.cache["calibration_error"]}
+           if "calibration_error" in ctx.cache else {}),
         "device": str(device),
         "outputs": written,
         "model_source": resolved.source.display,

@@ -37,7 +37,7 @@ from torch import nn
 from llmcq.quant.record import QuantizedLinear
 from llmcq.quant.spec import PerTensor
 
-__all__ = ["compression_summary", "record_bits"]
+__all__ = ["compression_summary", "record_bits", "linear_summary"]
 
 #: bits of a stored float (scales, fractional zeros, float columns, outliers)
 FLOAT_BITS = 16
@@ -127,3 +127,28 @@ def compression_summary(model: nn.Module, records: Mapping[str, QuantizedLinear]
         "mask_sparsity": round(masked / total, 6) if total else None,
         "linears_pruned": len(pruned),
     }
+
+
+def linear_summary(records: Mapping[str, QuantizedLinear], pruned: Mapping[str, Any]
+                   ) -> dict[str, dict[str, Any]]:
+    """Per linear (results.json ``linears``): ``weight_bits`` and ``bits_per_param`` as in
+    :func:`compression_summary`; ``group_bits``: with per-group widths, the mean width of
+    each group column (``[G]``, averaged over output rows); ``sparsity``: the mask's share
+    of pruned weights."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(set(records) | set(pruned)):
+        entry: dict[str, Any] = {}
+        rec = records.get(name)
+        if rec is not None:
+            b = record_bits(rec)
+            entry["weight_bits"] = round(b["code_bits"] / b["grid_weights"], 6) \
+                if b["grid_weights"] else None
+            entry["bits_per_param"] = round(b["storage_bits"] / b["weights"], 6)
+            if rec.group_bits is not None:
+                entry["group_bits"] = [round(float(v), 4) for v in
+                                       rec.group_bits.float().mean(dim=0).tolist()]
+        if name in pruned:
+            n_pruned, n = pruned[name]
+            entry["sparsity"] = round(n_pruned / n, 6) if n else None
+        out[name] = entry
+    return out

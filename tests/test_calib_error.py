@@ -1,16 +1,16 @@
 """results.json calibration_error: per-linear and per-block relative output errors equal a
-direct computation, and the run records them (and the per-linear ``linears`` block)."""
+direct computation and follow the grid's width (the pipeline writes them: the report tests
+of plugins/reports/html render them from real runs)."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from llmcq.pipeline.blockwise import BlockInputs
 from llmcq.quant.calib_error import block_errors
 from llmcq.quant.fake import FakeQuantLinear
 from llmcq.quant.rtn import rtn_records
 from llmcq.quant.spec import WeightQuantSpec
+from torch import nn
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -247,6 +247,37 @@ def validate(config: str, overrides: tuple[str, ...], overwrite: bool, debug: bo
 
 
 @cli.command()
+@click.argument("run_dirs", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=None, type=click.Path(),
+              help="Where to write the page: a .html file or a folder (default: "
+                   "report.html in the first RUN_DIR).")
+@click.option("--format", "fmt", default="html", show_default=True,
+              help="Report plugin (entry point group llmcq.reports).")
+@_debug_option
+def report(run_dirs: tuple[str, ...], out: str | None, fmt: str, debug: bool) -> None:
+    """Write a quality report of one or more runs (folders holding results.json): a page
+    with plots, found through the ``llmcq.reports`` entry points (pip install llmcq-report)."""
+    from importlib import metadata as md
+
+    from llmcq.errors import DataError
+    from llmcq.plugins import registry
+
+    info = _guard(lambda: registry.resolve("llmcq.reports", fmt, field="--format"),
+                  _debug(debug))
+    write = md.EntryPoint(name=info.name, value=info.value, group=info.group).load()
+
+    def go() -> Any:
+        try:
+            return write(list(run_dirs), out)
+        except (FileNotFoundError, ValueError) as exc:
+            raise DataError(str(exc)) from exc
+
+    path = _guard(go, _debug(debug))
+    click.echo(f"report: {path}")
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--check", is_flag=True,
               help="Also import each plugin's implementation (imports torch).")

@@ -10,14 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch.nn import functional as F
-
 from llmcq.config.loader import resolve_config
 from llmcq.errors import ConfigError
 from llmcq.model.loading import ModelSource, load_pretrained
 from llmcq.pipeline.runner import run
 from llmcq_kl.evaluate import FloatReference, compare, windows
 from llmcq_kl.solver import HIST_EDGES, histogram, stored_log_probs, summarize, token_kl
+from torch.nn import functional as F
 
 
 def test_token_kl_is_torch_kl_div() -> None:

@@ -20,15 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-
 from llmcq.errors import DataError
+
 from llmcq_kl.solver import histogram, stored_log_probs, summarize, token_kl, token_top1
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from llmcq.config.loader import ResolvedEval
     from llmcq.pipeline.context import RunContext
+    from torch import nn
 
 __all__ = ["evaluate", "FloatReference", "windows"]
 

@@ -5,7 +5,10 @@ the cache) with the float weights, so only the cache is quantized; llmcq's cache
 (backends that install on this CPU: ``hqq`` and ``fp8``; ``quanto`` needs optimum-quanto,
 not installed here).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/kvcache.py [--windows 2] [--seq-len 512]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/kvcache.py [--windows 2] [--seq-len 512] [--only ROWS]
+
+``--only`` (comma-separated row names) reruns those rows and keeps the others of the same
+protocol in the JSON.
 
 Rows (wikitext2 test, the first ``--windows`` windows of ``--seq-len`` tokens; static ranges on
 4 x 512 tokens of wikitext2 valid):
@@ -16,11 +19,14 @@ Rows (wikitext2 test, the first ``--windows`` windows of ``--seq-len`` tokens; s
   per token and head; per_tensor static: one calibrated range per layer);
 * ``ours kivi ...``: keys per channel in groups of G tokens, values per token, the last R tokens
   in float (the KIVI paper; R = 128, G = 32);
-* ``hf hqq ...``: ``QuantizedCache("hqq", nbits, axis_key=1, axis_value=1, q_group_size=64,
-  residual_length=128)``: HQQ's optimized asymmetric grid over each token's head (64 channels),
-  keys and values alike, the prompt's first token quantized at once, the float residual
-  re-quantized together with the dequantized cache every 128 tokens (transformers' scheme);
-  the nearest llmcq row is ``ours naive per_head``;
+* ``hf hqq ...``: ``QuantizedCache("hqq", nbits, axis_key=1, axis_value=1, q_group_size=G,
+  residual_length=128)``: HQQ's optimized asymmetric grid over groups of G contiguous channels
+  of each token's head, keys and values alike, the prompt's first token quantized at once, the
+  float residual re-quantized together with the dequantized cache every 128 tokens
+  (transformers' scheme). G = 64 (one range per token and head, llmcq's ``per_head``) fails on
+  SmolLM2's 3 KV heads: HQQ packs 2 (4-bit) or 4 (2-bit) group rows per byte and 3 heads x an
+  odd token count is not a multiple (the error is recorded in the row); G = 16 runs (4 ranges
+  per token and head, finer than any llmcq row);
 * ``ours fp8 ...`` / ``hf fp8``: E4M3 per tensor; transformers fixes the scale on the first
   update (here: the first token) and appends later tokens on that scale.
 
@@ -30,6 +36,7 @@ Writes bench/results/kvcache.json.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from typing import Any
@@ -83,8 +90,9 @@ def main() -> None:
     def hf(backend: str, **kw: Any) -> Any:
         return lambda: QuantizedCache(backend, model.config, **kw)
 
-    hqq = dict(axis_key=1, axis_value=1, q_group_size=model.config.head_dim
-               if getattr(model.config, "head_dim", None) else 64, residual_length=128)
+    head_dim = getattr(model.config, "head_dim", None) or 64
+    hqq = dict(axis_key=1, axis_value=1, q_group_size=head_dim, residual_length=128)
+    hqq16 = {**hqq, "q_group_size": 16}
     rows: dict[str, Any] = {
         "float": lambda: (lambda: DynamicCache(config=model.config)),
         "ours naive int4 per_token": lambda: ours(naive(4, PerToken())),
@@ -95,19 +103,27 @@ def main() -> None:
         "ours naive int2 per_head": lambda: ours(naive(2, PerHead())),
         "ours kivi int2 (R128 G32)": lambda: ours(kivi(2)),
         "hf hqq int2 (axis 1 g64 R128)": lambda: hf("hqq", nbits=2, **hqq),
+        "hf hqq int4 (axis 1 g16 R128)": lambda: hf("hqq", nbits=4, **hqq16),
+        "hf hqq int2 (axis 1 g16 R128)": lambda: hf("hqq", nbits=2, **hqq16),
         "ours fp8 per_tensor static": lambda: ours(naive(8, PerTensor(), symmetric=True,
                                                          static=True, fmt="e4m3")),
         "ours fp8 per_token": lambda: ours(naive(8, PerToken(), symmetric=True, fmt="e4m3")),
         "hf fp8 (per tensor; scale of the first update)": lambda: hf("fp8"),
     }
     only = set(args.only.split(",")) if args.only else None
+    command = f"bench/kvcache.py --windows {args.windows} --seq-len {args.seq_len}"
+    kept: dict[str, Any] = {}
+    if only is not None and OUT.exists():  # --only: update those rows of the same protocol
+        old = json.loads(OUT.read_text())
+        if old.get("command") == command:
+            kept = old.get("rows", {})
     out: dict[str, Any] = {
         "model": "SmolLM2-135M-Instruct (bundled GGUF, float32 weights)",
         "protocol": f"decode_ppl: wikitext2 test, {args.windows} windows x {args.seq_len} "
                     "tokens, each decoded token by token through the cache",
-        "command": f"bench/kvcache.py --windows {args.windows} --seq-len {args.seq_len}",
+        "command": command,
         "layers": n_layers, "torch_threads": torch.get_num_threads(), "done": False,
-        "rows": {}}
+        "rows": kept}
     with torch.no_grad():
         ppl, n = perplexity(model, ids, args.seq_len, max_windows=args.windows, progress=False)
     out["rows"]["ppl (parallel, no cache)"] = {"ppl": ppl, "windows": n}

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from llmcq.config.loader import resolve_config
 from llmcq.errors import ConfigError
 
@@ -54,11 +53,11 @@ def _config(model: Path, root: Path, save: Path, **eval_kw: Any) -> dict[str, An
             "save": {"save_path": str(save)}}
 
 
-def _lm_eval_own(folder: Path, root: Path, shared: Path, work: Path) -> dict[str, Any]:
+def _lm_eval_own(folder: Path, root: Path, shared: Path, work: Path,
+                 tm: Any) -> dict[str, Any]:
     """lm-eval's simple_evaluate on a model folder: its own task YAML with only the dataset
     pointed at local JSON Lines files (PIQA's labels joined here)."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml
 
     work.mkdir(exist_ok=True)
@@ -70,7 +69,6 @@ def _lm_eval_own(folder: Path, root: Path, shared: Path, work: Path) -> dict[str
     files = {"piqa": ("validation", piqa),
              "lambada_openai": ("test", shared / "lambada" / "lambada_test.jsonl"),
              "arc_easy": ("test", root / "arc_easy" / "test.jsonl")}
-    tm = TaskManager()
     configs = []
     for task, (split, path) in files.items():
         cfg = load_yaml(tm.task_index[task].yaml_path, resolve_func=True)
@@ -112,10 +110,13 @@ def test_pretrain_and_fake_quant_equal_lm_eval_on_the_folders(
     cfg["save"]["save_fake"] = True
     res = run(resolve_config(cfg), progress=False)
     ours = res["eval"]
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager()  # one index for both of lm-eval's runs (building it takes seconds)
     _same(ours["pretrain"], _lm_eval_own(tiny_llama_dir, data_root, shared_data,
-                                         tmp_path / "lm-eval"))
+                                         tmp_path / "lm-eval", tm))
     _same(ours["fake_quant"], _lm_eval_own(tmp_path / "out" / "fake_quant_model", data_root,
-                                           shared_data, tmp_path / "lm-eval"))
+                                           shared_data, tmp_path / "lm-eval", tm))
     # the quantized model is what was scored at fake_quant
     assert ours["fake_quant"]["lambada_openai"]["ppl"] != \
         ours["pretrain"]["lambada_openai"]["ppl"]

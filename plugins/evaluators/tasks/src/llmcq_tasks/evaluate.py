@@ -116,6 +116,9 @@ def evaluate(run: RunContext, model: Any, resolved_eval: ResolvedEval,
 
     cfg = run.config.eval[resolved_eval.index]
     assert cfg.tasks and isinstance(cfg.path, str)
+    if position == "fake_quant" and getattr(run.specs, "kv", None) is not None:
+        run.log.warning("eval.type tasks scores the model without the quantized KV cache of "
+                        "quant.kvcache (lm-evaluation-harness runs whole sequences, no cache)")
     tm = task_manager(run)
     home = next(model.parameters()).device
     was_training = model.training

@@ -17,7 +17,8 @@ float folder bench/peers/export_model.py writes from the same GGUF.
 
 Rows are kept in bench/results/pruning.json (keyed by name; a row already there with the same
 settings is not run again unless --force), so a run resumes. ``ratio`` is ours / the peer's
-perplexity for rows with a peer (goal <= 1.00).
+perplexity for rows with a peer (goal <= 1.00); ``-out`` rows feed each block the pruned
+blocks' outputs (``sparsity_out: True``), as llm-compressor's sequential pipeline does.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ OURS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
     "sparsegpt-4:8": ({"method": "SparseGPT", "weight": {"mask_structure": "4:8"}}, None),
     "sparsegpt-50+w4g64": ({"method": "SparseGPT", "weight": {"sparsity": 0.5}},
                            {"method": "RTN", "weight": W4G64}),
+    # sparsity_out: True, each block calibrated on the pruned blocks' outputs, as
+    # llm-compressor's sequential pipeline does (the rows above: llmc's default, dense outputs)
+    "sparsegpt-50-out": ({"method": "SparseGPT", "weight": {"sparsity": 0.5},
+                          "sparsity_out": True}, None),
+    "wanda-50-out": ({"method": "Wanda", "weight": {"sparsity": 0.5}, "sparsity_out": True},
+                     None),
 }
 #: peer row -> (run_prune_peer method, structure)
 PEERS = {"peer:sparsegpt-50": ("sparsegpt", "unstructured"),
@@ -129,7 +136,7 @@ def table(data: dict[str, Any]) -> str:
         r = rows.get(name)
         if r is None:
             continue
-        peer = rows.get(f"peer:{name}", {})
+        peer = rows.get(f"peer:{name.removesuffix('-out')}", {})
         ratio = r["ppl"] / peer["ppl"] if "ppl" in r and "ppl" in peer else "-"
         sp = r.get("sparsity")
         out.append([name, r.get("ppl", r.get("error", "-")), ratio,

@@ -6,8 +6,9 @@ the same local data. Goal: the two within 0.5 points.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/tasks.py            # full splits (hours on CPU)
     OMP_NUM_THREADS=1 .venv/bin/python bench/tasks.py --limit 50 # a slice (a check)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/tasks.py --tasks piqa  # one task
 
-Writes bench/results/tasks.json (with --limit: bench/results/tasks_limit<N>.json).
+Writes bench/results/tasks.json (one task: tasks_<task>.json; with --limit N: ..._limit<N>.json).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ METRICS = ("acc", "acc_norm", "ppl")
 
 
 def ours(bs: int, limit: int | None) -> tuple[dict[str, Any], float]:
-    ev: dict[str, Any] = {"type": "tasks", "tasks": TASKS, "path": str(DATA), "bs": bs,
+    ev: dict[str, Any] = {"type": "tasks", "tasks": list(TASKS), "path": str(DATA), "bs": bs,
                           "eval_pos": ["pretrain"]}
     if limit is not None:
         ev["limit"] = limit
@@ -71,10 +72,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=None, help="first N documents of each task")
     ap.add_argument("--bs", type=int, default=16)
+    ap.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    TASKS[:] = args.tasks
+    both = args.tasks == ["piqa", "lambada_openai"]
+    stem = "tasks" + ("" if both else "_" + "_".join(args.tasks))
     out = args.out or REPO / "bench" / "results" / (
-        "tasks.json" if args.limit is None else f"tasks_limit{args.limit}.json")
+        f"{stem}.json" if args.limit is None else f"{stem}_limit{args.limit}.json")
     a, ta = ours(args.bs, args.limit)
     b, tb = theirs(args.bs, args.limit)
     rows, table = [], []
@@ -93,7 +98,8 @@ def main() -> None:
                      "data": "shared/data piqa/valid.jsonl + valid-labels.lst, "
                              "lambada/lambada_test.jsonl",
                      "command": "bench/tasks.py" + (f" --limit {args.limit}" if args.limit
-                                                    else "") + f" --bs {args.bs}",
+                                                    else "") + f" --bs {args.bs}"
+                                + f" --tasks {' '.join(args.tasks)}",
                      "threads": os.environ.get("OMP_NUM_THREADS"),
                      "seconds": {"llmcq": round(ta, 1), "lm_eval": round(tb, 1)},
                      "rows": rows})

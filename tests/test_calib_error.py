@@ -37,3 +37,34 @@ def test_block_errors_equal_direct_computation() -> None:
                           rtn_records({"0": block[0], "1": block[1]},
                                       WeightQuantSpec(bits=8, symmetric=False)))
     assert b8 < b_err and all(l8[n] < l_err[n] for n in l_err)
+
+
+def test_pipeline_records_calibration_error_unless_switched_off(
+        tmp_path, tiny_llama_dir, shared_data) -> None:
+    """results.json holds ``calibration_error`` for every quantized block and linear by
+    default; ``quant.calib_error: False`` (large blocks, timing runs) leaves it out."""
+    import json
+
+    from llmcq.config.loader import resolve_config
+    from llmcq.model.loading import ModelSource, load_pretrained
+    from llmcq.pipeline.runner import run
+
+    got = {}
+    for flag in (True, False):
+        model, tok = load_pretrained(ModelSource(tiny_llama_dir))
+        out = tmp_path / f"out{flag}"
+        cfg = {"base": {"seed": 0, "device": "cpu"},
+               "model": {"type": "llama", "path": str(tiny_llama_dir)},
+               "calib": {"name": "wikitext2", "path": str(shared_data / "wikitext2" / "valid.txt"),
+                         "n_samples": 4, "seq_len": 64, "preproc": "wikitext2_gptq", "bs": 2,
+                         "seed": 1},
+               "quant": {"method": "gptq", "calib_error": flag,
+                         "weight": {"bit": 3, "symmetric": False, "granularity": "per_group",
+                                    "group_size": 32}},
+               "save": {"save_path": str(out)}}
+        run(resolve_config(cfg), progress=False, model=model, tokenizer=tok)
+        got[flag] = json.loads((out / "results.json").read_text())
+    errs = got[True]["calibration_error"]
+    assert set(errs["blocks"]) == {"model.layers.0", "model.layers.1"}
+    assert len(errs["linears"]) == 14 and all(0 < e < 1 for e in errs["linears"].values())
+    assert "calibration_error" not in got[False]

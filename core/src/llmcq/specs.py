@@ -40,6 +40,8 @@ class RunSpecs:
     sparsity: SparsitySpec | None = None
     #: llmc's ``quant.quant_out``: each block reads the quantized outputs of the one before
     quant_out: bool = False
+    #: ``quant.calib_error``: record the calibration output errors (llmcq.quant.calib_error)
+    calib_error: bool = True
     #: per-linear settings (``quant.mix_bits``, ``ignored_layers``); None: global grids only
     layers: LayerRules | None = None
     #: ``layers`` bound to the loaded model's linears (:meth:`bind`)
@@ -54,6 +56,7 @@ class RunSpecs:
         kv = KVQuantSpec.from_section(q.kvcache) if q is not None and q.kvcache else None
         return cls(weight=weight, act=act, kv=kv, sparsity=sparsity,
                    quant_out=bool(q.quant_out) if q is not None else False,
+                   calib_error=bool(q.calib_error) if q is not None else True,
                    layers=LayerRules.from_config(cfg, weight, act))
 
     # ------------------------------------------------------------------ per linear

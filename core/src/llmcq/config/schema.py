@@ -469,6 +469,11 @@ class QuantSection(Section):
     special: dict[str, Any] = Field(default_factory=dict)
     #: feed each block the quantized outputs of the block before it (llmc semantics).
     quant_out: bool = False
+    #: llmcq extension: record each quantized linear's and block's relative output error on
+    #: the calibration inputs (results.json ``calibration_error``, the report's error plots);
+    #: costs two extra block forwards per calibration batch and, briefly, a dequantized copy
+    #: of the block's weights: False skips it (very large blocks, timing runs)
+    calib_error: bool = True
     #: llmc's layer-wise mixed precision: ``setting_0``, ``setting_1``, ... each giving some
     #: linears their own weight/act grids or keeping them in float (``do_quant: False``)
     mix_bits: dict[str, MixBitsSetting] | None = None

@@ -270,7 +270,7 @@ def quantize_model(run: RunContext, batches: list[torch.Tensor] | None) -> None:
             _mask_records(run, block, records, run.quantizer)
             _attach_transforms(block, records, run.quantizer)
             _attach_act(run, block, inputs, records)
-        if inputs is not None and records:
+        if inputs is not None and records and run.specs.calib_error:
             _record_errors(run, block, inputs, records)
         if inputs is not None and not last:
             if dense_out is not None:
@@ -408,7 +408,7 @@ def _offload(module: nn.Module, resident: dict[str, Any] | None) -> None:
               and t.shape == host[n].shape and t.dtype == host[n].dtype]
     if checks:
         flags = torch.stack([(_fingerprint(t) == prints[n]).all() for n, t in checks])
-        same = dict(zip([n for n, _ in checks], flags.tolist()))  # one host sync per block
+        same = dict(zip([n for n, _ in checks], flags.tolist(), strict=True))  # one host sync
     for n, t in named.items():
         if t.device.type == "cpu":
             continue

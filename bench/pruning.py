@@ -55,6 +55,10 @@ OURS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
                           "sparsity_out": True}, None),
     "wanda-50-out": ({"method": "Wanda", "weight": {"sparsity": 0.5}, "sparsity_out": True},
                      None),
+    "sparsegpt-2:4-out": ({"method": "SparseGPT", "weight": {"mask_structure": "2:4"},
+                           "sparsity_out": True}, None),
+    "wanda-2:4-out": ({"method": "Wanda", "weight": {"mask_structure": "2:4"},
+                       "sparsity_out": True}, None),
 }
 #: peer row -> (run_prune_peer method, structure)
 PEERS = {"peer:sparsegpt-50": ("sparsegpt", "unstructured"),

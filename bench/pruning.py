@@ -149,7 +149,7 @@ def table(data: dict[str, Any]) -> str:
                     "-" if r.get("prune_s") is None else round(r["prune_s"], 1),
                     "-" if not r.get("peak_cpu_bytes") else round(r["peak_cpu_bytes"] / 2**20),
                     r.get("device", "CPU")])
-    return markdown_table([f"row", f"ppl ({data.get('windows')} windows x 2048)",
+    return markdown_table(["row", f"ppl ({data.get('windows')} windows x 2048)",
                            "ours / peer", "zeros in the pruned linears", "bits/param",
                            "prune s", "peak CPU MiB", "ran on"], out)
 

@@ -58,8 +58,8 @@ class QuarotSpec(AlgorithmSpec):
         if quant is not None and quant.bit_budget is not None:
             raise ConfigError("quant.bit_budget", None, show_value=False,
                               reason="the bit-budget search measures every linear before the "
-                              "recipe runs, on the unrotated weights, while quarot rotates "
-                              "them all first; use quant.mix_bits, or no quarot")
+                              f"recipe runs, on the unrotated weights, while {self.name} "
+                              f"rotates them all first; use quant.mix_bits, or no {self.name}")
 
     def produces(self, step: StepSettings) -> list[Feature]:
         special = step.special

@@ -15,17 +15,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from llmcq.api import AlgorithmSpec, StepSettings
-from llmcq.capabilities import Feature
-from llmcq.config.schema import SpecialConfig
+from llmcq.api import StepSettings
 from llmcq.errors import ConfigError
+from llmcq_quarot import QuarotSpec, QuarotSpecial
 from pydantic import Field
 
 __all__ = ["SPEC", "SpinQuantSpecial", "SpinQuantSpec"]
 
 
-class SpinQuantSpecial(SpecialConfig):
-    """``quant.special`` of SpinQuant (the paper's training defaults; QuaRot's rotation keys).
+class SpinQuantSpecial(QuarotSpecial):
+    """``quant.special`` of SpinQuant: QuaRot's rotation keys (``rotate_mode`` is R1's
+    starting point; R4 is present while the rotations are learned) and the paper's training
+    defaults.
 
     ```yaml
     quant:
@@ -38,16 +39,6 @@ class SpinQuantSpecial(SpecialConfig):
     ```
     """
 
-    #: R1's starting point: a Hadamard matrix of the hidden size (random orthogonal, with a
-    #: warning, for sizes without one), or a random orthogonal matrix seeded from base.seed
-    rotate_mode: Literal["hadamard", "random"] = "hadamard"
-    #: apply the online Hadamard (R4) in float32 and cast back (False: in the activations'
-    #: dtype), as quarot
-    fp32_had: bool = True
-    #: True: R4, a Hadamard on down_proj's input applied online (the record's
-    #: input_transform), present while the rotations are learned; False: R1 and R2 only (a
-    #: plain checkpoint)
-    online_rotate: bool = True
     #: Cayley SGD learning rate (the paper's 1.5); each step is also bounded by
     #: 1 / ||W||_1 of its skew-symmetric direction (Li et al.), as the reference optimizer
     lr: float = Field(1.5, gt=0)
@@ -75,18 +66,14 @@ class SpinQuantSpecial(SpecialConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SpinQuantSpec(AlgorithmSpec):
-    """Declares R4's online transform; refuses what the training cannot honour."""
+class SpinQuantSpec(QuarotSpec):
+    """QuaRot's declarations (R4's online transform, no bit-budget search); refuses what the
+    training cannot honour."""
 
     def check(self, step: StepSettings) -> None:
         super().check(step)
-        quant, special = step.quant, step.special
+        special = step.special
         assert isinstance(special, SpinQuantSpecial)
-        if quant is not None and quant.bit_budget is not None:
-            raise ConfigError("quant.bit_budget", None, show_value=False,
-                              reason="the bit-budget search measures every linear before the "
-                              "recipe runs, on the unrotated weights, while spinquant "
-                              "rotates them all first; use quant.mix_bits, or no spinquant")
         if special.steps > 0 and special.train_weight_quant == "none" and \
                 step.specs.act is None:
             raise ConfigError(step.key("train_weight_quant"), "none", allowed=("auto", "rtn"),
@@ -97,24 +84,10 @@ class SpinQuantSpec(AlgorithmSpec):
             raise ConfigError(step.key("micro_batch"), special.micro_batch,
                               allowed=f"<= batch_size ({special.batch_size})")
 
-    def produces(self, step: StepSettings) -> list[Feature]:
-        special = step.special
-        assert isinstance(special, SpinQuantSpecial)
-        if not special.online_rotate:
-            return []
-        return [Feature("input_transform", step.key("online_rotate"), True,
-                        source=self.name, detail="hadamard",
-                        hint="set online_rotate: False for R1/R2 only (offline rotations, "
-                             "a plain checkpoint)")]
-
     def wants_calibration(self, step: StepSettings) -> bool:
         special = step.special
         assert isinstance(special, SpinQuantSpecial)
         return special.steps > 0
-
-    def supports_weightless(self) -> bool:
-        return False
-
 
 SPEC = SpinQuantSpec(
     name="spinquant",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from llmcq.errors import DataError
-from llmcq.eval.ppl import _windows, cached_window_losses, kv_entry
+from llmcq.eval.ppl import _windows, cached_window_losses, evaluation_ids, kv_entry
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -69,11 +69,7 @@ def evaluate(run: RunContext, model: nn.Module, resolved_eval: ResolvedEval,
     new_cache = kv if kv is not None else kv_cache_factory(model, None)
     out = []
     for dspec, _info, path in resolved_eval.datasets:
-        key = ("eval_ids", dspec.name, path, cfg.seq_len)
-        ids = run.cache.get(key)
-        if ids is None:
-            ids = dspec.evaluation_ids(run.token_source(dspec), path, cfg.seq_len)
-            run.cache[key] = ids
+        ids = evaluation_ids(run, dspec, path, cfg.seq_len)
         ppl, n = decode_perplexity(model, ids, cfg.seq_len, new_cache,
                                    num_samples=cfg.num_samples or DEFAULT_SAMPLES, bs=cfg.bs,
                                    device=run.device, progress=run.progress,

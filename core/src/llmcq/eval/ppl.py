@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from llmcq.model.adapter import ModelAdapter
     from llmcq.pipeline.context import RunContext
 
-__all__ = ["evaluate", "perplexity", "window_losses", "cached_window_losses", "cache_kwarg"]
+__all__ = ["evaluate", "evaluation_ids", "perplexity", "window_losses", "cached_window_losses",
+           "cache_kwarg"]
+
 
 def window_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of each window (``[b]``, float32)."""
@@ -141,10 +143,21 @@ def _blockwise_losses(model: nn.Module, adapter: ModelAdapter, batches: list[tor
         head.append(model.get_submodule(adapter.layout.final_norm))
     losses = []
     with on_device(head, device):
-        for h, ids in zip(inputs.hidden, batches):
+        for h, ids in zip(inputs.hidden, batches, strict=True):
             logits = adapter.head_logits(model, h)
             losses.append(window_losses(logits, ids.to(device)).cpu())
     return losses
+
+
+def evaluation_ids(run: RunContext, dspec: Any, path: str | None, seq_len: int) -> Any:
+    """The test token ids of one dataset, tokenized once per run and shared by every
+    evaluator and position that reads them (kept in ``run.cache``)."""
+    key = ("eval_ids", dspec.name, path, seq_len)
+    ids = run.cache.get(key)
+    if ids is None:
+        ids = dspec.evaluation_ids(run.token_source(dspec), path, seq_len)
+        run.cache[key] = ids
+    return ids
 
 
 def evaluate(run: RunContext, model: nn.Module, resolved_eval: ResolvedEval,
@@ -158,11 +171,7 @@ def evaluate(run: RunContext, model: nn.Module, resolved_eval: ResolvedEval,
     kv = run_kv_cache(run, model, position)
     out = []
     for dspec, _info, path in resolved_eval.datasets:
-        key = ("eval_ids", dspec.name, path, cfg.seq_len)
-        ids = run.cache.get(key)
-        if ids is None:
-            ids = dspec.evaluation_ids(run.token_source(dspec), path, cfg.seq_len)
-            run.cache[key] = ids
+        ids = evaluation_ids(run, dspec, path, cfg.seq_len)
         ppl, n = perplexity(model, ids, cfg.seq_len, bs=cfg.bs, device=run.device,
                             max_windows=cfg.num_samples, per_block=cfg.inference_per_block,
                             adapter=run.adapter, desc=f"ppl {dspec.name} @ {position}",

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from llmcq.errors import DataError
+from llmcq.eval.ppl import evaluation_ids
 
 from llmcq_kl.solver import histogram, stored_log_probs, summarize, token_kl, token_top1
 
@@ -112,11 +113,7 @@ def evaluate(run: RunContext, model: nn.Module, resolved_eval: ResolvedEval,
         run.log.warning("kl: measured without the quantized KV cache (quant.kvcache)")
     out: list[dict[str, Any]] = []
     for dspec, _info, path in resolved_eval.datasets:
-        key = ("eval_ids", dspec.name, path, cfg.seq_len)
-        ids = run.cache.get(key)
-        if ids is None:
-            ids = dspec.evaluation_ids(run.token_source(dspec), path, cfg.seq_len)
-            run.cache[key] = ids
+        ids = evaluation_ids(run, dspec, path, cfg.seq_len)
         wins = windows(ids, cfg.seq_len, cfg.num_samples)
         ref_key = ("kl_reference", resolved_eval.index, dspec.name, path, cfg.seq_len)
         ref = run.cache.get(ref_key)

@@ -6,6 +6,8 @@
     python bench/gpu/bench.py side     --out DIR --shape 7b --algo gptq --layers 8
     python bench/gpu/bench.py memory   --out DIR --shape 70b --depths 2,4,8
     python bench/gpu/bench.py evalspeed --out DIR --shape 7b --windows 32
+    python bench/gpu/bench.py prune    --out DIR --shape 7b --layers 4 --mask 2:4
+    python bench/gpu/bench.py rotate   --out DIR --shape 7b
 
 Settings shared by every section (the issue's): W4 symmetric, groups of 128, bf16 random
 weights of the named Llama shape, 128 calibration samples x 2048 tokens in batches of 8
@@ -58,8 +60,9 @@ def _model_folder(model: Any) -> str:
 
 
 def make_ctx(model: Any, algo: str, special: dict[str, Any] | None = None,
-             seq_len: int = 2048) -> Any:
-    """A RunContext for ``model`` (in host memory) as ``llmcq run`` would build it."""
+             seq_len: int = 2048, sections: dict[str, Any] | None = None) -> Any:
+    """A RunContext for ``model`` (in host memory) as ``llmcq run`` would build it;
+    ``sections`` replaces the quant section (e.g. ``{"sparse": {...}}`` for pruning only)."""
     from llmcq.config.loader import resolve_config
     from llmcq.pipeline.builtin import Builtin
     from llmcq.pipeline.context import RunContext
@@ -78,6 +81,9 @@ def make_ctx(model: Any, algo: str, special: dict[str, Any] | None = None,
            "save": {"save_path": str(Path(folder) / "out"), "overwrite": True}}
     if algo == "rtn":
         raw["quant"].pop("special")
+    if sections is not None:
+        raw.pop("quant")
+        raw.update(sections)
     if algo in ("tesseraq", "autoround"):  # trained on the quantized chain's inputs
         raw["quant"]["quant_out"] = True
     try:
@@ -88,7 +94,8 @@ def make_ctx(model: Any, algo: str, special: dict[str, Any] | None = None,
     cfg = resolved.config
     ctx = RunContext(resolved=resolved, device=pick_device("auto"),
                      pm=make_plugin_manager(builtin=Builtin()), progress=False)
-    ctx.weight = WeightQuantSpec.from_section(cfg.quant.weight)
+    if cfg.quant is not None and cfg.quant.weight is not None:
+        ctx.weight = WeightQuantSpec.from_section(cfg.quant.weight)
     mspec = resolved.model[0]
     ctx.adapter = mspec.load_impl()(mspec, cfg.model)
     ctx.model = model
@@ -551,6 +558,142 @@ def sec_evalspeed(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _linear_sparsity(model: Any) -> float:
+    zeros = total = 0
+    for name, m in model.model.layers.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            zeros += int((m.weight == 0).sum())
+            total += m.weight.numel()
+    return zeros / max(total, 1)
+
+
+def sec_prune(a: argparse.Namespace) -> dict[str, Any]:
+    """SparseGPT (issue 18) on the shape: ours (``sparse`` section, each block calibrated on
+    the pruned blocks' outputs) and llm-compressor's ``SparseGPTModifier`` on the same model,
+    tokens and mask; seconds, peak GPU memory, measured sparsity, output errors."""
+    from llmcq.pipeline.engine import quantize_model
+
+    base = C.build_model(a.shape, a.layers)
+    cfg = base.config
+    calib = calib_tokens(a, cfg.vocab_size)
+    held = held_tokens(a, cfg.vocab_size)
+    nm = a.mask if ":" in a.mask else None
+    weight = {"mask_structure": nm} if nm else {"sparsity": float(a.mask)}
+    out: dict[str, Any] = {"shape": a.shape, "layers": cfg.num_hidden_layers, "mask": a.mask,
+                           "tokens": sum(int(b.numel()) for b in calib),
+                           "held_out_tokens": a.held * a.seq_len}
+    mine = copy.deepcopy(base)
+    ctx = make_ctx(mine, "sparsegpt", sections={"sparse": {
+        "method": "SparseGPT", "weight": weight, "sparsity_out": True,
+        "special": {"blocksize": 128, "percdamp": 0.01}}})
+    C.peak_reset()
+    t: dict[str, float] = {}
+    with C.timed(t, "ours"):
+        quantize_model(ctx, calib)
+    out["ours"] = {"seconds": t["ours"], "peak_gpu_bytes": C.peak_bytes(),
+                   "sparsity": _linear_sparsity(mine)}
+    variants: dict[str, Any] = {"llmcq": mine}
+    try:
+        from datasets import Dataset
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.pruning import SparseGPTModifier
+
+        peer = copy.deepcopy(base)
+        folder = _model_folder(peer)
+        tok = _peer_tokenizer(folder)
+        ids = [row.tolist() for b in calib for row in b]
+        ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]})
+        mod = SparseGPTModifier(sparsity=0.5 if nm else float(a.mask),
+                                mask_structure=nm or "0:0", targets=["Linear"],
+                                ignore=["re:.*lm_head"], block_size=128, dampening_frac=0.01)
+        C.peak_reset()
+        with C.timed(t, "peer"):
+            oneshot(model=peer, processor=tok, recipe=[mod], dataset=ds,
+                    num_calibration_samples=len(ids), max_seq_length=len(ids[0]),
+                    shuffle_calibration_samples=False)
+        out["peer"] = {"seconds": t["peer"], "peak_gpu_bytes": C.peak_bytes(),
+                       "sparsity": _linear_sparsity(peer)}
+        variants["llm-compressor"] = peer.to("cpu")
+    except Exception as exc:  # noqa: BLE001
+        out["peer"] = {"error": f"{type(exc).__name__}: {exc}",
+                       "trace": traceback.format_exc()[-3000:]}
+    try:
+        out["errors"] = output_errors(base, variants, held)
+    except Exception as exc:  # noqa: BLE001
+        out["errors"] = {"error": f"{type(exc).__name__}: {exc}",
+                         "trace": traceback.format_exc()[-3000:]}
+    if "seconds" in out.get("peer", {}):
+        out["ratio"] = round(out["peer"]["seconds"] / out["ours"]["seconds"], 2)
+    full = C.SHAPES[a.shape]["num_hidden_layers"]
+    out["ours"]["extrapolated_full_depth_s"] = round(t["ours"] / cfg.num_hidden_layers * full, 1)
+    return out
+
+
+@torch.no_grad()
+def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits.float()
+
+
+def sec_rotate(a: argparse.Namespace) -> dict[str, Any]:
+    """Offline rotations R1 + R2 (issue 17) on the whole shape on the GPU: ours (QuaRot's
+    ``transform_model``: norm fusion, Hadamard R1 on the residual stream, R2 per head) and
+    llm-compressor's ``SpinQuantModifier(rotations=[R1, R2], transform_type="hadamard")``;
+    seconds, peak GPU memory, and how well each preserves the logits (float model, bf16)."""
+    dev = C.device()
+    out: dict[str, Any] = {"shape": a.shape}
+    ids = C.random_tokens(1, 256, C.llama_config(a.shape, a.layers).vocab_size, seed=1)[0][None]
+    ids = ids.to(dev)
+
+    def preserved(model: Any, ref: torch.Tensor) -> dict[str, float]:
+        got = _logits(model, ids)
+        return {"logits_rel_err": float((got - ref).norm() / ref.norm()),
+                "top1_agree": float((got.argmax(-1) == ref.argmax(-1)).float().mean())}
+
+    t: dict[str, float] = {}
+    model = C.build_model(a.shape, a.layers, home=str(dev))
+    out["layers"] = model.config.num_hidden_layers
+    ref = _logits(model, ids)
+    try:
+        ctx = make_ctx(model, "quarot", special={"rotate_mode": "hadamard",
+                                                 "online_rotate": False})
+        step = next(s for s in ctx.steps if s.algorithm is not None
+                    and s.algorithm.implements("transform_model"))
+        C.peak_reset()
+        with C.timed(t, "ours"):
+            step.algorithm.transform_model(model)
+        out["ours"] = {"seconds": t["ours"], "peak_gpu_bytes": C.peak_bytes(),
+                       "facts": {k: v for k, v in step.algorithm.summary().items()
+                                 if k != "online"}, **preserved(model, ref)}
+    except Exception as exc:  # noqa: BLE001
+        out["ours"] = {"error": f"{type(exc).__name__}: {exc}",
+                       "trace": traceback.format_exc()[-3000:]}
+    del model
+    torch.cuda.empty_cache()
+    try:
+        from datasets import Dataset
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.transform import SpinQuantModifier
+
+        model = C.build_model(a.shape, a.layers, home=str(dev))
+        folder = _model_folder(model)
+        tok = _peer_tokenizer(folder)
+        row = ids[0, :64].tolist()
+        ds = Dataset.from_dict({"input_ids": [row], "attention_mask": [[1] * len(row)]})
+        C.peak_reset()
+        with C.timed(t, "peer"):
+            oneshot(model=model, processor=tok, dataset=ds, num_calibration_samples=1,
+                    max_seq_length=len(row), recipe=[SpinQuantModifier(
+                        rotations=["R1", "R2"], transform_type="hadamard")])
+        out["peer"] = {"seconds": t["peer"], "peak_gpu_bytes": C.peak_bytes(),
+                       **preserved(model.to(dev), ref)}
+    except Exception as exc:  # noqa: BLE001
+        out["peer"] = {"error": f"{type(exc).__name__}: {exc}",
+                       "trace": traceback.format_exc()[-3000:]}
+    if "seconds" in out.get("peer", {}) and "seconds" in out.get("ours", {}):
+        out["ratio"] = round(out["peer"]["seconds"] / out["ours"]["seconds"], 2)
+    return out
+
+
 def sec_sweep(a: argparse.Namespace) -> dict[str, Any]:
     """GPTQ's column sweep alone on the 7B linears' shapes: the Triton kernel vs the torch
     column loop (same H, same grid), and host<->GPU copy rates through the pinned buffer vs
@@ -661,7 +804,8 @@ def sec_dpcompare(a: argparse.Namespace) -> dict[str, Any]:
 
 
 SECTIONS = {"dp": sec_dp, "dpcompare": sec_dpcompare, "sweep": sec_sweep, "env": sec_env, "floor": sec_floor, "ours": sec_ours, "side": sec_side,
-            "memory": sec_memory, "evalspeed": sec_evalspeed}
+            "memory": sec_memory, "evalspeed": sec_evalspeed,
+            "prune": sec_prune, "rotate": sec_rotate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -683,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", default=None, help="dp: folder for rank 0's records")
     ap.add_argument("--errors", action="store_true", help="dp: output errors on held-out")
     ap.add_argument("--asym", action="store_true", help="asymmetric W4 g128 (ours and peer)")
+    ap.add_argument("--mask", default="0.5", help="prune: sparsity (0.5) or N:M (2:4)")
     ap.add_argument("--tflops", type=float, default=None, help="measured bf16 matmul rate")
     a = ap.parse_args(argv)
     if a.asym:

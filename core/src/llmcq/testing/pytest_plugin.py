@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -110,36 +112,91 @@ def smollm2_copy(smollm2_path: Path) -> Callable[[], tuple[Any, Any]]:
     return fresh
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of this test run shared by its pytest-xdist workers (each worker's basetemp
+    is ``<run>/popen-gwN``), else this session's basetemp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock`` (a no-op where ``fcntl`` is missing: each worker
+    then computes for itself)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (Windows)
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
-def smollm2_ppl(smollm2_copy: Callable[[], tuple[Any, Any]], shared_data: Path,
-                tmp_path_factory: pytest.TempPathFactory) -> Callable[..., float]:
+def smollm2_ppl(smollm2_copy: Callable[[], tuple[Any, Any]], smollm2_path: Path,
+                shared_data: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> Callable[..., float]:
     """``smollm2_ppl(windows, quant=None, seq_len=512)``: the wikitext2 test perplexity of the
     bundled model on the first ``windows`` windows of ``seq_len`` tokens (the GPTQ protocol
     of ``eval.type: ppl``): the float model (``quant=None``), else the fake-quantized model
     of an ``llmcq run`` with that ``quant`` section and no calibration (round-to-nearest
-    baselines). Computed through the pipeline in this session, once per setting: tests that
-    compare against the same baseline share one run."""
+    baselines). Computed through the pipeline once per test run and setting: tests that
+    compare against the same baseline share one run, also across pytest-xdist workers (a
+    JSON file per setting in a folder of the run, keyed by the GGUF's sha256, written
+    atomically under a file lock; a worker that wants a setting another is computing waits
+    for it)."""
     cache: dict[str, float] = {}
+    folder = _run_root(tmp_path_factory) / "llmcq-smollm2-ppl"
+    folder.mkdir(parents=True, exist_ok=True)
+    gguf_sha: list[str] = []
+
+    def compute(windows: int, quant: dict[str, Any] | None, seq_len: int) -> float:
+        from llmcq.config.loader import resolve_config
+        from llmcq.pipeline.runner import run
+
+        pos = "pretrain" if quant is None else "fake_quant"
+        cfg: dict[str, Any] = {
+            "model": {"type": "llama"},
+            "eval": {"eval_pos": [pos], "name": "wikitext2",
+                     "path": str(shared_data / "wikitext2" / "test.txt"),
+                     "seq_len": seq_len, "num_samples": windows},
+            "save": {"save_path": str(tmp_path_factory.mktemp("smollm2-ppl"))},
+        }
+        if quant is not None:
+            cfg["quant"] = copy.deepcopy(quant)
+        model, tok = smollm2_copy()
+        res = run(resolve_config(cfg), progress=False, model=model, tokenizer=tok)
+        return float(res["eval"][pos]["wikitext2"]["ppl"])
 
     def ppl(windows: int, quant: dict[str, Any] | None = None, seq_len: int = 512) -> float:
         key = json.dumps([windows, seq_len, quant], sort_keys=True)
         if key not in cache:
-            from llmcq.config.loader import resolve_config
-            from llmcq.pipeline.runner import run
-
-            pos = "pretrain" if quant is None else "fake_quant"
-            cfg: dict[str, Any] = {
-                "model": {"type": "llama"},
-                "eval": {"eval_pos": [pos], "name": "wikitext2",
-                         "path": str(shared_data / "wikitext2" / "test.txt"),
-                         "seq_len": seq_len, "num_samples": windows},
-                "save": {"save_path": str(tmp_path_factory.mktemp("smollm2-ppl"))},
-            }
-            if quant is not None:
-                cfg["quant"] = copy.deepcopy(quant)
-            model, tok = smollm2_copy()
-            res = run(resolve_config(cfg), progress=False, model=model, tokenizer=tok)
-            cache[key] = float(res["eval"][pos]["wikitext2"]["ppl"])
+            if not gguf_sha:
+                gguf_sha.append(_file_sha256(smollm2_path))
+            name = hashlib.sha256(f"{gguf_sha[0]} {key}".encode()).hexdigest()[:32]
+            path = folder / f"{name}.json"
+            with _exclusive(folder / f"{name}.lock"):
+                if path.is_file():
+                    value = float(json.loads(path.read_text())["ppl"])
+                else:
+                    value = compute(windows, quant, seq_len)
+                    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                    tmp.write_text(json.dumps({"key": key, "gguf_sha256": gguf_sha[0],
+                                               "ppl": value}))
+                    os.replace(tmp, path)
+            cache[key] = value
         return cache[key]
 
     return ppl

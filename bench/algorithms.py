@@ -37,6 +37,9 @@ WEIGHT_ONLY = {
     "w3g64": {"bit": 3, "symmetric": False, "granularity": "per_group", "group_size": 64},
     "w2g64": {"bit": 2, "symmetric": False, "granularity": "per_group", "group_size": 64},
     "w3pc": {"bit": 3, "symmetric": False, "granularity": "per_channel"},
+    # W4A16 per channel (issue 17's rotation rows); asymmetric like w3pc, as every
+    # weight-only row of this table
+    "w4pc": {"bit": 4, "symmetric": False, "granularity": "per_channel"},
 }
 # weight-activation rows: per-channel symmetric weights, per-token dynamic symmetric
 # activations (llmc's W-A configs)
@@ -44,6 +47,14 @@ WEIGHT_ACT = {
     f"w{w}a{a}": ({"bit": w, "symmetric": True, "granularity": "per_channel"},
                   {"bit": a, "symmetric": True, "granularity": "per_token"})
     for w, a in ((8, 8), (6, 6), (4, 8), (4, 4))
+}
+#: W-A settings with a quantized KV cache (issue 17): (the W-A setting, quant.kvcache).
+#: KV4 as QuaRot's W4A4KV4: every key and value on a 4-bit asymmetric grid per token and
+#: head (one range per head_dim = 64 values; QuaRot's KV groups are the head dimension),
+#: dynamic, the whole window through the quantized cache. No R3 (keys are not rotated).
+KV_SETTINGS = {
+    "w4a4kv4": ("w4a4", {"method": "naive", "bit": 4, "symmetric": False,
+                         "granularity": "per_head"}),
 }
 
 AWQ_SPECIAL = {"trans": True, "trans_version": "v2", "weight_clip": True, "clip_sym": False}
@@ -53,6 +64,19 @@ LEARNABLE = {"calib_algo": "learnable", "ste": True}
 #: llm-compressor's symmetric grid (compressed-tensors: absmax / (2^(b-1) - 1/2)), for the
 #: "-full" rows that compare with it like for like
 FULL_RANGE = {"sym_range": "full"}
+#: QuaRot as configs/quarot: Hadamard R1 (576) and R2 (64), online Hadamard R4 on down_proj
+QUAROT = {"rotate_mode": "hadamard", "fp32_had": True, "online_rotate": True}
+#: the offline rotations only (R1 + R2, fused into the weights): what llm-compressor's
+#: SpinQuantModifier(rotations=["R1", "R2"]) does
+QUAROT_R12 = {**QUAROT, "online_rotate": False}
+#: SpinQuant with a CPU-sized schedule: the paper's lr 1.5 (cosine) and batch 8 per step,
+#: but SPIN_STEPS steps of 4 windows: one pass over the 32 calibration windows of 512 tokens
+#: (the paper: 100 steps of 8 = 800 samples of 2048); weights in float while learning (GPTQ
+#: quantizes them after), activations fake-quantized
+SPIN_STEPS = 8
+SPINQUANT = {**QUAROT, "lr": 1.5, "lr_schedule": "cosine", "steps": SPIN_STEPS,
+             "nsamples": None, "batch_size": 4, "micro_batch": 1,
+             "train_weight_quant": "auto"}
 
 
 @dataclass(frozen=True)
@@ -125,6 +149,31 @@ METHODS: dict[str, Method] = {
     "gptq-nots": Method("gptq", tuple(WEIGHT_ONLY), peer="gptq",
                         special={**GPTQ_SPECIAL, "static_groups": True,
                                  "true_sequential": False}, quant_out=True),
+    # rotations (issue 17): QuaRot before the block loop, then RTN or GPTQ (GPTQ with the
+    # gptq row's special); the r12 rows keep only the offline R1 + R2 (no online R4), like
+    # for like with llm-compressor's SpinQuantModifier(R1, R2) + GPTQModifier ("-full": on
+    # its symmetric grid too)
+    "quarot-rtn": Method(["quarot", "rtn"], ("w4pc", "w8a8", "w4a8", "w4a4"),
+                         special={"quarot": QUAROT, "rtn": {}}),
+    "quarot-gptq": Method(["quarot", "gptq"], ("w4pc", "w8a8", "w4a8", "w4a4", "w4a4kv4"),
+                          special={"quarot": QUAROT,
+                                   "gptq": {**GPTQ_SPECIAL, "static_groups": True}},
+                          quant_out=True),
+    "quarot-gptq-r12": Method(["quarot", "gptq"], ("w4pc", "w8a8", "w4a8", "w4a4"),
+                              peer="spinquant-gptq",
+                              special={"quarot": QUAROT_R12,
+                                       "gptq": {**GPTQ_SPECIAL, "static_groups": True}},
+                              quant_out=True),
+    "quarot-gptq-r12-full": Method(["quarot", "gptq"], ("w8a8", "w4a8", "w4a4"),
+                                   peer="spinquant-gptq",
+                                   special={"quarot": QUAROT_R12,
+                                            "gptq": {**GPTQ_SPECIAL, "static_groups": True}},
+                                   weight_extra=FULL_RANGE, act_extra=FULL_RANGE,
+                                   quant_out=True),
+    "spinquant-gptq": Method(["spinquant", "gptq"], ("w4pc", "w8a8", "w4a8", "w4a4"),
+                             special={"spinquant": SPINQUANT,
+                                      "gptq": {**GPTQ_SPECIAL, "static_groups": True}},
+                             quant_out=True),
 }
 
 
@@ -136,6 +185,9 @@ def calib_section(n: int, seq_len: int, seed: int = 0) -> dict[str, Any]:
 def row_config(method: str, setting: str, calib: dict[str, Any],
                windows: int | None) -> dict[str, Any]:
     m = METHODS[method]
+    kv = None
+    if setting in KV_SETTINGS:
+        setting, kv = KV_SETTINGS[setting]
     if setting in WEIGHT_ONLY:
         weight, act = WEIGHT_ONLY[setting], None
     else:
@@ -148,6 +200,8 @@ def row_config(method: str, setting: str, calib: dict[str, Any],
         quant["special"] = special
     if m.quant_out:
         quant["quant_out"] = True
+    if kv is not None:
+        quant["kvcache"] = kv
     ev: dict[str, Any] = {"eval_pos": ["fake_quant"], "name": "wikitext2",
                           "path": str(WIKI_TEST), "seq_len": 2048, "bs": 1}
     if windows:
@@ -178,13 +232,15 @@ def run_peer(peer: str, setting: str, calib: dict[str, Any], windows: int | None
                         "--n-samples", str(calib["n_samples"]),
                         "--seq-len", str(calib["seq_len"]), "--preproc", calib["preproc"],
                         "--seed", str(calib["seed"])], check=True, capture_output=True)
+        if setting in KV_SETTINGS:
+            raise RuntimeError(f"peer {peer}: no KV-cache quantization in the peer path")
         weight, act = (WEIGHT_ONLY[setting], None) if setting in WEIGHT_ONLY \
             else WEIGHT_ACT[setting]
         out = Path(tmp) / "model"
         cmd = [str(py), str(peers / "run_peer.py"), "--method", peer, "--bits",
                str(weight["bit"]), "--group-size", str(weight.get("group_size", -1)),
                "--sym" if weight["symmetric"] else "--asym", "--calib", str(tokens),
-               "--out", str(out)]
+               "--out", str(out), "--threads", "1"]
         if act is not None:
             cmd += ["--act-bits", str(act["bit"]),
                     "--act-sym" if act["symmetric"] else "--act-asym"]
@@ -198,7 +254,8 @@ def run_peer(peer: str, setting: str, calib: dict[str, Any], windows: int | None
         if proc.returncode != 0:
             raise RuntimeError(f"peer {peer} {setting} failed: {proc.stderr[-2000:]}")
         ev = subprocess.run([sys.executable, str(peers / "check_folder.py"), str(out),
-                             "--seq-len", "2048", "--windows", str(windows or 10**6)],
+                             "--seq-len", "2048", "--windows", str(windows or 10**6),
+                             "--threads", "1"],
                             capture_output=True, text=True)
         if ev.returncode != 0:
             raise RuntimeError(f"evaluating peer {peer} {setting} failed: {ev.stderr[-2000:]}")
@@ -233,7 +290,7 @@ def main() -> None:
     rows: dict[str, Any] = data.get("rows", {})
     log_dir = args.out.parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    settings = [*WEIGHT_ONLY, *WEIGHT_ACT]
+    settings = [*WEIGHT_ONLY, *WEIGHT_ACT, *KV_SETTINGS]
     if args.only:
         settings = [s for s in settings if s in args.only.split(",")]
     methods = [m for m in args.methods.split(",") if m]

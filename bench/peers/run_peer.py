@@ -12,6 +12,16 @@ then evaluates it like any checkpoint, so every row shares one evaluation.
 Methods (the decoder blocks' linears are quantized, the tied lm_head stays float):
   rtn          llm-compressor QuantizationModifier (min-max round-to-nearest; data-free)
   gptq         llm-compressor GPTQModifier (needs --calib)
+  spinquant-gptq  llm-compressor SpinQuantModifier(rotations=["R1", "R2"],
+               transform_type=--spin-type) then GPTQModifier as ``gptq`` (needs --calib): the
+               embeddings untied, centred, the norms fused into the linears, R1 and R2 fused
+               into the weights (no online hook is left: checked), so the dense folder holds
+               the whole rotated model with an untied, float lm_head. Its "hadamard" type
+               is Sylvester only (2^n): SmolLM2's hidden size 576 = 36 x 16 is refused
+               ("Cannot construct deterministic hadamard of size != 2^n"), so the default
+               is "random-hadamard" (its stored Hadamard 36 x Sylvester 16 times random
+               signs, torch seed 0: a full-size R1 like ours); --spin-block 64 keeps
+               "hadamard" with block-diagonal 64 x 64 rotations instead
   awq          llm-compressor AWQModifier + QuantizationModifier (needs --calib and a GPU)
   smoothquant  llm-compressor SmoothQuantModifier + QuantizationModifier (needs --calib)
   hqq          the hqq package's HQQLinear with its defaults (data-free, weight-only, asym)
@@ -43,9 +53,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_model import ensure_exported  # noqa: E402
 
-LLMC_METHODS = ("rtn", "gptq", "awq", "smoothquant")
+LLMC_METHODS = ("rtn", "gptq", "awq", "smoothquant", "spinquant-gptq")
 METHODS = (*LLMC_METHODS, "hqq", "autoround")
-NEEDS_CALIB = ("gptq", "awq", "smoothquant", "autoround")
+NEEDS_CALIB = ("gptq", "awq", "smoothquant", "autoround", "spinquant-gptq")
+#: methods whose output rotates the residual stream: lm_head is untied (and stays float)
+ROTATES = ("spinquant-gptq",)
 META = "peer_meta.json"
 
 
@@ -90,6 +102,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "export_model.py to its cache folder)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     g = ap.add_argument_group("peer knobs (defaults are the peers' own)")
+    g.add_argument("--spin-type", choices=("random-hadamard", "hadamard", "random-matrix"),
+                   default="random-hadamard", help="spinquant-gptq: SpinQuantModifier's "
+                   "transform_type (hadamard needs powers of two: see --spin-block)")
+    g.add_argument("--spin-block", type=int, default=None,
+                   help="spinquant-gptq: SpinQuantModifier's transform_block_size")
     g.add_argument("--actorder", choices=("static", "weight", "none"), default="static",
                    help="GPTQ activation ordering (llm-compressor default: static)")
     g.add_argument("--block-size", type=int, default=128, help="GPTQ block size")
@@ -141,11 +158,14 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
         "a_symmetric": args.act_sym if args.act_bits is not None else None,
         "threads": args.threads,
     }
-    if args.method == "gptq":
+    if args.method in ("gptq", "spinquant-gptq"):
         s.update(actorder=args.actorder, block_size=args.block_size,
                  dampening_frac=args.dampening_frac)
     if args.method == "smoothquant":
         s.update(smoothing_strength=args.sq_alpha)
+    if args.method == "spinquant-gptq":
+        s.update(rotations=["R1", "R2"], transform_type=args.spin_type,
+                 transform_block_size=args.spin_block)
     if args.method == "awq":
         s.update(n_grid=args.awq_n_grid, duo_scaling=args.awq_duo_scaling)
     if args.method == "autoround":
@@ -307,12 +327,18 @@ def llmc_recipe(args: argparse.Namespace) -> list[Any]:
     ignore = ["lm_head"]
     if args.method == "rtn":
         return [QuantizationModifier(config_groups=groups, ignore=ignore)]
-    if args.method == "gptq":
+    if args.method in ("gptq", "spinquant-gptq"):
         from llmcompressor.modifiers.gptq import GPTQModifier
 
-        return [GPTQModifier(config_groups=groups, ignore=ignore, block_size=args.block_size,
-                             dampening_frac=args.dampening_frac,
-                             actorder=None if args.actorder == "none" else args.actorder)]
+        gptq = GPTQModifier(config_groups=groups, ignore=ignore, block_size=args.block_size,
+                            dampening_frac=args.dampening_frac,
+                            actorder=None if args.actorder == "none" else args.actorder)
+        if args.method == "gptq":
+            return [gptq]
+        from llmcompressor.modifiers.transform import SpinQuantModifier
+
+        return [SpinQuantModifier(rotations=["R1", "R2"], transform_type=args.spin_type,
+                                  transform_block_size=args.spin_block), gptq]
     if args.method == "smoothquant":
         from llmcompressor.modifiers.transform import SmoothQuantModifier
 
@@ -354,6 +380,21 @@ def run_llmcompressor(args: argparse.Namespace, model: Any, tok: Any,
     oneshot(model=model, processor=tok, recipe=llmc_recipe(args), dataset=dataset,
             output_dir=None, **kwargs)
 
+    extra: dict[str, Any] = {}
+    if args.method in ROTATES:
+        # R1/R2 are weight transforms, fused at calibration start; an input/output hook or a
+        # parametrization left behind would not be in the dense folder: refuse it
+        hooked = [n for n, m in model.named_modules()
+                  if (m._forward_pre_hooks or m._forward_hooks) and n != ""
+                  and getattr(m, "quantization_scheme", None) is None]
+        params = [n for n, m in model.named_modules() if hasattr(m, "parametrizations")]
+        if hooked or params:
+            raise RuntimeError(f"{args.method}: online transforms left on {hooked[:4]} "
+                               f"parametrizations on {params[:4]}: not a dense model")
+        extra["rotation"] = {
+            "online_hooks": 0, "tie_word_embeddings": bool(model.config.tie_word_embeddings),
+            "lm_head_shares_embeddings": model.lm_head.weight.data_ptr()
+            == model.model.embed_tokens.weight.data_ptr()}
     # The peer fake-quantizes at forward time; materialise exactly what its forward uses.
     updates: dict[str, Any] = {}
     quantized = []
@@ -367,7 +408,7 @@ def run_llmcompressor(args: argparse.Namespace, model: Any, tok: Any,
             quantized.append(name)
         for name, p in model.named_parameters():
             updates.setdefault(name, p.detach().clone())
-    return updates, {"quantized_modules": quantized}
+    return updates, {"quantized_modules": quantized, **extra}
 
 
 # --------------------------------------------------------------------------- hqq
@@ -476,12 +517,18 @@ def run_autoround(args: argparse.Namespace, model: Any, tok: Any, calib: list[li
 
 
 def write_dense(model_dir: Path, out_tmp: Path, updates: dict[str, Any], tok: Any,
-                quantized: list[str]) -> dict[str, Any]:
-    """A fresh float model from ``model_dir`` with ``updates`` copied in, saved plainly."""
+                quantized: list[str], untie: bool = False) -> dict[str, Any]:
+    """A fresh float model from ``model_dir`` with ``updates`` copied in, saved plainly;
+    ``untie``: lm_head gets its own matrix first (rotated models) and the config says so."""
     import torch
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    if untie:
+        base.lm_head.weight = torch.nn.Parameter(base.lm_head.weight.detach().clone())
+        base.config.tie_word_embeddings = False
+        if hasattr(base.config, "get_text_config"):
+            base.config.get_text_config().tie_word_embeddings = False
     sd = base.state_dict()
     changed, dropped = [], []
     with torch.no_grad():
@@ -518,11 +565,18 @@ def verify(out: Path, updates: dict[str, Any], quantized: list[str], args: argpa
         max_distinct = max(max_distinct, distinct_per_group(w, args.group_size))
     if max_distinct > 2 ** args.bits:
         raise RuntimeError(f"a group holds {max_distinct} distinct values > 2^{args.bits}")
-    if not torch.equal(again.lm_head.weight, again.model.embed_tokens.weight):
+    if args.method in ROTATES:
+        if again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr() or \
+                not torch.equal(again.lm_head.weight, updates["lm_head.weight"]):
+            raise RuntimeError("the rotated, untied lm_head did not reload as written")
+    elif not torch.equal(again.lm_head.weight, again.model.embed_tokens.weight):
         raise RuntimeError("lm_head is no longer tied to the embeddings")
     res: dict[str, Any] = {"reloads": True, "quantized_linears": len(quantized),
-                           "max_distinct_per_group": max_distinct,
-                           "lm_head_tied_float": True}
+                           "max_distinct_per_group": max_distinct}
+    if args.method in ROTATES:
+        res["lm_head_untied_float"] = True
+    else:
+        res["lm_head_tied_float"] = True
     if peer_model is not None:
         ids = torch.tensor([(calib[0] if calib else
                              tok("The capital of France is Paris, and")["input_ids"])[:128]])
@@ -621,7 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp.mkdir(parents=True)
     quantized = extra["quantized_modules"]
     meta.update(extra)
-    meta.update(write_dense(model_dir, tmp, updates, tok, quantized))
+    meta.update(write_dense(model_dir, tmp, updates, tok, quantized,
+                            untie=args.method in ROTATES))
     write_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     meta["verify"] = verify(tmp, updates, quantized, args, peer_model, calib, tok)

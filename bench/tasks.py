@@ -7,6 +7,7 @@ the same local data. Goal: the two within 0.5 points.
     OMP_NUM_THREADS=1 .venv/bin/python bench/tasks.py            # full splits (hours on CPU)
     OMP_NUM_THREADS=1 .venv/bin/python bench/tasks.py --limit 50 # a slice (a check)
     OMP_NUM_THREADS=1 .venv/bin/python bench/tasks.py --tasks piqa  # one task
+    ... --parallel   # the two sides at once (two processes, one thread each)
 
 Writes bench/results/tasks.json (one task: tasks_<task>.json; with --limit N: ..._limit<N>.json).
 """
@@ -39,7 +40,7 @@ def ours(bs: int, limit: int | None) -> tuple[dict[str, Any], float]:
     return res["eval"]["pretrain"], time.time() - t
 
 
-def theirs(bs: int, limit: int | None) -> tuple[dict[str, Any], float]:
+def theirs(bs: int, limit: int | None, device: str = "cpu") -> tuple[dict[str, Any], float]:
     """lm-eval on its own: its hf model loads the GGUF file (float32), its task YAML with the
     dataset pointed at the local files (llmcq_tasks.evaluate.task_configs: only dataset_path,
     dataset_kwargs and the splits change)."""
@@ -57,7 +58,7 @@ def theirs(bs: int, limit: int | None) -> tuple[dict[str, Any], float]:
         res = simple_evaluate(model="hf",
                               model_args={"pretrained": str(gguf.parent),
                                           "gguf_file": gguf.name, "dtype": "float32",
-                                          "device": "cpu"},
+                                          "device": device},
                               tasks=configs, task_manager=tm, limit=limit, batch_size=bs,
                               bootstrap_iters=1000, log_samples=False)
     out = {}
@@ -68,20 +69,37 @@ def theirs(bs: int, limit: int | None) -> tuple[dict[str, Any], float]:
     return out, time.time() - t
 
 
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=None, help="first N documents of each task")
     ap.add_argument("--bs", type=int, default=16)
     ap.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--device", default="cpu",
+                    help="lm-eval's device (llmcq's side takes base.device auto: the GPU if any)")
+    ap.add_argument("--parallel", action="store_true",
+                    help="run the llmcq side (a subprocess) while lm-eval runs in this process")
     args = ap.parse_args()
     TASKS[:] = args.tasks
     both = args.tasks == ["piqa", "lambada_openai"]
     stem = "tasks" + ("" if both else "_" + "_".join(args.tasks))
     out = args.out or REPO / "bench" / "results" / (
         f"{stem}.json" if args.limit is None else f"{stem}_limit{args.limit}.json")
-    a, ta = ours(args.bs, args.limit)
-    b, tb = theirs(args.bs, args.limit)
+    if args.parallel:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(ours, args.bs, args.limit)
+            b, tb = theirs(args.bs, args.limit, args.device)
+            a, ta = fut.result()
+    else:
+        a, ta = ours(args.bs, args.limit)
+        b, tb = theirs(args.bs, args.limit, args.device)
     rows, table = [], []
     for task in TASKS:
         for m in METRICS:
@@ -99,8 +117,11 @@ def main() -> None:
                              "lambada/lambada_test.jsonl",
                      "command": "bench/tasks.py" + (f" --limit {args.limit}" if args.limit
                                                     else "") + f" --bs {args.bs}"
-                                + f" --tasks {' '.join(args.tasks)}",
+                                + f" --tasks {' '.join(args.tasks)}"
+                                + (" --parallel" if args.parallel else "")
+                                + (f" --device {args.device}" if args.device != "cpu" else ""),
                      "threads": os.environ.get("OMP_NUM_THREADS"),
+                     "device": args.device if args.device == "cpu" else _gpu_name(),
                      "seconds": {"llmcq": round(ta, 1), "lm_eval": round(tb, 1)},
                      "rows": rows})
     print(markdown_table(["task", "metric", "n", "llmcq", "lm-eval", "diff"], table))

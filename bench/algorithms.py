@@ -77,6 +77,9 @@ SPIN_STEPS = 8
 SPINQUANT = {**QUAROT, "lr": 1.5, "lr_schedule": "cosine", "steps": SPIN_STEPS,
              "nsamples": None, "batch_size": 4, "micro_batch": 1,
              "train_weight_quant": "auto"}
+#: the paper's schedule (100 Cayley steps of 8 samples, 800 samples of calib.seq_len), for
+#: the GPU machine
+SPINQUANT_PAPER = {**SPINQUANT, "steps": 100, "nsamples": 800, "batch_size": 8}
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,10 @@ METHODS: dict[str, Method] = {
                              special={"spinquant": SPINQUANT,
                                       "gptq": {**GPTQ_SPECIAL, "static_groups": True}},
                              quant_out=True),
+    "spinquant-gptq-100": Method(["spinquant", "gptq"], ("w4a4",),
+                                 special={"spinquant": SPINQUANT_PAPER,
+                                          "gptq": {**GPTQ_SPECIAL, "static_groups": True}},
+                                 quant_out=True),
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["load_model", "swap_linears", "KernelLinear"]
+__all__ = ["load_model", "swap_linears", "KernelLinear", "WALinear"]
 
 
 def load_model(folder: Any, device: Any = "cpu", **kwargs: Any) -> Any:
@@ -21,7 +21,7 @@ def load_model(folder: Any, device: Any = "cpu", **kwargs: Any) -> Any:
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("KernelLinear", "swap_linears"):
+    if name in ("KernelLinear", "WALinear", "swap_linears"):
         from llmcq_kernels import module
 
         return getattr(module, name)

@@ -1,6 +1,7 @@
 """``KernelLinear``: a mixpack linear that computes through the Triton kernel on CUDA and
-through the reference path (mixpack's ``dequantize`` + ``F.linear``) elsewhere, and the
-calls that put it into a transformers model."""
+through the reference path (mixpack's ``dequantize`` + ``F.linear``) elsewhere;
+``WALinear``: the same for a weight-activation setting (activations quantized per token,
+int8 tensor cores); and the calls that put them into a transformers model."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 from llmcq.quant.fake import set_module
+from llmcq.quant.spec import ActQuantSpec
 from llmcq_mixpack.dequant import dequantize
 from llmcq_mixpack.layout import PackedLinear
 from llmcq_mixpack.module import MixPackLinear
@@ -18,8 +20,9 @@ from torch.nn import functional as F
 
 from llmcq_kernels import triton_mm
 from llmcq_kernels.layout import KernelPack, repack
+from llmcq_kernels.wa_layout import WAPack, act_spec, pack_wa, wa_reference
 
-__all__ = ["KernelLinear", "swap_linears", "load_model"]
+__all__ = ["KernelLinear", "WALinear", "swap_linears", "load_model"]
 
 _TENSORS = ("planes", "stream_base", "stream_words", "bits", "group_pos", "scale", "zero",
             "col_perm", "float_cols", "float_vals")
@@ -96,22 +99,105 @@ class KernelLinear(nn.Module):
                 f"bits={widths} {grid} {'sym' if p.symmetric else 'asym'}")
 
 
-def swap_linears(model: nn.Module) -> nn.Module:
+class WALinear(nn.Module):
+    """``y = Q_a(x) @ W_hat^T + bias``: ``Q_a`` llmcq's dynamic per-token symmetric
+    activation quantizer at ``act.bits``, ``W_hat`` a per-channel mixpack weight (the
+    ``wa_layout`` module doc). CUDA input with triton importable: the int8 tensor-core
+    kernel (``triton_wa``); otherwise the reference path (``wa_layout.wa_reference``).
+    Both equal the fake-quant linear (``FakeQuantLinear`` with the same ``act``) up to float
+    rounding."""
+
+    def __init__(self, packed: PackedLinear, bias: torch.Tensor | None,
+                 act: ActQuantSpec | dict[str, Any] | int) -> None:
+        super().__init__()
+        self.act = act_spec(act)
+        self.in_features, self.out_features = packed.in_features, packed.out_features
+        wp = pack_wa(packed)
+        self._meta = replace(wp, qweight=torch.empty(0), scale=torch.empty(0), zero=None)
+        self.register_buffer("qweight", wp.qweight)
+        self.register_buffer("scale", wp.scale)
+        self.register_buffer("zero", wp.zero)
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_mixpack(cls, mod: MixPackLinear, act: ActQuantSpec | dict[str, Any] | int
+                     ) -> WALinear:
+        return cls(mod.packed(), None if mod.bias is None else mod.bias.data, act)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> WALinear:
+        grid = {n: t for n in ("scale", "zero") if (t := getattr(self, n)) is not None}
+        super()._apply(fn, recurse)
+        for name, before in grid.items():  # the float32 grid is never cast
+            now = getattr(self, name)
+            if now.dtype != torch.float32:
+                setattr(self, name, before.to(now.device))
+        return self
+
+    def wa_pack(self) -> WAPack:
+        return replace(self._meta, qweight=self.qweight, scale=self.scale, zero=self.zero)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return wa_reference(x, self.wa_pack(), self.act, self.bias)
+
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        from llmcq_kernels import triton_wa
+
+        return triton_wa.available(x) and x.dtype in _KERNEL_DTYPES
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_kernel(x):
+            from llmcq_kernels import triton_wa
+
+            return triton_wa.wa_linear(x, self.wa_pack(), self.act, self.bias)
+        return self.reference(x)
+
+    def extra_repr(self) -> str:
+        m = self._meta
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"w{m.bits} (in {m.container}-bit fields) per channel "
+                f"{'asym' if self.zero is not None else 'sym'}, "
+                f"{self.act.describe()}")
+
+
+def swap_linears(model: nn.Module, *, act: ActQuantSpec | dict[str, Any] | int | None = None
+                 ) -> nn.Module:
     """Replace every ``MixPackLinear`` of ``model`` (as ``llmcq_mixpack.load_model``
-    builds it) by a :class:`KernelLinear` holding the same tensors; returns ``model``."""
+    builds it) by a :class:`KernelLinear` holding the same tensors, or, with ``act`` (an
+    ``ActQuantSpec``, its ``to_dict``, or the bit width of dynamic per-token symmetric
+    activations), by a :class:`WALinear` (per-channel weights only: anything else raises
+    before the model is touched); returns ``model``."""
     names = [n for n, m in model.named_modules() if isinstance(m, MixPackLinear)]
+    if act is None:
+        for name in names:
+            old = model.get_submodule(name)
+            assert isinstance(old, MixPackLinear)
+            set_module(model, name, KernelLinear.from_mixpack(old).to(old.scale.device))
+        return model
+    spec = act_spec(act)
+    new = {}
     for name in names:
         old = model.get_submodule(name)
         assert isinstance(old, MixPackLinear)
-        set_module(model, name, KernelLinear.from_mixpack(old).to(old.scale.device))
+        try:
+            new[name] = WALinear.from_mixpack(old, spec).to(old.scale.device)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from exc
+    for name, mod in new.items():
+        set_module(model, name, mod)
     return model
 
 
 def load_model(folder: str | Path, device: torch.device | str = "cpu", *,
-               dtype: torch.dtype | str | None = None, verify: bool = True) -> nn.Module:
-    """The model of a mixpack folder with :class:`KernelLinear` linears, in eval mode on
-    ``device`` (``llmcq_mixpack.load_model``'s arguments, then :func:`swap_linears`)."""
+               dtype: torch.dtype | str | None = None, verify: bool = True,
+               act: ActQuantSpec | dict[str, Any] | int | None = None) -> nn.Module:
+    """The model of a mixpack folder with :class:`KernelLinear` linears (or, with ``act``,
+    :class:`WALinear` ones), in eval mode on ``device`` (``llmcq_mixpack.load_model``'s
+    arguments, then :func:`swap_linears`). mixpack folders do not record an activation
+    setting (the backend refuses ``act_quant``), so ``act`` is given here."""
     from llmcq_mixpack.loader import load_model as load_mixpack
 
     model = load_mixpack(folder, device="cpu", dtype=dtype, verify=verify)
-    return swap_linears(model).to(device).eval()
+    return swap_linears(model, act=act).to(device).eval()

@@ -1,5 +1,6 @@
 """Speed of llmcq-kernels' weight-only matmul (mixpack layout) against bf16 cuBLAS and
-torch's int4 kernel, on the 7B Llama linear shapes (issue 16, "The kernels").
+torch's int4 kernel, and of its weight-activation (WxAy, int8 tensor cores) matmul against
+torch._int_mm, on the 7B Llama linear shapes (issue 16, "The kernels").
 
     python bench/gpu/kernels_speed.py --out bench/results/kernels_speed_h100.json
     python bench/gpu/kernels_speed.py --smoke --out /tmp/kernels_smoke.json   # CPU check
@@ -17,7 +18,16 @@ M of 1, 16, 256 tokens, for
   activations; plus ``ours_mixed_w24``: groups of 2 and 4 bits drawn at random (bit map);
   each also checked against the reference path (``max_err``, float32 reference); the int4
   row is checked against the bf16 matmul of the same W4 weights (``max_err_vs_bf16``: a
-  large value means this torch's int4 packing convention differs from the one assumed).
+  large value means this torch's int4 packing convention differs from the one assumed);
+* ``ours_w8a8`` / ``ours_w4a8`` / ``ours_w4a4``: ``llmcq_kernels.triton_wa.wa_linear`` (per-
+  token int8/int4 activations quantized in the kernel's prologue after a row-absmax pass,
+  per-channel symmetric W8 / W4 weights, int8 tensor cores) on bf16 activations, checked
+  against ``wa_layout.wa_reference`` on the float32 activations (``max_err``);
+* ``int8_torch``: the same W8A8 op in torch: the per-token quantize (absmax, divide, round,
+  clamp, int8), ``torch._int_mm`` on the pre-quantized int8 W8 weight, the float32 epilogue
+  ``acc * s_x * s_w`` cast to bf16 (``_int_mm`` needs more than 16 rows: ``M <= 16`` is
+  padded to 32 rows, ``m_padded``); checked against the same reference. ``--no-wa`` skips
+  these four rows.
 
 Timing: CUDA events around each call, ``--warmup`` calls first, then ``--iters`` timed
 calls, each after the L2 cache is flushed (a 256 MB write) unless ``--no-flush`` (a 4096 x
@@ -126,6 +136,39 @@ def int4_torch(w_codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     raise RuntimeError("; ".join(errors))
 
 
+def int8_torch(w8: torch.Tensor, scale: torch.Tensor
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> Q_a8(x) @ W^T`` through ``torch._int_mm`` for signed int8 codes ``w8``
+    ``[N, K]`` and per-channel float32 scales ``[N]``: llmcq's per-token A8 arithmetic
+    (``absmax / 127``, floor 1e-8, round half to even, clamp) in torch ops."""
+    wt = w8.contiguous().t()  # [K, N], column-major: the layout cuBLASLt's int8 GEMM takes
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        sx = (xf.abs().amax(1, keepdim=True) / 127.0).clamp(min=1e-8)
+        xq = torch.round(xf / sx).clamp(-128, 127).to(torch.int8)
+        m = xq.shape[0]
+        if m <= 16:
+            xq = torch.nn.functional.pad(xq, (0, 0, 0, 32 - m))
+        acc = torch._int_mm(xq, wt)[:m]
+        return (acc.float() * sx * scale).to(x.dtype)
+
+    return fn
+
+
+def wa_candidate_configs(m: int) -> list[dict[str, int]]:
+    """Configurations ``--tune`` times for the WxAy kernel: the weight-only ones, plus
+    ``tl.dot`` on a padded 16-row tile below 16 tokens."""
+    out = candidate_configs(m)
+    if m < 16:
+        for bn in (32, 64, 128):
+            for bk in (64, 128):
+                for split in (1, 2, 4, 8):
+                    out.append({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk,
+                                "SPLIT_K": split, "USE_DOT": 1, "num_warps": 4})
+    return out
+
+
 def candidate_configs(m: int) -> list[dict[str, int]]:
     """Configurations ``--tune`` times for ``M`` tokens (besides the default)."""
     out = []
@@ -150,10 +193,12 @@ def candidate_configs(m: int) -> list[dict[str, int]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from llmcq_kernels import triton_mm
+    from llmcq.quant.spec import ActQuantSpec
+    from llmcq_kernels import triton_mm, triton_wa
     from llmcq_kernels.layout import repack
     from llmcq_kernels.reference import reference_linear
     from llmcq_kernels.synthetic import random_packed
+    from llmcq_kernels.wa_layout import pack_wa, unpack_wa, wa_reference
     from llmcq_mixpack.dequant import dequantize
     from llmcq_mixpack.packing import unpack_codes
 
@@ -168,7 +213,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     result = {"env": _env(device), "smoke": args.smoke, "tune": args.tune, "group_size": GROUP,
               "warmup": args.warmup, "iters": args.iters, "l2_flush": not args.no_flush,
-              "activations": "bfloat16", "rows": rows}
+              "activations": "bfloat16", "wa_weights": "per-channel symmetric",
+              "wa_activations": "per-token symmetric, dynamic", "rows": rows}
     for k, n in shapes:
         packs = {"ours_w4": random_packed(n, k, 4, GROUP, seed=1),
                  "ours_w2": random_packed(n, k, 2, GROUP, seed=2),
@@ -194,6 +240,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             kps = {name: replace(kp, **{f: mv(getattr(kp, f)) for f in (
                 "planes", "stream_base", "stream_words", "bits", "group_pos", "scale",
                 "zero", "col_perm")}) for name, kp in kps.items()}
+        wa: dict[str, tuple[Any, ActQuantSpec]] = {}
+        int8_fn = None
+        if not args.no_wa:
+            w8 = pack_wa(random_packed(n, k, 8, None, symmetric=True, seed=4)).to(device)
+            w4 = pack_wa(random_packed(n, k, 4, None, symmetric=True, seed=5)).to(device)
+            wa = {"ours_w8a8": (w8, ActQuantSpec(8, True)),
+                  "ours_w4a8": (w4, ActQuantSpec(8, True)),
+                  "ours_w4a4": (w4, ActQuantSpec(4, True))}
+            int8_fn = int8_torch(unpack_wa(w8).to(torch.int8), w8.scale)
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             base = timer(lambda: torch.matmul(x, w_bf16.t()))
@@ -241,6 +296,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 except Exception as exc:  # noqa: BLE001
                     row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
                     traceback.print_exc()
+                rows.append(row)
+            for name, (wp, act) in wa.items():
+                row = {"K": k, "N": n, "M": m, "impl": name, "act_bits": act.bits}
+                try:
+                    if device == "cuda":
+                        fn = lambda wp=wp, act=act: triton_wa.wa_linear(x, wp, act)  # noqa: E731
+                        row["config"] = triton_wa.choose_config(m, n, wp.k_split)
+                    else:  # the reference path WALinear takes on a CPU
+                        fn = lambda wp=wp, act=act: wa_reference(x, wp, act)  # noqa: E731
+                    ref = wa_reference(x.float(), wp, act)
+                    row["max_err"] = float((fn().float() - ref).abs().max())
+                    row["ref_max"] = float(ref.abs().max())
+                    row["ms"] = timer(fn)
+                    if args.tune and device == "cuda":
+                        tried = [{"config": row["config"], "ms": row["ms"]}]
+                        for cfg in wa_candidate_configs(m):
+                            try:
+                                t = timer(lambda wp=wp, act=act, cfg=cfg: triton_wa.wa_linear(
+                                    x, wp, act, config=cfg))
+                                tried.append({"config": cfg, "ms": t})
+                            except Exception as exc:  # noqa: BLE001
+                                tried.append({"config": cfg, "error": str(exc)[:300]})
+                        best = min((t for t in tried if "ms" in t), key=lambda t: t["ms"])
+                        row["default_ms"] = row["ms"]
+                        row["ms"], row["config"] = best["ms"], best["config"]
+                        row["tuned"] = tried
+                    row["speedup_vs_bf16"] = base / row["ms"]
+                except Exception as exc:  # noqa: BLE001
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                    traceback.print_exc()
+                rows.append(row)
+            if int8_fn is not None:
+                row = {"K": k, "N": n, "M": m, "impl": "int8_torch", "act_bits": 8}
+                if m <= 16:
+                    row["m_padded"] = 32
+                try:
+                    ref = wa_reference(x.float(), wa["ours_w8a8"][0], ActQuantSpec(8, True))
+                    row["max_err"] = float((int8_fn(x).float() - ref).abs().max())
+                    row["ref_max"] = float(ref.abs().max())
+                    row["ms"] = timer(lambda f=int8_fn: f(x))
+                    row["speedup_vs_bf16"] = base / row["ms"]
+                except Exception as exc:  # noqa: BLE001
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
                 rows.append(row)
             print(json.dumps([r for r in rows if r["M"] == m and r["K"] == k
                               and r["N"] == n]), flush=True)
@@ -331,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default=None,
                     help="K x N pairs to run instead of the 7B ones, e.g. 4096x4096,11008x4096")
     ap.add_argument("--ms", default=None, help="token counts, e.g. 1,16")
+    ap.add_argument("--no-wa", action="store_true",
+                    help="skip the weight-activation rows (ours_w8a8, ours_w4a8, ours_w4a4, "
+                         "int8_torch)")
     ap.add_argument("--decode", action="store_true",
                     help="also the whole-model batch-1 decode (7B shape, W4/W2 vs bf16)")
     ap.add_argument("--decode-only", action="store_true", help="only the decode section")

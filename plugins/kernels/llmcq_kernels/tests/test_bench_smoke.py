@@ -21,11 +21,14 @@ def test_kernels_speed_smoke(tmp_path: Path) -> None:
     res = json.loads(out.read_text())
     assert res["smoke"] and res["env"]["device"] == "cpu"
     impls = {r["impl"] for r in res["rows"]}
-    assert impls == {"bf16", "int4_torch", "ours_w4", "ours_w2", "ours_mixed_w24"}
+    assert impls == {"bf16", "int4_torch", "ours_w4", "ours_w2", "ours_mixed_w24",
+                     "ours_w8a8", "ours_w4a8", "ours_w4a4", "int8_torch"}
     for r in res["rows"]:
         if r["impl"].startswith("ours"):
             assert "error" not in r, r
             assert r["ms"] > 0 and r["max_err"] <= 2.0**-6 * r["ref_max"], r
+        if r["impl"] == "int8_torch" and "error" not in r:  # torch's CPU _int_mm, if any
+            assert r["max_err"] <= 2.0**-6 * r["ref_max"], r
 
 
 def test_kernels_speed_decode_smoke(tmp_path: Path) -> None:

@@ -18,6 +18,11 @@ Two launches per call:
    (+ bias) in float32, stored in the activation dtype; split-K programs add their float32
    partial results with atomics instead (bias and cast then follow in torch).
 
+Compiled with ``enable_fp_fusion=False``: Triton would otherwise contract ``acc - r z`` (and
+``+ bias``) into fused multiply-adds, which rounds differently from the reference (torch's
+separate multiply and subtract) and, where the zero-point term cancels most of ``acc``,
+by more than a unit in the last place of the result. The epilogue runs once per output.
+
 Activations of 2..8 bits all take the same int8 operands (W4A4: ``x_q`` in ``[-8, 7]``).
 Rounding: ``libdevice.rint`` compiled; under Triton's interpreter (no libdevice on the CPU)
 the same half-to-even rounding from ``floor`` (exact for these magnitudes).
@@ -197,7 +202,8 @@ def wa_linear(x: torch.Tensor, wp: WAPack, act: ActQuantSpec,
         m, n, k, ks, k_per_split, x2.stride(0), x2.stride(1), wp.qweight.stride(0),
         P=wp.per_byte, C=wp.container, QMIN=float(-half), QMAX=float(half - 1),
         ASYM=wp.zero is not None, USE_DOT=use_dot, ATOMIC=split > 1,
-        HAS_BIAS=bias is not None and split == 1, INTERP=_interpreted(), **cfg)
+        HAS_BIAS=bias is not None and split == 1, INTERP=_interpreted(),
+        enable_fp_fusion=False, **cfg)
     if split > 1:
         if bias is not None:
             y += bias.float()

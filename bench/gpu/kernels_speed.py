@@ -27,7 +27,7 @@ M of 1, 16, 256 tokens, for
   clamp, int8), ``torch._int_mm`` on the pre-quantized int8 W8 weight, the float32 epilogue
   ``acc * s_x * s_w`` cast to bf16 (``_int_mm`` needs more than 16 rows: ``M <= 16`` is
   padded to 32 rows, ``m_padded``); checked against the same reference. ``--no-wa`` skips
-  these four rows.
+  these four rows, ``--wa-only`` keeps only them and ``bf16``.
 
 Timing: CUDA events around each call, ``--warmup`` calls first, then ``--iters`` timed
 calls, each after the L2 cache is flushed (a 256 MB write) unless ``--no-flush`` (a 4096 x
@@ -219,10 +219,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         packs = {"ours_w4": random_packed(n, k, 4, GROUP, seed=1),
                  "ours_w2": random_packed(n, k, 2, GROUP, seed=2),
                  "ours_mixed_w24": random_packed(n, k, (2, 4), GROUP, seed=3)}
+        if args.wa_only:  # the bf16 baseline still uses the W4 weights' values
+            packs = {"ours_w4": packs["ours_w4"]}
         p4 = packs["ours_w4"]
         w_bf16 = dequantize(p4).to(device, torch.bfloat16)
         int4_fn, int4_err = None, None
-        if device == "cuda":
+        if device == "cuda" and not args.wa_only:
             try:
                 codes = unpack_codes(p4.streams, p4.bit_map(), (n, k), GROUP).to(torch.int32)
                 assert p4.zero is not None
@@ -232,7 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 int4_err = f"{type(exc).__name__}: {exc}"[:2000]
         else:
             int4_err = "CUDA only (smoke run)"
-        kps = {name: repack(p) for name, p in packs.items()}
+        kps = {} if args.wa_only else {name: repack(p) for name, p in packs.items()}
         if device == "cuda":
             from dataclasses import replace
 
@@ -265,7 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 except Exception as exc:  # noqa: BLE001
                     rows.append({"K": k, "N": n, "M": m, "impl": "int4_torch",
                                  "error": str(exc)[:500]})
-            else:
+            elif not args.wa_only:
                 rows.append({"K": k, "N": n, "M": m, "impl": "int4_torch", "error": int4_err})
             for name, kp in kps.items():
                 row: dict[str, Any] = {"K": k, "N": n, "M": m, "impl": name}
@@ -432,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-wa", action="store_true",
                     help="skip the weight-activation rows (ours_w8a8, ours_w4a8, ours_w4a4, "
                          "int8_torch)")
+    ap.add_argument("--wa-only", action="store_true",
+                    help="only bf16 and the weight-activation rows")
     ap.add_argument("--decode", action="store_true",
                     help="also the whole-model batch-1 decode (7B shape, W4/W2 vs bf16)")
     ap.add_argument("--decode-only", action="store_true", help="only the decode section")
@@ -441,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup = 1 if args.smoke else 10
     if args.iters is None:
         args.iters = 3 if args.smoke else 50
+    if args.wa_only and args.no_wa:
+        ap.error("--wa-only and --no-wa exclude each other")
     if not args.smoke and not torch.cuda.is_available():
         print("no CUDA device: run with --smoke on a CPU", file=sys.stderr)
         return 2

@@ -43,3 +43,18 @@ def test_kernels_speed_decode_smoke(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())["decode"]["rows"]
     assert [r["impl"] for r in rows] == ["bf16", "ours_w4", "ours_w2"]
     assert all(r.get("tokens_per_s", 0) > 0 for r in rows), rows
+
+
+def test_kernels_speed_wa_only_smoke(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "kernels_speed", REPO / "bench" / "gpu" / "kernels_speed.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "wa.json"
+    assert bench.main(["--smoke", "--wa-only", "--ms", "3", "--iters", "1", "--warmup", "0",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"bf16", "ours_w8a8", "ours_w4a8", "ours_w4a4",
+                                         "int8_torch"}
+    assert {r["act_bits"] for r in rows if r["impl"] != "bf16"} == {8, 4}

@@ -18,7 +18,7 @@ from llmcq_mixpack.module import MixPackLinear
 from torch import nn
 from torch.nn import functional as F
 
-from llmcq_kernels import triton_mm
+from llmcq_kernels import triton_mm, triton_wa
 from llmcq_kernels.layout import KernelPack, repack
 from llmcq_kernels.wa_layout import WAPack, act_spec, pack_wa, wa_reference
 
@@ -143,14 +143,10 @@ class WALinear(nn.Module):
         return wa_reference(x, self.wa_pack(), self.act, self.bias)
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
-        from llmcq_kernels import triton_wa
-
         return triton_wa.available(x) and x.dtype in _KERNEL_DTYPES
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_kernel(x):
-            from llmcq_kernels import triton_wa
-
             return triton_wa.wa_linear(x, self.wa_pack(), self.act, self.bias)
         return self.reference(x)
 

@@ -158,8 +158,10 @@ def int8_torch(w8: torch.Tensor, scale: torch.Tensor
 
 def wa_candidate_configs(m: int) -> list[dict[str, int]]:
     """Configurations ``--tune`` times for the WxAy kernel: the weight-only ones, plus
-    ``tl.dot`` on a padded 16-row tile below 16 tokens."""
+    ``tl.dot`` on a padded 16-row tile below 16 tokens, plus the quantize as a pass of its
+    own (``PREQ``) on the tensor-core ones."""
     out = candidate_configs(m)
+    out += [{**cfg, "PREQ": 1} for cfg in out if cfg["USE_DOT"]]
     if m < 16:
         for bn in (32, 64, 128):
             for bk in (64, 128):

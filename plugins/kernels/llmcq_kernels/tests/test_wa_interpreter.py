@@ -39,12 +39,15 @@ CASES = [
 ]
 MS = (1, 3, 16)
 #: forced configurations on the W4A8 asymmetric case: split-K (float32 atomics), the
-#: int32 multiply-reduce at M = 16, tl.dot with padded rows at M = 3, a 64-row tile
+#: int32 multiply-reduce at M = 16, tl.dot with padded rows at M = 3, a 64-row tile, and
+#: the quantize as a pass of its own (PREQ) on both products
 FORCED = [(1, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, USE_DOT=0)),
           (16, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, USE_DOT=1)),
           (16, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, USE_DOT=0)),
           (3, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, USE_DOT=1)),
-          (40, dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, USE_DOT=1))]
+          (40, dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, USE_DOT=1)),
+          (3, dict(BLOCK_M=4, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, USE_DOT=0, PREQ=1)),
+          (20, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, USE_DOT=1, PREQ=1))]
 
 
 def _rel(dtype: torch.dtype) -> float:
@@ -86,7 +89,8 @@ def compare(device: str, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch
         x = torch.randn(m, 128, generator=gen).to(device)
         b = torch.randn(36, generator=gen).to(device)
         y = wa_linear(x, wp, act, b, config=cfg)
-        rows.append(_row(f"forced_split{cfg['SPLIT_K']}_dot{cfg['USE_DOT']}", m, y,
+        rows.append(_row(f"forced_split{cfg['SPLIT_K']}_dot{cfg['USE_DOT']}"
+                         f"_preq{cfg.get('PREQ', 0)}", m, y,
                          wa_reference(x, wp, act, b), split=cfg["SPLIT_K"] > 1))
     return rows
 

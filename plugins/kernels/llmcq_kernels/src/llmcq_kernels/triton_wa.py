@@ -23,6 +23,11 @@ Compiled with ``enable_fp_fusion=False``: Triton would otherwise contract ``acc 
 separate multiply and subtract) and, where the zero-point term cancels most of ``acc``,
 by more than a unit in the last place of the result. The epilogue runs once per output.
 
+Config ``PREQ=1`` (a tuning option, off by default): the first pass also writes the int8
+codes ``[M, K]`` and the matmul loads them instead of quantizing in its prologue, which every
+``N`` tile of a token tile otherwise repeats (the same codes, so the same result); whether
+that pays at large ``M`` is the GPU session's measurement.
+
 Activations of 2..8 bits all take the same int8 operands (W4A4: ``x_q`` in ``[-8, 7]``).
 Rounding: ``libdevice.rint`` compiled; under Triton's interpreter (no libdevice on the CPU)
 the same half-to-even rounding from ``floor`` (exact for these magnitudes).
@@ -46,18 +51,6 @@ try:  # pragma: no cover - the bodies run under the interpreter or on CUDA
     from triton.language.extra import libdevice
 
     @triton.jit
-    def _row_scale(X, SX, K, sxm, sxk, DIV: tl.constexpr, EPS: tl.constexpr,
-                   BLOCK: tl.constexpr):
-        m = tl.program_id(0)
-        top = tl.zeros((BLOCK,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            rk = k0 + tl.arange(0, BLOCK)
-            x = tl.load(X + m * sxm + rk * sxk, mask=rk < K, other=0.0).to(tl.float32)
-            top = tl.maximum(top, tl.abs(x))
-        s = tl.math.div_rn(tl.max(top, axis=0), DIV)
-        tl.store(SX + m, tl.maximum(s, EPS))
-
-    @triton.jit
     def _quant(x, sx, QMIN: tl.constexpr, QMAX: tl.constexpr, INTERP: tl.constexpr):
         v = tl.math.div_rn(x.to(tl.float32), sx[:, None])
         v = tl.minimum(tl.maximum(v, QMIN), QMAX)  # integer bounds: clamp, then round
@@ -71,10 +64,30 @@ try:  # pragma: no cover - the bodies run under the interpreter or on CUDA
         return r.to(tl.int8)
 
     @triton.jit
+    def _row_scale(X, SX, XQ, K, sxm, sxk, DIV: tl.constexpr, EPS: tl.constexpr,
+                   QMIN: tl.constexpr, QMAX: tl.constexpr, WRITE_Q: tl.constexpr,
+                   INTERP: tl.constexpr, BLOCK: tl.constexpr):
+        m = tl.program_id(0)
+        top = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            rk = k0 + tl.arange(0, BLOCK)
+            x = tl.load(X + m * sxm + rk * sxk, mask=rk < K, other=0.0).to(tl.float32)
+            top = tl.maximum(top, tl.abs(x))
+        s = tl.maximum(tl.math.div_rn(tl.max(top, axis=0), DIV), EPS)
+        tl.store(SX + m, s)
+        if WRITE_Q:  # the quantize as a pass of its own (PREQ): int8 codes [M, K]
+            sv = tl.zeros((1,), dtype=tl.float32) + s
+            for k0 in range(0, K, BLOCK):
+                rk = k0 + tl.arange(0, BLOCK)
+                x = tl.load(X + m * sxm + rk * sxk, mask=rk < K, other=0.0)
+                q = _quant(x[None, :], sv, QMIN, QMAX, INTERP)
+                tl.store(XQ + m * K + rk[None, :], q, mask=(rk < K)[None, :])
+
+    @triton.jit
     def _wa_mm(X, W, SX, SW, ZW, BIAS, Y, M, N, K, KS, K_PER_SPLIT, sxm, sxk, swn,
                P: tl.constexpr, C: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
                ASYM: tl.constexpr, USE_DOT: tl.constexpr, ATOMIC: tl.constexpr,
-               HAS_BIAS: tl.constexpr, INTERP: tl.constexpr,
+               HAS_BIAS: tl.constexpr, INTERP: tl.constexpr, PREQ: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -96,9 +109,13 @@ try:  # pragma: no cover - the bodies run under the interpreter or on CUDA
             for i in tl.static_range(P):
                 rk = i * KS + rj
                 kmask = jmask & (rk < K)
-                x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk,
-                            mask=mmask[:, None] & kmask[None, :], other=0.0)
-                xq = _quant(x, sx, QMIN, QMAX, INTERP)
+                if PREQ:  # X holds the int8 codes of the separate pass
+                    xq = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk,
+                                 mask=mmask[:, None] & kmask[None, :], other=0)
+                else:
+                    x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk,
+                                mask=mmask[:, None] & kmask[None, :], other=0.0)
+                    xq = _quant(x, sx, QMIN, QMAX, INTERP)
                 if P == 1:
                     wq = wb
                 else:
@@ -162,14 +179,20 @@ def choose_config(m: int, n: int, ks: int, *, sms: int = 132) -> dict[str, int]:
             "USE_DOT": int(use_dot)}
 
 
-def row_scales(x2: torch.Tensor, act: ActQuantSpec) -> torch.Tensor:
-    """float32 ``[M]``: the per-token scales of ``x2`` ``[M, K]`` (launch 1)."""
+def row_scales(x2: torch.Tensor, act: ActQuantSpec, codes: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float32 ``[M]``: the per-token scales of ``x2`` ``[M, K]`` (launch 1); with
+    ``codes``, also the int8 codes ``[M, K]`` (the quantize as a pass of its own)."""
     m, k = x2.shape
     sx = torch.empty(m, dtype=torch.float32, device=x2.device)
-    _row_scale[(m,)](x2, sx, k, x2.stride(0), x2.stride(1),
+    xq = torch.empty(m, k, dtype=torch.int8, device=x2.device) if codes else None
+    half = 1 << (act.bits - 1)
+    _row_scale[(m,)](x2, sx, xq if xq is not None else sx, k, x2.stride(0), x2.stride(1),
                      DIV=float(sym_divisor(act.bits, act.full_range)), EPS=SCALE_EPS,
-                     BLOCK=min(1024, _pow2(k)))
-    return sx
+                     QMIN=float(-half), QMAX=float(half - 1), WRITE_Q=codes,
+                     INTERP=_interpreted(), BLOCK=min(1024, _pow2(k)),
+                     enable_fp_fusion=False)
+    return sx, xq
 
 
 def wa_linear(x: torch.Tensor, wp: WAPack, act: ActQuantSpec,
@@ -185,11 +208,13 @@ def wa_linear(x: torch.Tensor, wp: WAPack, act: ActQuantSpec,
     cfg = dict(config or choose_config(m, n, ks))
     split = cfg.pop("SPLIT_K")
     use_dot = bool(cfg.pop("USE_DOT"))
+    preq = bool(cfg.pop("PREQ", 0))
     bk = cfg["BLOCK_K"]
     per_split = -(-ks // split)
     k_per_split = -(-per_split // bk) * bk
     split = -(-ks // k_per_split)
-    sx = row_scales(x2, act)
+    sx, xq = row_scales(x2, act, codes=preq)
+    xin = xq if xq is not None else x2
     if split > 1:
         y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     else:
@@ -197,12 +222,12 @@ def wa_linear(x: torch.Tensor, wp: WAPack, act: ActQuantSpec,
     grid = (-(-m // cfg["BLOCK_M"]), -(-n // cfg["BLOCK_N"]), split)
     half = 1 << (act.bits - 1)
     _wa_mm[grid](
-        x2, wp.qweight, sx, wp.scale, wp.zero if wp.zero is not None else wp.scale,
+        xin, wp.qweight, sx, wp.scale, wp.zero if wp.zero is not None else wp.scale,
         bias if bias is not None else wp.scale, y,
-        m, n, k, ks, k_per_split, x2.stride(0), x2.stride(1), wp.qweight.stride(0),
+        m, n, k, ks, k_per_split, xin.stride(0), xin.stride(1), wp.qweight.stride(0),
         P=wp.per_byte, C=wp.container, QMIN=float(-half), QMAX=float(half - 1),
         ASYM=wp.zero is not None, USE_DOT=use_dot, ATOMIC=split > 1,
-        HAS_BIAS=bias is not None and split == 1, INTERP=_interpreted(),
+        HAS_BIAS=bias is not None and split == 1, INTERP=_interpreted(), PREQ=preq,
         enable_fp_fusion=False, **cfg)
     if split > 1:
         if bias is not None:

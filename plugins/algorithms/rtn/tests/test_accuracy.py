@@ -1,4 +1,4 @@
-"""RTN on the real bundled SmolLM2-135M, on a short slice of wikitext2 (16 x 512 tokens).
+"""RTN on the real bundled SmolLM2-135M, on a short slice of wikitext2 (WINDOWS x 512 tokens).
 
 Bounds a broken quantizer cannot meet: W8 within 1% of float; W4 g64 worse than W8 and
 better than W3 g64 (the bundled weights sit on a 4-bit g32 grid already, so 3 bits is where
@@ -18,6 +18,9 @@ from llmcq.pipeline.runner import run
 
 pytestmark = pytest.mark.slow
 
+#: the windows GPTQ's, AWQ's, AutoRound's and OmniQuant's tests evaluate too, so their RTN W3 g64
+#: baseline is this test's (one run per test run: ``smollm2_ppl``)
+WINDOWS = 8
 SETTINGS = {
     "w8": {"bit": 8, "symmetric": False, "granularity": "per_channel"},
     "w4g64": {"bit": 4, "symmetric": False, "granularity": "per_group", "group_size": 64},
@@ -30,7 +33,7 @@ def _config(data: Path, save: Path, weight: dict[str, Any] | None) -> dict[str, 
         "model": {"type": "llama"},
         "eval": {"eval_pos": ["pretrain"] if weight is None else ["fake_quant"],
                  "name": "wikitext2", "path": str(data / "wikitext2" / "test.txt"),
-                 "seq_len": 512, "num_samples": 16},
+                 "seq_len": 512, "num_samples": WINDOWS},
         "save": {"save_path": str(save)},
     }
     if weight is not None:
@@ -40,11 +43,13 @@ def _config(data: Path, save: Path, weight: dict[str, Any] | None) -> dict[str, 
 
 @pytest.fixture(scope="module")
 def ppl(smollm2_ppl: Any) -> dict[str, float]:
-    """Float and RTN perplexities on the same 16 x 512 tokens, each through ``llmcq run``
-    (the session's shared runs: gptq's test compares with the same RTN W3 g64)."""
-    out = {"float": smollm2_ppl(16)}
+    """Float and RTN perplexities on the same WINDOWS x 512 tokens, each through ``llmcq run``
+    (the test run's shared runs: GPTQ's, AWQ's, AutoRound's and OmniQuant's tests compare
+    with the same RTN W3 g64)."""
+    out = {"float": smollm2_ppl(WINDOWS)}
     for name, weight in SETTINGS.items():
-        out[name] = smollm2_ppl(16, {"method": "rtn", "weight": weight})
+        out[name] = smollm2_ppl(WINDOWS, {"method": "rtn", "weight": weight})
+    print(out)  # shown by pytest -rP
     return out
 
 

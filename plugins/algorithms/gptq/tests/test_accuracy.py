@@ -1,10 +1,12 @@
 """GPTQ on the real bundled SmolLM2-135M against RTN, on a short slice of wikitext2.
 
 Calibration: 8 windows of 512 tokens of wikitext2/valid.txt (wikitext2_gptq, seed 0);
-evaluation: the first 16 windows of 512 tokens of wikitext2/test.txt; W3 g64 asymmetric
+evaluation: the first WINDOWS windows of 512 tokens of wikitext2/test.txt (the windows of
+RTN's, AWQ's, AutoRound's and OmniQuant's tests: one shared RTN W3 g64 run); W3 g64 asymmetric
 (the bundled weights already sit on a 4-bit g32 grid, so 3 bits is where methods differ).
 GPTQ runs with llmc's GPTQ config (act-order, true-sequential, quant_out). A GPTQ that
-compensated nothing, or used the wrong Hessians, would land at or above RTN.
+compensated nothing, or used the wrong Hessians, would land at or above RTN. Measured: GPTQ
+87.80 against RTN's 99.15 on 8 windows (0.886), 103.35 against 116.56 on 16 (0.887).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from llmcq.pipeline.runner import run
 
 pytestmark = pytest.mark.slow
 
-WINDOWS = 16
+WINDOWS = 8
 W3G64 = {"bit": 3, "symmetric": False, "granularity": "per_group", "group_size": 64}
 
 
@@ -40,6 +42,7 @@ def _config(data: Path, save: Path, method: str) -> dict[str, Any]:
                                    "percdamp": 0.01, "blocksize": 128,
                                    "true_sequential": True}
         cfg["quant"]["quant_out"] = True
+        cfg["quant"]["calib_error"] = False  # a measurement this test does not read
     return cfg
 
 

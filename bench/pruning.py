@@ -15,6 +15,7 @@ float folder bench/peers/export_model.py writes from the same GGUF.
     .venv/bin/python bench/pruning.py --rows wanda-50,peer:wanda-50
     .venv/bin/python bench/pruning.py --table-only
     .venv/bin/python bench/pruning.py --table-only --readme   # the plugin READMEs' tables
+    .venv/bin/python bench/pruning.py --merge /tmp/a.json /tmp/b.json  # rows run side by side
 
 ``--full`` also evaluates the whole wikitext2 test set (``ppl_full``; rows already kept without
 it are run again): the headline rows (HEADLINE) ran so on the GPU machine into
@@ -247,6 +248,9 @@ def main() -> None:
                     help="also ppl_full, the whole test set (rows kept without it run again)")
     ap.add_argument("--readme", action="store_true",
                     help="write the table into the pruning plugins' READMEs")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None,
+                    help="add the rows of these files (runs of the same settings with another "
+                         "--out, side by side) to --out, replacing rows of the same name")
     ap.add_argument("--out", type=Path, default=RESULT)
     args = ap.parse_args()
     LR.WINDOWS = args.windows
@@ -263,6 +267,15 @@ def main() -> None:
     same = all(data.get(k) == v for k, v in settings.items() if k != "command")
     rows: dict[str, Any] = data.get("rows", {}) if same else {}
     log_dir = args.out.parent / "logs"
+    if args.merge:
+        for path in args.merge:
+            part = json.loads(path.read_text())
+            if not all(part.get(k) == v for k, v in settings.items() if k != "command"):
+                raise SystemExit(f"--merge: {path} was run with other settings")
+            rows.update(part["rows"])
+            print(f"merged {', '.join(part['rows'])} from {path}")
+        write_json(args.out, {**settings, "rows": rows})
+        args.table_only = True
     dev = LR.device_name()
     for name in [] if args.table_only else [r for r in args.rows.split(",") if r in ROWS]:
         if (name in rows and "ppl" in rows[name] and not args.force

@@ -289,6 +289,8 @@ def main() -> None:
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--table-only", action="store_true",
                     help="print the table from the JSON; run nothing")
+    ap.add_argument("--measured-only", action="store_true",
+                    help="the table leaves out rows not run yet")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "algorithms.json")
     args = ap.parse_args()
 
@@ -375,12 +377,15 @@ def main() -> None:
             peer = METHODS[method].peer
             p = rows.get(key("peer", peer, setting, calib, args.windows), {}) if peer else {}
             ratio = r["ppl"] / p["ppl"] if "ppl" in r and "ppl" in p else None
-            table.append([setting, method, r.get("ppl", r.get("error", "-")),
+            if args.measured_only and not r:
+                continue
+            err = "error: " + r["error"].strip().splitlines()[0][:60] if "error" in r else "-"
+            table.append([setting, method, r.get("ppl", err),
                           p.get("ppl", (p.get("error") or "-")[:40] if p else "-"),
                           ratio if ratio is not None else "-",
                           r.get("calib_s", "-"), round(r["peak_cpu_bytes"] / 2**20)
                           if r.get("peak_cpu_bytes") else "-",
-                          "H100" if r.get("device") else ("CPU" if r else "-")])
+                          r["device"].split()[0] if r.get("device") else ("CPU" if r else "-")])
     print(f"\nfloat ppl {float_ppl:.3f}\n")
     print(markdown_table(["setting", "method", "ppl", "peer ppl", "ours/peer", "calib s",
                           "peak CPU MiB", "ran on"], table))

@@ -50,12 +50,56 @@ def test_any_integer_grid_validates(tmp_path: Path, tiny_llama_dir: Path) -> Non
         assert [b.name for b in resolved.backends] == ["mixpack"]
 
 
-def test_activation_quantization_is_refused_naming_the_key(tmp_path: Path,
-                                                           tiny_llama_dir: Path) -> None:
-    act = {"bit": 8, "symmetric": True, "granularity": "per_token"}
-    err = _refusal(_config(tiny_llama_dir, tmp_path / "o", W3, quant={"act": act}))
-    assert err.path == "quant.act"
-    assert "backend mixpack (save.backends)" in str(err) and "weight-only" in str(err)
+def test_dynamic_per_token_integer_activations_validate(tmp_path: Path,
+                                                        tiny_llama_dir: Path) -> None:
+    for act in ({"bit": 8, "symmetric": True, "granularity": "per_token"},
+                {"bit": 4, "symmetric": False, "granularity": "per_token"},
+                {"bit": 8, "symmetric": True, "granularity": "per_token", "sym_range": "full"}):
+        resolved = resolve_config(_config(tiny_llama_dir, tmp_path / "o", W3,
+                                          quant={"act": act}))
+        assert [b.name for b in resolved.backends] == ["mixpack"]
+
+
+@pytest.mark.parametrize(("act", "path", "allowed"), [
+    ({"bit": 8, "symmetric": True, "granularity": "per_tensor", "static": True},
+     "quant.act", "dynamic"),
+    ({"bit": 8, "symmetric": True, "granularity": "per_tensor"},
+     "quant.act.granularity", "per_token"),
+    ({"bit": 8, "symmetric": True, "granularity": "per_group", "group_size": 16},
+     "quant.act.granularity", "per_token"),
+])
+def test_activation_settings_it_cannot_reproduce_are_refused_naming_the_key(
+        tmp_path: Path, tiny_llama_dir: Path, act: dict[str, Any], path: str,
+        allowed: str) -> None:
+    with pytest.raises((ConfigError, ConfigErrors)) as info:
+        resolve_config(_config(tiny_llama_dir, tmp_path / "o", W3, quant={"act": act}))
+    errors = getattr(info.value, "errors", [info.value])  # static: also "add a calib section"
+    ours = [e for e in errors if "backend mixpack (save.backends)" in str(e)]
+    assert len(ours) == 1, str(info.value)
+    assert ours[0].path == path and allowed in str(ours[0]), str(ours[0])
+
+
+def test_fp8_activations_have_no_place_in_the_format() -> None:
+    """Core refuses FP8 activations on an integer weight grid, and mixpack FP8 weights
+    (``float_format``); the format's own check names the field too."""
+    from llmcq.quant.spec import ActQuantSpec, PerToken
+    from llmcq_mixpack.format import act_problem, read_act
+
+    fp8 = ActQuantSpec(bits=8, symmetric=True, granularity=PerToken(), fmt="e4m3")
+    assert act_problem(fp8) == ("fmt", "e4m3", ("int",))
+    assert act_problem(ActQuantSpec(bits=6, symmetric=False)) is None
+    with pytest.raises(MixPackFormatError, match="act fmt 'e4m3'.*allowed fmt: int"):
+        read_act("here", fp8.to_dict())
+
+
+def test_a_mix_bits_setting_with_static_activations_is_refused(tmp_path: Path,
+                                                               tiny_llama_dir: Path) -> None:
+    setting = {"layer_name": ["down_proj"], "do_quant": True, "weight": W3,
+               "act": {"bit": 8, "symmetric": True, "granularity": "per_tensor"}}
+    err = _refusal(_config(tiny_llama_dir, tmp_path / "o", W3, quant={
+        "act": {"bit": 8, "symmetric": True, "granularity": "per_token"},
+        "mix_bits": {"setting_0": setting}}))
+    assert "mix_bits.setting_0" in err.path and "per_token" in str(err), str(err)
 
 
 def test_fp8_is_refused_naming_the_key(tmp_path: Path, tiny_llama_dir: Path) -> None:
@@ -141,8 +185,8 @@ def test_missing_folder_config_or_header(folder: Path, tmp_path: Path) -> None:
 
 
 def test_not_mixpack_or_another_version(folder: Path) -> None:
-    _rewrite(folder, qc=lambda q: q.update(format_version=2))
-    _fails(folder, "format_version 2; this loader reads version 1 only")
+    _rewrite(folder, qc=lambda q: q.update(format_version=3))
+    _fails(folder, "format_version 3; this loader reads versions 1, 2")
     _rewrite(folder, qc=lambda q: q.update(quant_method="gptq"))
     _fails(folder, "quant_method is 'gptq', not 'llmcq_mixpack'")
     cfg = json.loads((folder / "config.json").read_text())

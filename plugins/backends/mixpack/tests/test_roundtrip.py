@@ -42,7 +42,10 @@ from safetensors.torch import load_file
 def test_spec_declares_what_the_layout_writes() -> None:
     assert SPEC.accepts == ACCEPTED_FEATURES | {"layer_grids", "float_linears"}
     assert SPEC.accepts <= set(RECORD_FEATURES)
-    assert set(SPEC.refusals) <= set(RECORD_FEATURES) - SPEC.accepts
+    # a refusal sentence is for a feature it refuses, or accepts only with some details
+    assert set(SPEC.refusals) <= (set(RECORD_FEATURES) - SPEC.accepts) | set(
+        SPEC.accepts_detail)
+    assert SPEC.accepts_detail == {"act_quant": ("dynamic",)}
 
 
 # ------------------------------------------------------------- hand-made records, tiny Llama
@@ -61,7 +64,8 @@ def test_every_kind_reloads_to_the_fake_quant_weights(tmp_path: Path,
                                                       biased_llama: Path) -> None:
     model, tok, records = MB.fake_quantized(biased_llama)
     seen = {f for r in records.values() for f in r.features()}
-    assert seen == ACCEPTED_FEATURES  # every accepted feature is exercised
+    # every accepted weight feature is exercised (act_quant: test_act.py)
+    assert seen == ACCEPTED_FEATURES - {"act_quant"}
     out = tmp_path / "mp"
     out.mkdir()
     export(SimpleNamespace(tokenizer=tok), model, records, out)
@@ -102,7 +106,7 @@ def test_every_kind_reloads_to_the_fake_quant_weights(tmp_path: Path,
         for b, n in expected.items():  # int32 bit planes, n codes of b bits each
             assert stored[f"{name}.codes_b{b}"].shape == (int(b), -(-n // 32)), (name, b)
     assert qc["bits_mean"] == pytest.approx(bits / codes)
-    assert qc["format_version"] == 1 and qc["quant_method"] == "llmcq_mixpack"
+    assert qc["format_version"] == 2 and qc["quant_method"] == "llmcq_mixpack"
 
     fake_dir = tmp_path / "fake"  # the same records as a save_fake folder, loaded in bf16
     fake_dir.mkdir()

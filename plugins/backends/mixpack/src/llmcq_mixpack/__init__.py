@@ -8,13 +8,39 @@ transformers model that computes with exactly the fake-quant weights. Torch-free
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from llmcq.api import BackendSpec
+from llmcq.api import BackendSpec, ExportTarget
+from llmcq.errors import ConfigError
 
-__all__ = ["SPEC", "load_model", "MixPackLinear"]
+from llmcq_mixpack.format import act_problem
 
-SPEC = BackendSpec(
+__all__ = ["SPEC", "MixPackSpec", "load_model", "MixPackLinear"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixPackSpec(BackendSpec):
+    """mixpack's spec: ``act_quant`` is accepted for dynamic settings (``accepts_detail``),
+    and :meth:`supports` refuses the dynamic ones ``MixPackLinear`` does not reproduce."""
+
+    def supports(self, target: ExportTarget) -> None:
+        super().supports(target)
+        act = target.specs.act  # called once per quant.mix_bits setting too, with its act
+        problem = None if act is None else act_problem(act)
+        if problem:
+            key, value, allowed = problem
+            field = {"fmt": "quant.act.quant_type", "static": "quant.act.static",
+                     "granularity": "quant.act.granularity"}[key]
+            if key == "fmt":
+                value, allowed = "float-quant", ("int-quant",)
+            raise ConfigError(field, value, allowed=tuple(map(str, allowed)),
+                              reason=f"backend {self.name} ({target.path}) writes dynamic "
+                                     "per-token integer activation settings only (what "
+                                     "MixPackLinear reproduces with llmcq's fake quant)")
+
+
+SPEC = MixPackSpec(
     name="mixpack",
     aliases=("mix_pack",),
     summary="per-group mixed-precision codes packed as bit planes per width, with a bit map, "
@@ -26,11 +52,15 @@ SPEC = BackendSpec(
     # here literally so this module imports no torch; a test checks they agree), and the
     # run-level per-linear settings: every linear has its own entry (its own widths and
     # grid), a linear kept in float stays an nn.Linear with its float weight
+    # act_quant: per linear, dynamic only (static ranges have no place in the format); the
+    # granularity and element format are checked by MixPackSpec.supports
     accepts=frozenset({"group_bits", "g_idx", "float_columns", "fractional_zero",
-                       "quantized_scales", "layer_grids", "float_linears"}),
+                       "quantized_scales", "act_quant", "layer_grids", "float_linears"}),
+    accepts_detail={"act_quant": ("dynamic",)},
     refusals={
-        "act_quant": "writes weight-only linears: MixPackLinear does not quantize its input "
-                     "(save_fake keeps activation settings)",
+        "act_quant": "writes dynamic activation settings only: MixPackLinear computes each "
+                     "token's scale at run time and stores no calibrated range "
+                     "(save_fake keeps static settings)",
         "float_format": "packs integer codes only, not FP8",
         "sparse_outliers": "has no place for scattered float outliers",
         "sparsity_mask": "stores dense codes and no mask",

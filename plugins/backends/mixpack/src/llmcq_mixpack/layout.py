@@ -14,17 +14,18 @@ from typing import Any
 
 import torch
 from llmcq.quant.record import QuantizedLinear
-from llmcq.quant.spec import PerGroup
+from llmcq.quant.spec import ActQuantSpec, PerGroup
 
-from llmcq_mixpack.format import MixPackFormatError, codes_key, tensor_key
+from llmcq_mixpack.format import MixPackFormatError, act_problem, codes_key, read_act, tensor_key
 from llmcq_mixpack.packing import MAX_BITS, code_counts, pack_codes, words_for
 
 __all__ = ["PackedLinear", "pack_record", "read_packed", "ACCEPTED_FEATURES"]
 
 #: record features a packed linear reproduces exactly (``quantized_scales``: their float
-#: values are stored, which are the record's ``scale``)
+#: values are stored, which are the record's ``scale``; ``act_quant``: dynamic per-token
+#: integer settings only, see :func:`llmcq_mixpack.format.act_problem`)
 ACCEPTED_FEATURES = frozenset({"group_bits", "g_idx", "float_columns", "fractional_zero",
-                               "quantized_scales"})
+                               "quantized_scales", "act_quant"})
 
 
 @dataclass
@@ -46,6 +47,8 @@ class PackedLinear:
     col_perm: torch.Tensor | None = None
     float_cols: torch.Tensor | None = None
     float_vals: torch.Tensor | None = None
+    #: the linear's input quantization (dynamic per token, integer), None: float input
+    act: ActQuantSpec | None = None
 
     @property
     def n_groups(self) -> int:
@@ -99,7 +102,7 @@ class PackedLinear:
                 "zero": None if self.zero is None else str(self.zero.dtype).split(".")[-1],
                 "col_perm": self.col_perm is not None,
                 "float_columns": 0 if self.float_cols is None else int(self.float_cols.numel()),
-                "bias": bias}
+                "bias": bias, "act": None if self.act is None else self.act.to_dict()}
 
 
 # ----------------------------------------------------------------------------- export
@@ -138,6 +141,11 @@ def pack_record(rec: QuantizedLinear) -> PackedLinear:
     extra = set(rec.features()) - ACCEPTED_FEATURES
     if extra:
         raise ValueError(f"it holds {', '.join(sorted(extra))}, which mixpack does not write")
+    if rec.act is not None and (problem := act_problem(rec.act)):
+        key, got, allowed = problem
+        raise ValueError(f"its activation setting has {key} {got!r}; mixpack writes dynamic "
+                         f"per-token integer settings only (allowed {key}: "
+                         f"{', '.join(map(str, allowed))})")
     rec = rec.to("cpu")
     out, n_in = rec.out_features, rec.in_features
     gran = _granularity(rec)
@@ -145,7 +153,7 @@ def pack_record(rec: QuantizedLinear) -> PackedLinear:
     group_bits = rec.group_bits.to(torch.uint8) if rec.mixed_bits else None
     packed = PackedLinear(out, n_in, gran, rec.group_size, rec.symmetric, rec.bits, {},
                           group_bits, rec.scale.float().contiguous(), _zero(rec),
-                          None if perm is None else perm.to(torch.int32))
+                          None if perm is None else perm.to(torch.int32), act=rec.act)
     if tuple(packed.scale.shape) != (packed.n_rows, packed.n_groups):
         raise ValueError(f"scale shape {tuple(packed.scale.shape)}, expected "
                          f"{(packed.n_rows, packed.n_groups)} for {gran} over {n_in} columns")
@@ -202,7 +210,8 @@ def read_packed(module: str, entry: dict[str, Any],
     non-permutation or stray padding bit raises :class:`MixPackFormatError` naming it."""
     out, n_in, gs = _checked_entry(module, entry)
     p = PackedLinear(out, n_in, entry["granularity"], gs, bool(entry["symmetric"]),
-                     int(entry["bits"]), {}, None, torch.empty(0))
+                     int(entry["bits"]), {}, None, torch.empty(0),
+                     act=read_act(f"module {module}", entry.get("act")))  # v1: no act key
     rg = (p.n_rows, p.n_groups)
     key = lambda what: tensor_key(module, what)  # noqa: E731
     p.scale = _take(tensors, key("scale"), torch.float32, rg)

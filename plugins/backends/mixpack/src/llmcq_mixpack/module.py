@@ -1,5 +1,7 @@
 """``MixPackLinear``: an ``nn.Linear`` stand-in that keeps the packed tensors and
-dequantizes them on every forward (memory stays packed; speed is the kernel issue's)."""
+dequantizes them on every forward (memory stays packed; speed is the kernel issue's), and
+quantizes its input first when the linear has an activation setting (as ``FakeQuantLinear``
+does, with the same function)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from llmcq.quant.qparams import fake_quantize_act
+from llmcq.quant.spec import ActQuantSpec
 from torch import nn
 from torch.nn import functional as F
 
@@ -22,13 +26,16 @@ _GRID = ("scale", "zero", "float_vals")
 
 
 class MixPackLinear(nn.Module):
-    """``y = x @ W.T + b`` with ``W = dequantize(packed)``; the packed tensors are buffers
-    (so ``.to(device)`` and ``state_dict`` see them), named as in the file. Casting the
-    model (``.half()``) casts the bias, never the float32 grid."""
+    """``y = Q_a(x) @ W.T + b`` with ``W = dequantize(packed)`` and ``Q_a`` llmcq's
+    ``fake_quantize_act`` at the linear's activation setting (``packed.act``, dynamic per
+    token; the identity when None); the packed tensors are buffers (so ``.to(device)`` and
+    ``state_dict`` see them), named as in the file. Casting the model (``.half()``) casts
+    the bias, never the float32 grid."""
 
     def __init__(self, packed: PackedLinear, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features = packed.in_features, packed.out_features
+        self.act: ActQuantSpec | None = packed.act
         self._layout = replace(packed, streams={}, scale=torch.empty(0), group_bits=None,
                                zero=None, col_perm=None, float_cols=None, float_vals=None)
         self.widths_present = tuple(sorted(packed.streams))
@@ -53,7 +60,7 @@ class MixPackLinear(nn.Module):
 
     def packed(self) -> PackedLinear:
         """The packed tensors as they are now (on this module's device)."""
-        return replace(self._layout,
+        return replace(self._layout, act=self.act,
                        streams={b: getattr(self, f"codes_b{b}") for b in self.widths_present},
                        **{name: getattr(self, name) for name in _TENSORS})
 
@@ -61,6 +68,8 @@ class MixPackLinear(nn.Module):
         return dequant.dequantize(self.packed(), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:  # FakeQuantLinear's step, dynamic: no calibrated scale
+            x = fake_quantize_act(x, self.act)
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
@@ -68,4 +77,5 @@ class MixPackLinear(nn.Module):
         grid = f"g{p.group_size}" if p.group_size else p.granularity
         widths = "/".join(str(b) for b in self.widths_present)
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={widths} {grid} {'sym' if p.symmetric else 'asym'}")
+                f"bits={widths} {grid} {'sym' if p.symmetric else 'asym'}"
+                + ("" if self.act is None else f", {self.act.describe()}"))

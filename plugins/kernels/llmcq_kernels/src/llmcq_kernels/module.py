@@ -5,6 +5,7 @@ int8 tensor cores); and the calls that put them into a transformers model."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -123,8 +124,13 @@ class WALinear(nn.Module):
             self.bias = nn.Parameter(bias, requires_grad=False)
 
     @classmethod
-    def from_mixpack(cls, mod: MixPackLinear, act: ActQuantSpec | dict[str, Any] | int
-                     ) -> WALinear:
+    def from_mixpack(cls, mod: MixPackLinear,
+                     act: ActQuantSpec | dict[str, Any] | int | None = None) -> WALinear:
+        """The WALinear of a mixpack linear, at ``act`` (default: the linear's own setting,
+        as the folder records it)."""
+        act = mod.act if act is None else act
+        if act is None:
+            raise ValueError("act: the linear has no activation setting and none was given")
         return cls(mod.packed(), None if mod.bias is None else mod.bias.data, act)
 
     def _apply(self, fn: Any, recurse: bool = True) -> WALinear:
@@ -158,42 +164,60 @@ class WALinear(nn.Module):
                 f"{self.act.describe()}")
 
 
-def swap_linears(model: nn.Module, *, act: ActQuantSpec | dict[str, Any] | int | None = None
-                 ) -> nn.Module:
-    """Replace every ``MixPackLinear`` of ``model`` (as ``llmcq_mixpack.load_model``
-    builds it) by a :class:`KernelLinear` holding the same tensors, or, with ``act`` (an
-    ``ActQuantSpec``, its ``to_dict``, or the bit width of dynamic per-token symmetric
-    activations), by a :class:`WALinear` (per-channel weights only: anything else raises
-    before the model is touched); returns ``model``."""
+def swap_linears(model: nn.Module, *, act: ActQuantSpec | dict[str, Any] | int | None = None,
+                 strict: bool = False) -> nn.Module:
+    """Replace the ``MixPackLinear``s of ``model`` (as ``llmcq_mixpack.load_model`` builds
+    them) by kernel-backed linears holding the same tensors; returns ``model``.
+
+    ``act=None`` (default): each linear as its folder records it (mixpack format 2's
+    per-linear ``act``): a weight-only linear becomes a :class:`KernelLinear`, a linear
+    with an activation setting a :class:`WALinear` at that setting. A linear with a
+    setting the WxA kernels do not compute (per-group weights, OWQ float columns,
+    asymmetric activations, activation bits outside 2..8) stays a ``MixPackLinear`` (the
+    reference path: it quantizes its input as the fake-quant model does, and dequantizes
+    in torch), with one warning naming them; ``strict=True`` raises instead, before the
+    model is touched.
+
+    ``act`` given (an ``ActQuantSpec``, its ``to_dict``, or the bit width of dynamic
+    per-token symmetric activations): an override, every linear becomes a WALinear at
+    ``act`` whatever its folder says (a linear it cannot be raises before the model is
+    touched)."""
     names = [n for n, m in model.named_modules() if isinstance(m, MixPackLinear)]
-    if act is None:
-        for name in names:
-            old = model.get_submodule(name)
-            assert isinstance(old, MixPackLinear)
-            set_module(model, name, KernelLinear.from_mixpack(old).to(old.scale.device))
-        return model
-    spec = act_spec(act)
-    new = {}
+    spec = None if act is None else act_spec(act)
+    new: dict[str, nn.Module] = {}
+    kept: list[str] = []
     for name in names:
         old = model.get_submodule(name)
         assert isinstance(old, MixPackLinear)
+        own = spec if spec is not None else old.act
+        if own is None:
+            new[name] = KernelLinear.from_mixpack(old).to(old.scale.device)
+            continue
         try:
-            new[name] = WALinear.from_mixpack(old, spec).to(old.scale.device)
+            new[name] = WALinear.from_mixpack(old, own).to(old.scale.device)
         except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from exc
+            if spec is not None or strict:
+                raise ValueError(f"{name}: {exc}") from exc
+            kept.append(f"{name} ({exc})")
     for name, mod in new.items():
         set_module(model, name, mod)
+    if kept:
+        warnings.warn(f"{len(kept)} linear(s) with an activation setting the WxA kernels do "
+                      "not compute stay MixPackLinear (the torch reference path, exact "
+                      f"fake-quant): {'; '.join(kept)}", stacklevel=2)
     return model
 
 
 def load_model(folder: str | Path, device: torch.device | str = "cpu", *,
                dtype: torch.dtype | str | None = None, verify: bool = True,
-               act: ActQuantSpec | dict[str, Any] | int | None = None) -> nn.Module:
-    """The model of a mixpack folder with :class:`KernelLinear` linears (or, with ``act``,
-    :class:`WALinear` ones), in eval mode on ``device`` (``llmcq_mixpack.load_model``'s
-    arguments, then :func:`swap_linears`). mixpack folders do not record an activation
-    setting (the backend refuses ``act_quant``), so ``act`` is given here."""
+               act: ActQuantSpec | dict[str, Any] | int | None = None,
+               strict: bool = False) -> nn.Module:
+    """The model of a mixpack folder with kernel-backed linears, in eval mode on ``device``
+    (``llmcq_mixpack.load_model``'s arguments, then :func:`swap_linears`): without ``act``
+    each linear as the folder records it (:class:`KernelLinear` weight-only,
+    :class:`WALinear` at the linear's recorded activation setting); ``act`` overrides the
+    setting of every linear."""
     from llmcq_mixpack.loader import load_model as load_mixpack
 
     model = load_mixpack(folder, device="cpu", dtype=dtype, verify=verify)
-    return swap_linears(model, act=act).to(device).eval()
+    return swap_linears(model, act=act, strict=strict).to(device).eval()

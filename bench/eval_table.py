@@ -204,6 +204,9 @@ def main() -> None:
     ap.add_argument("--kl-seq-len", type=int, default=512)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--table-only", action="store_true", help="print the table of the JSON")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None,
+                    help="JSON files of other runs of this script (same settings, e.g. row "
+                         "groups run side by side): their rows join --out")
     ap.add_argument("--readme", action="store_true",
                     help=f"write the table into {README.relative_to(REPO)}")
     args = ap.parse_args()
@@ -211,7 +214,19 @@ def main() -> None:
         "eval_table.json" if args.limit is None else f"eval_table_limit{args.limit}.json")
     want = settings(args)
     data: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
-    if args.table_only:
+    if args.merge:
+        for part in args.merge:
+            other = json.loads(part.read_text())
+            if other["settings"] != want:
+                raise SystemExit(f"{part} was written with other settings "
+                                 f"({other['settings']})")
+            data = data or {**other, "rows": {}}
+            data.setdefault("parts", []).append(
+                {"command": other["command"], "rows": list(other["rows"])})
+            data["rows"].update(other["rows"])
+        data["rows"] = {k: data["rows"][k] for k in ROWS if k in data["rows"]}
+        write_json(out, data)
+    elif args.table_only:
         if not data:
             raise SystemExit(f"{out} does not exist")
     else:

@@ -528,7 +528,10 @@ def sec_memory(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def sec_evalspeed(a: argparse.Namespace) -> dict[str, Any]:
-    """Perplexity evaluation tokens/s: llmcq's evaluator vs a plain transformers loop."""
+    """Perplexity evaluation tokens/s: llmcq's evaluator vs a plain transformers loop, timed
+    alternately ``--repeats`` times (median), so a slow moment falls on both."""
+    import statistics
+
     from llmcq.eval.ppl import perplexity
 
     dev = C.device()
@@ -536,25 +539,33 @@ def sec_evalspeed(a: argparse.Namespace) -> dict[str, Any]:
     samples = held_tokens(argparse.Namespace(**{**vars(a), "held": a.windows}),
                           model.config.vocab_size)
     ids = torch.cat(samples)
-    out: dict[str, Any] = {"shape": a.shape, "windows": a.windows, "seq_len": a.seq_len}
+    out: dict[str, Any] = {"shape": a.shape, "windows": a.windows, "seq_len": a.seq_len,
+                           "repeats": a.repeats}
+    times: dict[str, list[float]] = {"plain_transformers": [], "llmcq_bs1": [], "llmcq_bs4": []}
+    ppl: dict[str, float] = {}
     with torch.no_grad():
         model(input_ids=samples[0][None].to(dev))  # warm-up
-        t: dict[str, float] = {}
-        with C.timed(t, "plain"):
-            nll = 0.0
-            for s in samples:
-                x = s[None].to(dev)
-                nll += float(model(input_ids=x, labels=x).loss)
-        out["plain_transformers"] = {"seconds": t["plain"],
-                                     "tokens_per_s": round(ids.numel() / t["plain"]),
-                                     "ppl": float(torch.tensor(nll / len(samples)).exp())}
-        for bs in (1, 4):
-            with C.timed(t, f"llmcq_bs{bs}"):
-                ppl, n = perplexity(model, ids, a.seq_len, bs=bs, device=dev, progress=False)
-            out[f"llmcq_bs{bs}"] = {"seconds": t[f"llmcq_bs{bs}"], "ppl": ppl,
-                                    "tokens_per_s": round(ids.numel() / t[f"llmcq_bs{bs}"])}
-    out["ratio_bs1"] = round(out["llmcq_bs1"]["tokens_per_s"] /
-                             out["plain_transformers"]["tokens_per_s"], 3)
+        for _ in range(a.repeats):
+            t: dict[str, float] = {}
+            with C.timed(t, "plain_transformers"):
+                nll = 0.0
+                for s in samples:
+                    x = s[None].to(dev)
+                    nll += float(model(input_ids=x, labels=x).loss)
+            ppl["plain_transformers"] = float(torch.tensor(nll / len(samples)).exp())
+            for bs in (1, 4):
+                with C.timed(t, f"llmcq_bs{bs}"):
+                    ppl[f"llmcq_bs{bs}"], _ = perplexity(model, ids, a.seq_len, bs=bs,
+                                                         device=dev, progress=False)
+            for k in times:
+                times[k].append(t[k])
+    for k, ts in times.items():
+        med = statistics.median(ts)
+        out[k] = {"seconds": ts, "median_s": med, "tokens_per_s": round(ids.numel() / med),
+                  "ppl": ppl[k]}
+    for bs in (1, 4):
+        out[f"ratio_bs{bs}"] = round(out[f"llmcq_bs{bs}"]["tokens_per_s"] /
+                                     out["plain_transformers"]["tokens_per_s"], 3)
     return out
 
 
@@ -827,6 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", default=None, help="dp: folder for rank 0's records")
     ap.add_argument("--errors", action="store_true", help="dp: output errors on held-out")
     ap.add_argument("--asym", action="store_true", help="asymmetric W4 g128 (ours and peer)")
+    ap.add_argument("--repeats", type=int, default=3, help="evalspeed: alternating timings")
     ap.add_argument("--mask", default="0.5", help="prune: sparsity (0.5) or N:M (2:4)")
     ap.add_argument("--tflops", type=float, default=None, help="measured bf16 matmul rate")
     a = ap.parse_args(argv)

@@ -105,12 +105,20 @@ def test_walinear_kernel_from_the_folder_in_triton_interpreter(folder: Any) -> N
     path, records = folder
     name = next(n for n, r in records.items() if r.act == ActQuantSpec(4, True))
     code = textwrap.dedent("""
-        import sys, torch
+        import sys
+        from pathlib import Path
+        import torch
         import llmcq_kernels.triton_wa as tw
         from llmcq_kernels.module import WALinear
-        from llmcq_mixpack import load_model
+        from llmcq_mixpack.layout import read_packed
+        from llmcq_mixpack.loader import read_quantization_config, read_weights
+        from llmcq_mixpack.module import MixPackLinear
         assert tw._AVAILABLE, "triton did not build the kernel under the interpreter"
-        mix = load_model(sys.argv[1]).get_submodule(sys.argv[2])
+        folder, name = Path(sys.argv[1]), sys.argv[2]  # the one linear, without transformers
+        qc = read_quantization_config(folder)
+        tensors = read_weights(folder, qc["weight_files"])
+        mix = MixPackLinear(read_packed(name, qc["modules"][name], tensors),
+                            tensors.get(name + ".bias"))
         lin = WALinear.from_mixpack(mix)
         x = torch.randn(2, 3, mix.in_features, generator=torch.Generator().manual_seed(4))
         x = x * (1 + 9 * torch.rand(mix.in_features, generator=torch.Generator().manual_seed(5)))

@@ -289,6 +289,8 @@ def main() -> None:
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--table-only", action="store_true",
                     help="print the table from the JSON; run nothing")
+    ap.add_argument("--peers-only", action="store_true",
+                    help="run the selected methods' peer rows only (ours: not computed)")
     ap.add_argument("--measured-only", action="store_true",
                     help="the table leaves out rows not run yet")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "algorithms.json")
@@ -338,7 +340,7 @@ def main() -> None:
             if setting not in METHODS[method].settings:
                 continue
             rk = key(method, setting, calib, args.windows, row_config(method, setting, calib, args.windows))
-            if rk not in rows or args.force:
+            if (rk not in rows or args.force) and not args.peers_only:
                 measured.add(rk)
                 try:
                     res = run_config(row_config(method, setting, calib, args.windows),
@@ -365,7 +367,7 @@ def main() -> None:
                     rows[pk] = {"method": f"peer:{peer}", "setting": setting,
                                 "error": str(exc)[-500:]}
                 save()
-            r = rows[rk]
+            r = rows.get(rk, {})
             print(f"{setting} {method}: {r.get('ppl', r.get('error'))}", flush=True)
 
     table = []

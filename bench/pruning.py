@@ -275,9 +275,9 @@ def main() -> None:
             rows.update(part["rows"])
             print(f"merged {', '.join(part['rows'])} from {path}")
         write_json(args.out, {**settings, "rows": rows})
-        args.table_only = True
     dev = LR.device_name()
-    for name in [] if args.table_only else [r for r in args.rows.split(",") if r in ROWS]:
+    todo = [] if args.table_only or args.merge else args.rows.split(",")
+    for name in [r for r in todo if r in ROWS]:
         if (name in rows and "ppl" in rows[name] and not args.force
                 and (not args.full or "ppl_full" in rows[name])):
             continue
@@ -299,7 +299,8 @@ def main() -> None:
             else json.loads(FULLTEST.read_text()))
     print(table(data, full))
     print(losses(data, full))
-    print(f"\nwritten: {args.out}")
+    if args.merge or not args.table_only:
+        print(f"\nwritten: {args.out}")
     if args.readme:
         write_readmes(data, full)
 

@@ -18,9 +18,10 @@ float folder bench/peers/export_model.py writes from the same GGUF.
     .venv/bin/python bench/pruning.py --merge /tmp/a.json /tmp/b.json  # rows run side by side
 
 ``--full`` also evaluates the whole wikitext2 test set (``ppl_full``; rows already kept without
-it are run again): the headline rows (HEADLINE) ran so on the GPU machine into
-bench/results/pruning_fulltest.json (``--out``), whose ``ppl_full`` the table shows beside the
-16-window column.
+it are run again). The headline rows (HEADLINE) are meant to run so into
+bench/results/pruning_fulltest.json (``--full --out``; on a GPU machine, since each costs many
+times its 16 windows on a CPU), whose ``ppl_full`` the table then shows beside the 16-window
+column; not run yet.
 
 Rows are kept in bench/results/pruning.json (keyed by name; a row already there with the same
 settings is not run again unless --force), so a run resumes. ``ratio`` is ours / the peer's

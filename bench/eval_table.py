@@ -19,6 +19,14 @@ Rows already in the output JSON (same settings) are not rerun, so an interrupted
     .venv/bin/python bench/eval_table.py --rows float rtn-w3g64 --limit 100  # a check
     .venv/bin/python bench/eval_table.py --table-only --readme             # table + README
 
+On the GPU machine (the ``device`` tool; the table's rows there ran as three row groups side by
+side, merged here with --merge): the bundled GGUF travels in two halves (bench/gpu/README.md),
+lm-eval 0.4.13 as a wheel, with our own and those of what the image lacks (datasets, dill,
+multiprocess, pydantic, stevedore, gguf; sacrebleu & co. went too, the image has them), the data
+(wikitext2 test/valid, piqa, lambada) as a tarball; then, with ``LLMCQ_SHARED_DATA`` and
+``LLMCQ_BIN`` set, per group ``python3 bench/eval_table.py --bs 64 --rows ... --out G.json``
+and ``.venv/bin/python bench/eval_table.py --merge a.json b.json c.json --readme`` here.
+
 Writes bench/results/eval_table.json (with --limit N: eval_table_limit<N>.json) and prints a
 markdown table; --readme puts that table into plugins/evaluators/tasks/README.md between its
 ``eval_table`` markers.
@@ -172,7 +180,7 @@ def table(data: dict[str, Any]) -> str:
         r = data["rows"].get(label)
         if r is None:
             continue
-        rows.append([label, r["bits_per_param"] or 16, f"{r['piqa']['acc']:.4f}",
+        rows.append([label, r["bits_per_param"] or "16 (float)", f"{r['piqa']['acc']:.4f}",
                      f"{r['piqa']['acc_norm']:.4f}", f"{r['lambada_openai']['acc']:.4f}",
                      f"{r['lambada_openai']['ppl']:.2f}", f"{r['kl']['kl_mean']:.4g}",
                      f"{r['kl']['kl_p99']:.4g}", f"{r['kl']['top1']:.4f}",

@@ -603,6 +603,7 @@ def sec_prune(a: argparse.Namespace) -> dict[str, Any]:
         quantize_model(ctx, calib)
     out["ours"] = {"seconds": t["ours"], "peak_gpu_bytes": C.peak_bytes(),
                    "sparsity": _linear_sparsity(mine)}
+    C.write_json(Path(a.out), (a.name or "prune") + "-partial", out)  # survives a timeout
     variants: dict[str, Any] = {"llmcq": mine}
     try:
         from datasets import Dataset

@@ -10,6 +10,6 @@ B="python3 bench/gpu/bench.py"; O=$OUT; date
 timeout 130 python3 -m pytest -o addopts="" -m gpu -q -p no:cacheprovider -rfEs --continue-on-collection-errors --durations=15 plugins tests > $O/pytest_gpu.txt 2>&1; tail -8 $O/pytest_gpu.txt; date
 timeout 170 python3 bench/gpu/kernels_speed.py --decode --out $O/kernels_speed_h100.json; date
 timeout 75 $B rotate --out $O --name rotate-7b; date
-timeout 80 $B prune --layers 4 --mask 2:4 --out $O --name prune-7b4-2of4; date
-timeout 80 $B prune --layers 4 --mask 0.5 --out $O --name prune-7b4-50; date
+timeout 80 $B prune --layers 4 --n-samples 32 --mask 2:4 --out $O --name prune-7b4-2of4; date
+timeout 80 $B prune --layers 4 --n-samples 32 --mask 0.5 --out $O --name prune-7b4-50; date
 timeout 60 $B evalspeed --windows 16 --repeats 3 --out $O --name evalspeed-7b-repeats; date

@@ -289,6 +289,8 @@ def main() -> None:
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--table-only", action="store_true",
                     help="print the table from the JSON; run nothing")
+    ap.add_argument("--retry-errors", action="store_true",
+                    help="rerun our rows that hold an error (e.g. killed for memory)")
     ap.add_argument("--peers-only", action="store_true",
                     help="run the selected methods' peer rows only (ours: not computed)")
     ap.add_argument("--measured-only", action="store_true",
@@ -340,7 +342,8 @@ def main() -> None:
             if setting not in METHODS[method].settings:
                 continue
             rk = key(method, setting, calib, args.windows, row_config(method, setting, calib, args.windows))
-            if (rk not in rows or args.force) and not args.peers_only:
+            retry = args.retry_errors and "error" in rows.get(rk, {})
+            if (rk not in rows or args.force or retry) and not args.peers_only:
                 measured.add(rk)
                 try:
                     res = run_config(row_config(method, setting, calib, args.windows),

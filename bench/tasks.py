@@ -9,7 +9,8 @@ the same local data. Goal: the two within 0.5 points.
     OMP_NUM_THREADS=1 .venv/bin/python bench/tasks.py --tasks piqa  # one task
     ... --parallel   # the two sides at once (two processes, one thread each)
 
-Writes bench/results/tasks.json (one task: tasks_<task>.json; with --limit N: ..._limit<N>.json).
+Writes bench/results/tasks.json (one task: tasks_piqa.json, tasks_lambada.json; with --limit N:
+..._limit<N>.json).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def main() -> None:
     args = ap.parse_args()
     TASKS[:] = args.tasks
     both = args.tasks == ["piqa", "lambada_openai"]
-    stem = "tasks" + ("" if both else "_" + "_".join(args.tasks))
+    short = {"lambada_openai": "lambada"}
+    stem = "tasks" + ("" if both else "_" + "_".join(short.get(t, t) for t in args.tasks))
     out = args.out or REPO / "bench" / "results" / (
         f"{stem}.json" if args.limit is None else f"{stem}_limit{args.limit}.json")
     if args.parallel:

@@ -41,7 +41,28 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
+def _long_files_first(items: list[pytest.Item]) -> None:
+    """Reorder ``items`` in place so the test files that load the bundled model (a ``slow``
+    mark), the accuracy modules first among them, come before the rest, each file's tests
+    still together and in their order. pytest-xdist's ``--dist loadfile`` hands files out
+    in this order, so the long ones start at once and the short ones fill the gaps, instead
+    of a long module starting last and running alone. The order is a pure function of the
+    collected items, so every worker computes the same one (xdist requires it)."""
+    rank: dict[str, int] = {}
+    for item in items:
+        path = str(item.path)
+        r = 2
+        if item.get_closest_marker("slow"):
+            r = 0 if item.path.name == "test_accuracy.py" else 1
+        rank[path] = min(rank.get(path, 2), r)
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(str(item.path), i)
+    items.sort(key=lambda it: (rank[str(it.path)], first[str(it.path)]))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _long_files_first(items)
     if not any(item.get_closest_marker("gpu") for item in items):
         return
     try:

@@ -307,6 +307,15 @@ def output_errors(float_model: Any, variants: dict[str, Any], held: list[torch.T
     return res
 
 
+def errors_or_trace(float_model: Any, variants: dict[str, Any], held: list[torch.Tensor]
+                    ) -> dict[str, Any]:
+    """:func:`output_errors`, or the failure and its trace (the timings stay reported)."""
+    try:
+        return output_errors(float_model, variants, held)
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
+
+
 def ours_quantized(model: Any, ctx: Any) -> Any:
     from llmcq.pipeline.engine import deploy_fake_quant
 
@@ -491,11 +500,7 @@ def sec_side(a: argparse.Namespace) -> dict[str, Any]:
         out["peer"] = {"error": f"{type(exc).__name__}: {exc}",
                        "trace": traceback.format_exc()[-3000:]}
     variants["rtn"] = rtn_model(copy.deepcopy(base))
-    try:
-        out["errors"] = output_errors(base, variants, held)
-    except Exception as exc:  # noqa: BLE001
-        out["errors"] = {"error": f"{type(exc).__name__}: {exc}",
-                         "trace": traceback.format_exc()[-3000:]}
+    out["errors"] = errors_or_trace(base, variants, held)
     if "seconds" in out.get("peer", {}):
         out["ratio"] = round(out["peer"]["seconds"] / out["ours"]["seconds"], 2)
     return out
@@ -571,7 +576,7 @@ def sec_evalspeed(a: argparse.Namespace) -> dict[str, Any]:
 
 def _linear_sparsity(model: Any) -> float:
     zeros = total = 0
-    for name, m in model.model.layers.named_modules():
+    for m in model.model.layers.modules():
         if isinstance(m, torch.nn.Linear):
             zeros += int((m.weight == 0).sum())
             total += m.weight.numel()
@@ -629,11 +634,7 @@ def sec_prune(a: argparse.Namespace) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         out["peer"] = {"error": f"{type(exc).__name__}: {exc}",
                        "trace": traceback.format_exc()[-3000:]}
-    try:
-        out["errors"] = output_errors(base, variants, held)
-    except Exception as exc:  # noqa: BLE001
-        out["errors"] = {"error": f"{type(exc).__name__}: {exc}",
-                         "trace": traceback.format_exc()[-3000:]}
+    out["errors"] = errors_or_trace(base, variants, held)
     if "seconds" in out.get("peer", {}):
         out["ratio"] = round(out["peer"]["seconds"] / out["ours"]["seconds"], 2)
     full = C.SHAPES[a.shape]["num_hidden_layers"]

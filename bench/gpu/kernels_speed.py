@@ -194,6 +194,22 @@ def candidate_configs(m: int) -> list[dict[str, int]]:
     return out
 
 
+def tune_row(row: dict[str, Any], timer: Any, configs: list[dict[str, int]],
+             call: Any) -> None:
+    """Time ``call(cfg)`` for every candidate config; keep the fastest in ``row`` (its
+    default's time as ``default_ms``, every try as ``tuned``)."""
+    tried = [{"config": row["config"], "ms": row["ms"]}]
+    for cfg in configs:
+        try:
+            tried.append({"config": cfg, "ms": timer(lambda cfg=cfg: call(cfg))})
+        except Exception as exc:  # noqa: BLE001
+            tried.append({"config": cfg, "error": str(exc)[:300]})
+    best = min((t for t in tried if "ms" in t), key=lambda t: t["ms"])
+    row["default_ms"] = row["ms"]
+    row["ms"], row["config"] = best["ms"], best["config"]
+    row["tuned"] = tried
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from llmcq.quant.spec import ActQuantSpec
     from llmcq_kernels import triton_mm, triton_wa
@@ -284,18 +300,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row["ref_max"] = float(ref.abs().max())
                     row["ms"] = timer(fn)
                     if args.tune and device == "cuda":
-                        tried = [{"config": row["config"], "ms": row["ms"]}]
-                        for cfg in candidate_configs(m):
-                            try:
-                                t = timer(lambda kp=kp, cfg=cfg: triton_mm.kernel_linear(
-                                    x, kp, config=cfg))
-                                tried.append({"config": cfg, "ms": t})
-                            except Exception as exc:  # noqa: BLE001
-                                tried.append({"config": cfg, "error": str(exc)[:300]})
-                        best = min((t for t in tried if "ms" in t), key=lambda t: t["ms"])
-                        row["default_ms"] = row["ms"]
-                        row["ms"], row["config"] = best["ms"], best["config"]
-                        row["tuned"] = tried
+                        tune_row(row, timer, candidate_configs(m),
+                                 lambda cfg, kp=kp: triton_mm.kernel_linear(
+                                     x, kp, config=cfg))
                     row["speedup_vs_bf16"] = base / row["ms"]
                 except Exception as exc:  # noqa: BLE001
                     row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
@@ -314,18 +321,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row["ref_max"] = float(ref.abs().max())
                     row["ms"] = timer(fn)
                     if args.tune and device == "cuda":
-                        tried = [{"config": row["config"], "ms": row["ms"]}]
-                        for cfg in wa_candidate_configs(m):
-                            try:
-                                t = timer(lambda wp=wp, act=act, cfg=cfg: triton_wa.wa_linear(
-                                    x, wp, act, config=cfg))
-                                tried.append({"config": cfg, "ms": t})
-                            except Exception as exc:  # noqa: BLE001
-                                tried.append({"config": cfg, "error": str(exc)[:300]})
-                        best = min((t for t in tried if "ms" in t), key=lambda t: t["ms"])
-                        row["default_ms"] = row["ms"]
-                        row["ms"], row["config"] = best["ms"], best["config"]
-                        row["tuned"] = tried
+                        tune_row(row, timer, wa_candidate_configs(m),
+                                 lambda cfg, wp=wp, act=act: triton_wa.wa_linear(
+                                     x, wp, act, config=cfg))
                     row["speedup_vs_bf16"] = base / row["ms"]
                 except Exception as exc:  # noqa: BLE001
                     row["error"] = f"{type(exc).__name__}: {exc}"[:2000]

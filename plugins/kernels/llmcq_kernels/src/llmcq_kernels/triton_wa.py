@@ -35,12 +35,11 @@ the same half-to-even rounding from ``floor`` (exact for these magnitudes).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from llmcq.quant.qparams import SCALE_EPS, sym_divisor
 from llmcq.quant.spec import ActQuantSpec
 
+from llmcq_kernels.triton_mm import _interpreted, _pow2  # shared with the W-only kernel
 from llmcq_kernels.wa_layout import WAPack
 
 __all__ = ["available", "wa_linear", "row_scales", "choose_config"]
@@ -149,17 +148,9 @@ except Exception:  # noqa: BLE001 - no triton, or one that cannot build kernels 
     _AVAILABLE = False
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def available(x: torch.Tensor) -> bool:
     """Whether the kernels can run on ``x`` (a CUDA tensor, triton importable)."""
     return _AVAILABLE and x.is_cuda
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def choose_config(m: int, n: int, ks: int, *, sms: int = 132) -> dict[str, int]:
